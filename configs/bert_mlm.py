@@ -1,0 +1,104 @@
+r"""BERT masked-language-model pretraining.
+
+Run (the default: BERT-tiny on the embedded CPython documentation, ~5 minutes on 2 CPU
+cores, held-out masked-token accuracy ~0.40 against ~0.06 for always predicting the most
+frequent token):
+
+  python launch.py pretrain --config configs/bert_mlm.py:tiny --workdir runs/mlm
+
+Presets: tiny (H128 L2 A2), small (H512 L4 A8), base (H768 L12 A12), large (H1024 L24 A16).
+Any key can be overridden: --config.model.num_layers=4 --config.data.files='corpus/*.txt'.
+On your own corpus: --config.data.files=GLOB (.txt/.jsonl/.tsv/.csv) or
+--config.data.name=TFDS_NAME --config.data.data_dir=DIR; bring a BERT vocabulary with
+--config.data.vocab_file=vocab.txt (otherwise one is trained and saved in the workdir).
+"""
+
+import ml_collections
+
+# (hidden_size, num_layers, num_heads, mlp_dim) of the standard BERT sizes.
+SIZES = {
+    'tiny': (128, 2, 2, 512),
+    'small': (512, 4, 8, 2048),
+    'base': (768, 12, 12, 3072),
+    'large': (1024, 24, 16, 4096),
+}
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+    if preset not in SIZES:
+        raise ValueError(f'unknown preset {preset!r} for bert_mlm; expected one of {list(SIZES)}')
+    hidden, layers, heads, mlp = SIZES[preset]
+    c = ml_collections.ConfigDict()
+    c.stage = 'pretrain'
+    c.task = 'mlm'
+    c.seed = 0
+
+    # Input.
+    c.data = ml_collections.ConfigDict()
+    c.data.name = 'pydoc_stdlib'  # embedded: CPython docs + stdlib docstrings (~1.8 MB)
+    c.data.files = ''  # local glob (.txt/.jsonl/.tsv/.csv); overrides name
+    c.data.eval_files = ''  # local glob for eval; else eval_fraction of the documents
+    c.data.eval_fraction = 0.05
+    c.data.train_split = 'train'  # TFDS splits
+    c.data.eval_split = ''
+    c.data.data_dir = ''  # TFDS data_dir
+    c.data.text_field = 'text'
+    c.data.label_field = 'label'
+    c.data.vocab_file = ''  # a BERT vocab.txt; empty: train a WordPiece vocab on the corpus
+    c.data.lowercase = True
+    c.data.seq_len = 128
+    c.data.max_predictions = 20  # BERT: 20 at seq 128, 80 at seq 512
+    c.data.mask_prob = 0.15
+    c.data.whole_word_masking = False
+    c.data.prefetch = 2
+
+    # Model. vocab_size is the WordPiece vocabulary trained on the corpus (or the size of
+    # the given vocab.txt, which must not exceed it).
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 8192 if preset == 'tiny' else 30522
+    c.model.hidden_size = hidden
+    c.model.num_layers = layers
+    c.model.num_heads = heads
+    c.model.mlp_dim = mlp
+    c.model.max_len = 512
+    c.model.type_vocab_size = 2
+    c.model.dropout_rate = 0.1
+    c.model.attention_dropout_rate = 0.0  # >0 leaves the fused attention path
+    c.model.activation = 'gelu'
+    c.model.layer_norm = 'post'  # BERT
+    c.model.layer_norm_eps = 1e-12
+    c.model.remat = 'none'  # none | dots | full
+    c.model.patch_size = 0  # image models only
+    c.model.image_size = 0
+
+    # Optimization. BERT: AdamW, beta2 0.999, eps 1e-6, wd 0.01, linear warmup + decay.
+    c.total_steps = 3000 if preset == 'tiny' else 100_000
+    c.batch_size = 64 if preset == 'tiny' else 256  # global
+    c.learning_rate = 1e-3 if preset == 'tiny' else 1e-4  # small models take a higher lr
+    c.warmup_steps = 300 if preset == 'tiny' else 10_000
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size is the whole step)
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = 'adamw'  # adamw | lamb
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.schedule = 'linear'  # linear | cosine | constant
+    c.optimizer.end_learning_rate = 0.0
+
+    # Runtime.
+    c.precision = 'float32'  # float32 | bfloat16 (compute; params stay float32)
+    c.parallelism = 'jit'  # jit (mesh) | pmap (data parallel)
+    c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+    c.init_from = ''  # workdir or checkpoint to start from (continued pretraining)
+    c.train_examples = ''  # fine-tuning only
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_steps = 20  # batches per eval
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.watchdog_secs = 0  # 0: off; else exit 124 when no step finishes for this long
+    c.peak_tflops = 0.0  # per device, for MFU where the device kind is not known
+    c.overwrite = False
+    return c

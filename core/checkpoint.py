@@ -1,0 +1,159 @@
+"""Checkpoints: Orbax CheckpointManager holding the train state, the Grain iterator state
+and the config of each saved step.
+
+Orbax writes every step into a temporary directory and renames it when complete, so a
+crash mid-save leaves the previous step untouched and the half-written one is ignored
+(and cleaned up) on the next start. Restores go into an abstract target carrying the
+current mesh's shardings, so a checkpoint saved on one mesh restores on any other.
+"""
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from core.errors import CheckpointError
+
+
+class Checkpointer:
+    """WORKDIR/checkpoints/<step>/{state,data,config}."""
+
+    def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                'state': ocp.StandardCheckpointHandler(),
+                'data': grain.checkpoint.CheckpointHandler(),
+                'config': ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, config, force: bool = False) -> bool:
+        """Starts an (async) save if `step` is due (or `force`); returns whether it did."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(config.to_dict()),
+        )
+        saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            logging.info('checkpoint: saving step %d to %s', step, self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """Restores the state into `abstract_state`'s shardings and the iterator in place."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
+        return restored.state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int]:
+    """A workdir, its checkpoints/ directory, or one checkpoint step -> (checkpoints dir,
+    step). The latest step is taken when none is named."""
+    path = os.path.abspath(path)
+    for candidate in (os.path.join(path, 'checkpoints'), path):
+        if os.path.isdir(candidate):
+            steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
+            if steps:
+                return candidate, max(steps)
+    parent, name = os.path.split(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+        return parent, int(name)
+    raise CheckpointError(
+        f'no checkpoint found at {path}: expected a workdir with checkpoints/<step>, a '
+        'checkpoints/ directory, or a checkpoints/<step> directory; check --config.init_from'
+    )
+
+
+def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
+    """Restores only the parameters (no optimizer state) from the checkpoint at `path`.
+
+    `subtree` selects a part of the saved params (e.g. ('backbone',)) to restore into
+    `abstract_params`. Differing paths or shapes raise a CheckpointError listing them.
+    """
+    directory, step = resolve_checkpoint(path)
+    state_dir = os.path.join(directory, str(step), 'state')
+    saved = ocp.StandardCheckpointer().metadata(state_dir)
+    saved_tree = saved.item_metadata.tree if hasattr(saved, 'item_metadata') else saved.tree
+    saved_params = saved_tree['params']
+    for key in subtree:
+        if key not in saved_params:
+            raise CheckpointError(
+                f'checkpoint {state_dir} has no params/{"/".join(subtree)} '
+                f'(top-level: {sorted(saved_params)})'
+            )
+        saved_params = saved_params[key]
+    check_same_structure(saved_params, abstract_params, state_dir)
+
+    target = {'params': abstract_params}
+    for key in reversed(subtree):
+        target = {'params': {key: target['params']}}
+    restored = ocp.StandardCheckpointer().restore(
+        state_dir,
+        ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=jax.tree.map(
+                lambda s: ocp.ArrayRestoreArgs(
+                    sharding=s.sharding, global_shape=s.shape, dtype=s.dtype
+                ),
+                target,
+            ),
+            partial_restore=True,
+        ),
+    )
+    params = restored['params']
+    for key in subtree:
+        params = params[key]
+    return params, step
+
+
+def _paths(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(v.shape) for p, v in flat}
+
+
+def check_same_structure(saved, expected, where: str) -> None:
+    """Raises a CheckpointError listing every parameter path that is missing, unexpected
+    or of another shape."""
+    a, b = _paths(saved), _paths(expected)
+    problems = [f'missing in checkpoint: {k} {b[k]}' for k in sorted(set(b) - set(a))]
+    problems += [f'not in model: {k} {a[k]}' for k in sorted(set(a) - set(b))]
+    problems += [
+        f'shape differs: {k} checkpoint {a[k]} vs model {b[k]}'
+        for k in sorted(set(a) & set(b))
+        if a[k] != b[k]
+    ]
+    if problems:
+        shown = '\n  '.join(problems[:30])
+        more = f'\n  ... and {len(problems) - 30} more' if len(problems) > 30 else ''
+        raise CheckpointError(
+            f'checkpoint {where} does not match the model ({len(problems)} differences):\n  '
+            f'{shown}{more}\nUse a checkpoint of the same architecture, or set the model '
+            'config (hidden_size, num_layers, vocab_size, ...) to the one it was trained with'
+        )

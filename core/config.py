@@ -1,0 +1,150 @@
+"""Config checks that run at start-up, before anything is compiled, and the workdir's
+`config.json` (written once, compared on every restart)."""
+
+import json
+import os
+import shutil
+
+import ml_collections
+
+from core.errors import ConfigError
+
+# Keys that may change between restarts of the same run without making it another run:
+# how often things happen, and the device layout (a run may resume on another topology).
+RESTART_SAFE_KEYS = (
+    'log_every',
+    'eval_every',
+    'eval_steps',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'watchdog_secs',
+    'overwrite',
+    'parallelism',
+    'mesh',
+    'peak_tflops',
+    'data.prefetch',
+    'init_from',
+)
+
+CHOICES = {
+    'precision': ('float32', 'bfloat16'),
+    'parallelism': ('jit', 'pmap'),
+    'optimizer.name': ('adamw', 'lamb'),
+    'optimizer.schedule': ('linear', 'cosine', 'constant'),
+    'model.layer_norm': ('post', 'pre'),
+    'model.activation': ('gelu', 'gelu_tanh', 'relu'),
+    'model.remat': ('none', 'dots', 'full'),
+}
+
+POSITIVE = (
+    'total_steps',
+    'batch_size',
+    'log_every',
+    'eval_every',
+    'eval_steps',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'grad_accum_steps',
+)
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split('.'):
+        value = value[part]
+    return value
+
+
+def check_common(config: ml_collections.ConfigDict) -> None:
+    """Checks the keys every stage shares; raises ConfigError naming the first problem."""
+    for key, allowed in CHOICES.items():
+        try:
+            value = _get(config, key)
+        except KeyError:
+            continue
+        if value not in allowed:
+            raise ConfigError(f'--config.{key}={value!r} is not one of {list(allowed)}')
+    for key in POSITIVE:
+        if key in config and _get(config, key) <= 0:
+            raise ConfigError(f'--config.{key}={_get(config, key)} must be positive')
+    if config.warmup_steps < 0:
+        raise ConfigError(f'--config.warmup_steps={config.warmup_steps} must be >= 0')
+    if config.learning_rate < 0:
+        raise ConfigError(f'--config.learning_rate={config.learning_rate} must be >= 0')
+    if config.batch_size % config.grad_accum_steps:
+        raise ConfigError(
+            f'batch_size {config.batch_size} is not divisible by grad_accum_steps '
+            f'{config.grad_accum_steps}; each micro-batch must be a whole number of examples'
+        )
+    m = config.model
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f'model.hidden_size {m.hidden_size} is not divisible by model.num_heads '
+            f'{m.num_heads}; pick a head count that divides the width'
+        )
+
+
+def check_batch_layout(config, num_devices: int, batch_shards: int, process_count: int) -> None:
+    """The global batch must split evenly over the batch-sharded devices and the hosts."""
+    per_micro = config.batch_size // config.grad_accum_steps
+    if per_micro % batch_shards:
+        raise ConfigError(
+            f'batch_size {config.batch_size} (micro-batch {per_micro}) is not divisible by '
+            f'{batch_shards}, the devices the batch is split over (mesh data x fsdp of '
+            f'{num_devices} devices); use a multiple of {batch_shards}'
+        )
+    if config.batch_size % process_count:
+        raise ConfigError(
+            f'batch_size {config.batch_size} is not divisible by {process_count} processes'
+        )
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = '') -> dict:
+    items = config.items() if isinstance(config, dict) else config.to_dict().items()
+    flat = {}
+    for k, v in items:
+        if isinstance(v, dict):
+            flat.update(flatten(v, f'{prefix}{k}.'))
+        else:
+            flat[f'{prefix}{k}'] = v
+    return flat
+
+
+def _restart_safe(key: str) -> bool:
+    return any(key == k or key.startswith(k + '.') for k in RESTART_SAFE_KEYS)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
+    """Creates the workdir, or checks that it holds a run of this same config.
+
+    A workdir with a different config is refused (a resume must continue the same run);
+    `overwrite=True` clears it and starts over.
+    """
+    path = os.path.join(workdir, 'config.json')
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = flatten(json.load(f))
+        new = flatten(json.loads(config.to_json()))
+        differing = sorted(
+            k for k in set(old) | set(new) if not _restart_safe(k) and old.get(k) != new.get(k)
+        )
+        if differing and not config.overwrite:
+            shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differing[:8])
+            raise ConfigError(
+                f'workdir {workdir} holds a run with a different config ({shown}). Use a new '
+                '--workdir, restore the old values, or pass --config.overwrite=true to delete '
+                'that run and start over'
+            )
+        if config.overwrite and is_main:
+            for name in os.listdir(workdir):
+                target = os.path.join(workdir, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                else:
+                    os.remove(target)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.write(config.to_json(indent=2))
+        os.replace(tmp, path)

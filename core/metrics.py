@@ -1,0 +1,94 @@
+"""Metrics to `metrics.jsonl`, TensorBoard and the log; `summary.json` at the end.
+
+Only process 0 writes; the others get a writer that does nothing, so callers need no
+`if process_index == 0` around every call.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # TensorBoard files without TensorFlow
+
+            self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+        self._path = os.path.join(workdir, 'metrics.jsonl')
+
+    def truncate_after(self, step: int) -> None:
+        """Drops rows past `step`: on resume from a checkpoint at `step`, the steps after it
+        are redone, and the curve must not hold them twice."""
+        if not self.enabled or not os.path.exists(self._path):
+            return
+        with open(self._path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+        tmp = self._path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.writelines(rows)
+        os.replace(tmp, self._path)
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {'step': int(step), 'split': split}
+        row.update({k: float(v) for k, v in scalars.items()})
+        with open(self._path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        for k, v in scalars.items():
+            self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+
+    def write_summary(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        path = os.path.join(self.workdir, 'summary.json')
+        with open(path + '.tmp', 'w') as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        os.replace(path + '.tmp', path)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+    if seconds >= 60:
+        return f'{seconds // 60}m{seconds % 60:02d}s'
+    return f'{seconds}s'
+
+
+class Progress:
+    """Throughput and ETA over the steps since the last report."""
+
+    def __init__(self, start_step: int, total_steps: int):
+        self.total_steps = total_steps
+        self._step, self._time = start_step, time.perf_counter()
+
+    def update(self, step: int) -> tuple[float, float]:
+        """(seconds per step since the last call, estimated seconds to the end)."""
+        now = time.perf_counter()
+        per_step = (now - self._time) / max(step - self._step, 1)
+        self._step, self._time = step, now
+        return per_step, per_step * (self.total_steps - step)
+
+    def log(self, step: int, row: dict, eta: float) -> None:
+        shown = ' | '.join(
+            f'{k} {v:.4g}' for k, v in row.items() if k not in ('step', 'split', 'learning_rate')
+        )
+        logging.info(
+            'step %d/%d | %s | eta %s', step, self.total_steps, shown, format_duration(eta)
+        )

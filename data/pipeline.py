@@ -1,0 +1,105 @@
+"""Grain input pipelines: deterministic for a seed, sharded by process, checkpointable.
+
+MLM: documents -> (host shard) -> shuffle + repeat (train) -> WordPiece ids + [SEP] ->
+concatenate and split into `seq_len - 2` chunks -> [CLS] chunk [SEP] with BERT masking ->
+per-host batches. Every random choice comes from Grain's per-element generators, so the
+iterator state saved in a checkpoint is enough to continue with the same examples.
+"""
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from data.masking import MaskingSpec, mask_tokens
+from data.tokenizer import WordPiece
+
+
+class Tokenize(grain.transforms.Map):
+    """A document -> {'tokens': its ids followed by [SEP]}."""
+
+    def __init__(self, tokenizer: WordPiece):
+        self.tokenizer = tokenizer
+
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text)
+        return {'tokens': np.append(ids, np.int32(self.tokenizer.sep_id))}
+
+
+class Mask(grain.transforms.RandomMap):
+    """A packed chunk -> a masked MLM example (see data/masking.py)."""
+
+    def __init__(self, spec: MaskingSpec):
+        self.spec = spec
+
+    def random_map(self, chunk: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
+        length = int(np.count_nonzero(chunk['tokens_segment_ids']))
+        return mask_tokens(chunk['tokens'][:length], rng, self.spec)
+
+
+def masking_spec(tokenizer: WordPiece, data_config) -> MaskingSpec:
+    return MaskingSpec(
+        seq_len=data_config.seq_len,
+        max_predictions=data_config.max_predictions,
+        mask_id=tokenizer.mask_id,
+        cls_id=tokenizer.cls_id,
+        sep_id=tokenizer.sep_id,
+        pad_id=tokenizer.pad_id,
+        is_special=tokenizer.is_special,
+        is_continuation=tokenizer.is_continuation,
+        mask_prob=data_config.mask_prob,
+        whole_word=data_config.whole_word_masking,
+    )
+
+
+def mlm_dataset(
+    docs: Sequence[str],
+    tokenizer: WordPiece,
+    spec: MaskingSpec,
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    train: bool = True,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+    """Batches of MLM examples for this host (`batch_size` is the per-host batch).
+
+    Training data is shuffled with `seed`, reshuffled every epoch and repeated forever;
+    eval data is read once, in order, and its last batch may be short.
+    """
+    ds = grain.MapDataset.source(docs)[shard_index::shard_count]
+    if train:
+        ds = ds.shuffle(seed=seed).repeat()
+    ds = ds.map(Tokenize(tokenizer)).to_iter_dataset()
+    ds = grain.experimental.ConcatThenSplitIterDataset(
+        ds, length_struct={'tokens': spec.seq_len - 2}
+    )
+    ds = ds.random_map(Mask(spec), seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=train)
+    if prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Pads a short (last) eval batch with all-zero examples, which carry zero weight."""
+    n = len(next(iter(batch.values())))
+    if n == batch_size:
+        return batch
+    return {
+        k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }
+
+
+def most_frequent_token(docs: Sequence[str], tokenizer: WordPiece, limit: int = 5000) -> int:
+    """The most frequent non-special token id among (up to `limit`) training documents:
+    the "always predict the most frequent token" MLM baseline."""
+    counts = np.zeros(tokenizer.vocab_size, np.int64)
+    n = min(len(docs), limit)
+    for ids in tokenizer.encode_batch([docs[i] for i in range(n)]):
+        counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+    counts[tokenizer.is_special] = 0
+    return int(np.argmax(counts))

@@ -1,0 +1,221 @@
+"""Text corpora as random-access sequences of documents (strings).
+
+Sources, chosen by `config.data`:
+  - embedded (no download): `pydoc` (CPython's own documentation topics, from
+    `pydoc_data.topics`), `pydoc_stdlib` (those plus the docstrings of the standard
+    library's modules, read from source with `ast`, nothing imported);
+  - `files`: local glob of `.txt` (documents separated by blank lines), `.jsonl`
+    (`text_field` of each object), `.tsv` / `.csv` (`text_field` column, header row);
+  - any other `name`: a TFDS dataset read with `tfds.data_source` (array_record, no
+    TensorFlow), `text_field` of each record.
+"""
+
+import ast
+import csv
+import glob
+import json
+import os
+import sysconfig
+from collections.abc import Sequence
+
+import numpy as np
+
+from core.errors import DataError
+
+EMBEDDED = ('pydoc', 'pydoc_stdlib')
+
+
+def _paragraph_documents(text: str, target_chars: int = 2000) -> list[str]:
+    """Splits a long text into documents of about `target_chars`, at paragraph breaks."""
+    docs, current = [], []
+    size = 0
+    for para in text.split('\n\n'):
+        para = para.strip()
+        if not para:
+            continue
+        current.append(para)
+        size += len(para)
+        if size >= target_chars:
+            docs.append('\n\n'.join(current))
+            current, size = [], 0
+    if current:
+        docs.append('\n\n'.join(current))
+    return docs
+
+
+def pydoc_topics() -> list[str]:
+    """CPython's documentation topics (the text `help('topic')` shows), ~0.5 MB."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for name in sorted(topics):
+        docs.extend(_paragraph_documents(topics[name]))
+    return docs
+
+
+def stdlib_docstrings() -> list[str]:
+    """Docstrings of the standard library's pure-Python modules, one document per module
+    (module, class and function docstrings in source order), parsed without importing."""
+    root = sysconfig.get_paths()['stdlib']
+    docs = []
+    for path in sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True)):
+        rel = os.path.relpath(path, root)
+        if rel.startswith(('test', 'site-packages', 'idlelib', 'lib2to3', 'tkinter')):
+            continue
+        if '/test' in rel or '/tests/' in rel:
+            continue
+        try:
+            with open(path, encoding='utf-8') as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    parts.append(doc)
+        if parts:
+            docs.extend(_paragraph_documents('\n\n'.join(parts)))
+    return docs
+
+
+def embedded_corpus(name: str) -> list[str]:
+    if name == 'pydoc':
+        return pydoc_topics()
+    if name == 'pydoc_stdlib':
+        return pydoc_topics() + stdlib_docstrings()
+    raise DataError(f'unknown embedded corpus {name!r}; expected one of {EMBEDDED}')
+
+
+def _read_txt(path: str) -> list[str]:
+    with open(path, encoding='utf-8') as f:
+        return _paragraph_documents(f.read())
+
+
+def _read_jsonl(path: str, field: str) -> list[str]:
+    docs = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f'{path} line {n} is not JSON ({e})') from e
+            if field not in record:
+                raise DataError(
+                    f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
+                    'set --config.data.text_field'
+                )
+            docs.append(str(record[field]))
+    return docs
+
+
+def _read_delimited(path: str, field: str, delimiter: str) -> list[str]:
+    with open(path, encoding='utf-8', newline='') as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None or field not in reader.fieldnames:
+            raise DataError(
+                f'{path} has no column {field!r} in its header {reader.fieldnames}; '
+                'set --config.data.text_field to one of them'
+            )
+        return [row[field] for row in reader if row[field]]
+
+
+def read_text_files(pattern: str, text_field: str = 'text') -> list[str]:
+    """All documents of the local files matching `pattern` (a glob, comma-separated ok)."""
+    paths = sorted(p for part in pattern.split(',') for p in glob.glob(part, recursive=True))
+    if not paths:
+        raise DataError(f'no files match {pattern!r}; check the path in --config.data.files')
+    docs = []
+    for path in paths:
+        ext = os.path.splitext(path)[1].lower()
+        if ext == '.txt':
+            docs.extend(_read_txt(path))
+        elif ext == '.jsonl':
+            docs.extend(_read_jsonl(path, text_field))
+        elif ext in ('.tsv', '.csv'):
+            docs.extend(_read_delimited(path, text_field, '\t' if ext == '.tsv' else ','))
+        else:
+            raise DataError(
+                f'{path}: unsupported extension {ext!r}; text files must be .txt, .jsonl, '
+                '.tsv or .csv'
+            )
+    return docs
+
+
+class TfdsText(Sequence):
+    """A TFDS split as a random-access sequence of strings (no TensorFlow needed)."""
+
+    def __init__(self, name: str, split: str, field: str, data_dir: str | None = None):
+        import tensorflow_datasets as tfds
+
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        except Exception as e:  # tfds raises several types for a dataset not prepared
+            raise DataError(
+                f'TFDS dataset {name!r} split {split!r} could not be opened from '
+                f'{data_dir or "the default data_dir"} ({type(e).__name__}: {e}). Prepare it '
+                'first (tfds build, file_format=array_record) and pass --config.data.data_dir, '
+                'or use --config.data.files for local files'
+            ) from e
+        self._field = field
+        first = self._source[0] if len(self._source) else {}
+        if first and field not in first:
+            raise DataError(
+                f'TFDS dataset {name!r} has no feature {field!r} (features: {sorted(first)}); '
+                'set --config.data.text_field'
+            )
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i):
+        value = self._source[i][self._field]
+        return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def heldout_indices(n: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Splits document indices into (train, eval), fixed for a given `n` whatever the seed,
+    so every run of a study is evaluated on the same held-out documents."""
+    is_eval = np.random.default_rng(20240101).random(n, dtype=np.float32) < eval_fraction
+    return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+
+
+class Subset(Sequence):
+    def __init__(self, docs: Sequence, indices: np.ndarray):
+        self._docs, self._indices = docs, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        return self._docs[int(self._indices[i])]
+
+
+def load_corpus(data_config) -> tuple[Sequence[str], Sequence[str]]:
+    """(train documents, eval documents) as `config.data` describes."""
+    c = data_config
+    if c.files:
+        train = read_text_files(c.files, c.text_field)
+        where = c.files
+    elif c.name in EMBEDDED:
+        train = embedded_corpus(c.name)
+        where = f'embedded corpus {c.name}'
+    else:
+        train = TfdsText(c.name, c.train_split, c.text_field, c.data_dir)
+        where = f'TFDS {c.name}'
+        if c.eval_split:
+            return train, TfdsText(c.name, c.eval_split, c.text_field, c.data_dir)
+    if len(train) == 0:
+        raise DataError(f'{where} holds no documents; point --config.data.files at real text')
+    if c.eval_files:
+        return train, read_text_files(c.eval_files, c.text_field)
+    train_idx, eval_idx = heldout_indices(len(train), c.eval_fraction)
+    if len(eval_idx) == 0 or len(train_idx) == 0:
+        raise DataError(
+            f'{where} has {len(train)} documents: too few to hold out eval_fraction='
+            f'{c.eval_fraction} of them; give --config.data.eval_files or more data'
+        )
+    return Subset(train, train_idx), Subset(train, eval_idx)

@@ -1,0 +1,88 @@
+"""WordPiece tokenization with the Hugging Face `tokenizers` library.
+
+A vocabulary is either given (a BERT `vocab.txt`) or trained on the corpus and saved as
+`vocab.txt` in the workdir, so a resumed or fine-tuned run tokenizes exactly the same way.
+"""
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from tokenizers import BertWordPieceTokenizer
+
+from core.errors import DataError
+
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+
+
+class WordPiece:
+    """A BERT WordPiece tokenizer over a `vocab.txt` file."""
+
+    def __init__(self, vocab_file: str, lowercase: bool = True):
+        if not os.path.isfile(vocab_file):
+            raise DataError(
+                f'vocabulary file {vocab_file} not found; give a BERT vocab.txt with '
+                '--config.data.vocab_file, or leave it empty to train one on the corpus'
+            )
+        self.vocab_file = vocab_file
+        self.lowercase = lowercase
+        self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+        vocab = self._tok.get_vocab()
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise DataError(
+                f'vocabulary {vocab_file} lacks the special tokens {missing}; a BERT vocab.txt '
+                f'must contain {list(SPECIAL_TOKENS)}'
+            )
+        self.vocab_size = len(vocab)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            vocab[t] for t in SPECIAL_TOKENS
+        )
+        # Subword continuations ("##ing") extend the previous word (for whole-word masking).
+        self.is_continuation = np.zeros(self.vocab_size, bool)
+        # Any token in brackets ([PAD], [unused0], ...) is never masked nor drawn at random.
+        self.is_special = np.zeros(self.vocab_size, bool)
+        for token, i in vocab.items():
+            self.is_continuation[i] = token.startswith('##')
+            self.is_special[i] = token.startswith('[') and token.endswith(']')
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text`, without [CLS]/[SEP]."""
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [
+            np.asarray(e.ids, np.int32)
+            for e in self._tok.encode_batch(texts, add_special_tokens=False)
+        ]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def __getstate__(self):  # picklable for multiprocess data loading
+        return {'vocab_file': self.vocab_file, 'lowercase': self.lowercase}
+
+    def __setstate__(self, state):
+        self.__init__(state['vocab_file'], state['lowercase'])
+
+
+def train_wordpiece(
+    texts: Iterable[str], vocab_size: int, out_file: str, lowercase: bool = True
+) -> WordPiece:
+    """Trains a WordPiece vocabulary of at most `vocab_size` tokens; writes `out_file`."""
+    tok = BertWordPieceTokenizer(lowercase=lowercase)
+    tok.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    directory = os.path.dirname(out_file) or '.'
+    os.makedirs(directory, exist_ok=True)
+    tmp = out_file + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        f.writelines(token + '\n' for token, _ in vocab)
+    os.replace(tmp, out_file)  # atomic: a crash never leaves a half-written vocabulary
+    return WordPiece(out_file, lowercase)

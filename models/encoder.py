@@ -1,0 +1,238 @@
+"""The Transformer encoder shared by the text (BERT) and image (ViT) models.
+
+Every parameter is created with logical axis names (`embed`, `mlp`, `heads`, `kv`, ...);
+`core/sharding.py` maps them to mesh axes. Activations are constrained at a few chosen
+points with logical names (`batch`, `length`, `act_embed`, `act_mlp`, `act_heads`).
+"""
+
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype | str
+
+# BERT and ViT both initialise weights from a truncated normal with std 0.02.
+default_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # BERT's erf GELU
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+}
+
+
+def dense_init(*axes: str | None) -> Callable:
+    return nn.with_logical_partitioning(default_kernel_init, axes)
+
+
+def zeros_init(*axes: str | None) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
+        bias_init=zeros_init('norm'),
+        name=name,
+    )
+
+
+class MlpBlock(nn.Module):
+    """Position-wise feed-forward block: Dense -> activation -> Dense."""
+
+    mlp_dim: int
+    activation: str = 'gelu'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = x.shape[-1]
+        y = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=dense_init('embed', 'mlp'),
+            bias_init=zeros_init('mlp'),
+            name='wi',
+        )(x)
+        y = ACTIVATIONS[self.activation](y)
+        y = nn.with_logical_constraint(y, ('batch', 'length', 'act_mlp'))
+        return nn.Dense(
+            hidden,
+            dtype=self.dtype,
+            kernel_init=dense_init('mlp', 'embed'),
+            bias_init=zeros_init('embed'),
+            name='wo',
+        )(y)
+
+
+class Projection(nn.Module):
+    """A multi-dimensional linear map (einsum + bias) with named kernel axes.
+
+    Written out (rather than nn.DenseGeneral) so the kernel is created in its final shape:
+    DenseGeneral initialises a flat kernel and reshapes it, which clashes with logical
+    sharding constraints on the named axes.
+    """
+
+    kernel_shape: tuple[int, ...]  # contracted input dims first, then output dims
+    kernel_axes: tuple[str, ...]
+    in_dims: int  # how many leading kernel dims contract with the input
+    equation: str
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', dense_init(*self.kernel_axes), self.kernel_shape)
+        bias = self.param(
+            'bias', zeros_init(*self.kernel_axes[self.in_dims :]), self.kernel_shape[self.in_dims :]
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.einsum(self.equation, x, kernel) + bias
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection.
+
+    Attention runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU
+    where shapes allow). That op has no attention-probability dropout, so a non-zero
+    `attention_dropout_rate` switches to the explicit einsum path during training.
+    """
+
+    num_heads: int
+    attention_dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        """x: [batch, length, hidden]; mask: [batch, 1, 1, length] (True = attend)."""
+        hidden = x.shape[-1]
+        if hidden % self.num_heads:
+            raise ValueError(
+                f'hidden size {hidden} is not divisible by num_heads {self.num_heads}; '
+                'pick model.num_heads that divides model.hidden_size'
+            )
+        head_dim = hidden // self.num_heads
+        qkv = Projection(
+            (hidden, 3, self.num_heads, head_dim),
+            ('embed', 'qkv', 'heads', 'kv'),
+            1,
+            'btd,dshk->btshk',
+            self.dtype,
+            name='qkv',
+        )(x)
+        # qkv: [batch, length, 3, heads, head_dim]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', 'act_kv'))
+        if self.attention_dropout_rate > 0.0 and not deterministic:
+            out = self._attention_with_dropout(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = nn.with_logical_constraint(out, ('batch', 'length', 'act_heads', 'act_kv'))
+        return Projection(
+            (self.num_heads, head_dim, hidden),
+            ('heads', 'kv', 'embed'),
+            2,
+            'bthk,hkd->btd',
+            self.dtype,
+            name='out',
+        )(out)
+
+    def _attention_with_dropout(self, q, k, v, mask):
+        scale = q.shape[-1] ** -0.5
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=False)
+        return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+class EncoderLayer(nn.Module):
+    """One Transformer block, post-LN (BERT) or pre-LN (ViT)."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    activation: str = 'gelu'
+    layer_norm: Literal['post', 'pre'] = 'post'
+    layer_norm_eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        attention = SelfAttention(
+            self.num_heads, self.attention_dropout_rate, self.dtype, name='attention'
+        )
+        mlp = MlpBlock(self.mlp_dim, self.activation, self.dtype, name='mlp')
+        drop = nn.Dropout(self.dropout_rate)
+        ln_attn = layer_norm(self.layer_norm_eps, self.dtype, 'ln_attention')
+        ln_mlp = layer_norm(self.layer_norm_eps, self.dtype, 'ln_mlp')
+        if self.layer_norm == 'post':
+            x = ln_attn(x + drop(attention(x, mask, deterministic), deterministic=deterministic))
+            x = ln_mlp(x + drop(mlp(x), deterministic=deterministic))
+        else:
+            x = x + drop(attention(ln_attn(x), mask, deterministic), deterministic=deterministic)
+            x = x + drop(mlp(ln_mlp(x)), deterministic=deterministic)
+        return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Encoder(nn.Module):
+    """A stack of `num_layers` EncoderLayers (+ a final LayerNorm for pre-LN).
+
+    `remat` trades compute for memory: 'none' keeps every activation, 'dots' keeps only
+    matmul outputs, 'full' recomputes each layer in the backward pass.
+    """
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    activation: str = 'gelu'
+    layer_norm: Literal['post', 'pre'] = 'post'
+    layer_norm_eps: float = 1e-12
+    remat: str = 'none'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, padding_mask: jax.Array | None = None, deterministic: bool = True
+    ) -> jax.Array:
+        """x: [batch, length, hidden]; padding_mask: [batch, length] (1 = real token)."""
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f'model.remat={self.remat!r}; expected one of {list(REMAT_POLICIES)}')
+        mask = None
+        if padding_mask is not None:
+            mask = padding_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
+        layer_cls = EncoderLayer
+        if self.remat != 'none':
+            layer_cls = nn.remat(
+                EncoderLayer, policy=REMAT_POLICIES[self.remat], static_argnums=(3,)
+            )
+        for i in range(self.num_layers):
+            x = layer_cls(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                activation=self.activation,
+                layer_norm=self.layer_norm,
+                layer_norm_eps=self.layer_norm_eps,
+                dtype=self.dtype,
+                name=f'layer_{i}',
+            )(x, mask, deterministic)
+        if self.layer_norm == 'pre':
+            x = layer_norm(self.layer_norm_eps, self.dtype, 'ln_final')(x)
+        return x

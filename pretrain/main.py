@@ -1,0 +1,30 @@
+"""Pretraining entrypoint: python -m pretrain.main --config configs/bert_mlm.py:tiny --workdir DIR"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from core import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/bert_mlm.py:tiny'
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run(config, workdir: str) -> dict:
+    """Dispatches on the config's task to the matching trainer."""
+    if config.task == 'mlm':
+        from pretrain import train
+
+        return train.train_and_evaluate(config, workdir)
+    raise cli.UserError(f'pretraining task {config.task!r} is not known; expected mlm')
+
+
+def main(argv):
+    del argv
+    cli.run_stage(run, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+    app.run(main)
