@@ -70,8 +70,9 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from absl import app
 
-    from core import distributed
+    from core import cli, distributed
 
+    cli.check_config_overrides(rest)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     module = importlib.import_module(STAGES[args.stage])
     app.run(module.main, argv=[f'launch.py {args.stage}', *rest])

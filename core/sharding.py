@@ -73,9 +73,29 @@ def mesh_from_config(config) -> Mesh:
     return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
-def logical_to_shardings(logical_specs, mesh: Mesh):
-    """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+def logical_to_shardings(logical_specs, mesh: Mesh, shapes=None):
+    """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`.
+
+    With `shapes` (a matching tree of arrays or ShapeDtypeStructs), a dimension that the
+    mesh axes do not divide (BERT's vocab of 30522 over tensor=4, say) is replicated
+    instead of failing; everything else keeps its sharding.
+    """
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+    if shapes is None:
+        return shardings
+    return jax.tree.map(
+        lambda sh, x: NamedSharding(mesh, fit_spec(sh.spec, x.shape, mesh)), shardings, shapes
+    )
+
+
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops the mesh axes of each dimension they do not divide evenly."""
+    fitted = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fitted.append(axes if shape[i] % size == 0 else None)
+    return PartitionSpec(*fitted)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -16,8 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from core import sharding as sharding_lib
 from core.train_state import TrainState
@@ -157,6 +158,8 @@ class PmapStepper:
 
     def __init__(self, loss_fn: LossFn, tx, schedule, accum_steps):
         self.devices = jax.local_devices()
+        device_mesh = Mesh(np.array(self.devices), (self.axis,))
+        self._sharding = NamedSharding(device_mesh, PartitionSpec(self.axis))
         step = functools.partial(
             train_step,
             loss_fn=loss_fn,
@@ -172,8 +175,11 @@ class PmapStepper:
         )
 
     def put_state(self, state: TrainState) -> TrainState:
-        state = jax.device_get(state)
-        return jax.device_put_replicated(state, self.devices)
+        n = len(self.devices)
+        return jax.tree.map(
+            lambda x: jax.device_put(np.broadcast_to(x, (n, *x.shape)), self._sharding),
+            jax.device_get(state),
+        )
 
     def get_state(self, state: TrainState) -> TrainState:
         """The state of device 0 (all replicas are equal), as host-side arrays."""
@@ -190,7 +196,7 @@ class PmapStepper:
                 )
             return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
-        return jax.tree.map(split, local_batch)
+        return jax.device_put(jax.tree.map(split, local_batch), self._sharding)
 
     def train(self, state, batch, rng):
         state, metrics = self._train(state, batch, rng)

@@ -38,7 +38,9 @@ def _boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
 def state_shardings(init_params, tx, mesh: Mesh, rng: jax.Array):
     """The NamedSharding of every leaf of the train state on `mesh`."""
     abstract = jax.eval_shape(_boxed_state(init_params, tx), rng)
-    return sharding_lib.logical_to_shardings(nn.get_partition_spec(abstract), mesh)
+    return sharding_lib.logical_to_shardings(
+        nn.get_partition_spec(abstract), mesh, nn.meta.unbox(abstract)
+    )
 
 
 def create_sharded_state(init_params, tx, mesh: Mesh, rng: jax.Array):

@@ -15,6 +15,7 @@ import csv
 import glob
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Sequence
 
@@ -89,8 +90,10 @@ def embedded_corpus(name: str) -> list[str]:
 
 
 def _read_txt(path: str) -> list[str]:
+    """One document per block of text between blank (or whitespace-only) lines."""
     with open(path, encoding='utf-8') as f:
-        return _paragraph_documents(f.read())
+        blocks = re.split(r'\n\s*\n', f.read())
+    return [b.strip() for b in blocks if b.strip()]
 
 
 def _read_jsonl(path: str, field: str) -> list[str]:

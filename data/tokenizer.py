@@ -26,14 +26,18 @@ class WordPiece:
             )
         self.vocab_file = vocab_file
         self.lowercase = lowercase
-        self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
-        vocab = self._tok.get_vocab()
-        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        # Checked before BertWordPieceTokenizer reads the file: it raises a bare TypeError
+        # ("sep_token not found in the vocabulary") for a vocabulary without [SEP] or [CLS].
+        with open(vocab_file, encoding='utf-8') as f:
+            tokens = {line.strip() for line in f}
+        missing = [t for t in SPECIAL_TOKENS if t not in tokens]
         if missing:
             raise DataError(
                 f'vocabulary {vocab_file} lacks the special tokens {missing}; a BERT vocab.txt '
                 f'must contain {list(SPECIAL_TOKENS)}'
             )
+        self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+        vocab = self._tok.get_vocab()
         self.vocab_size = len(vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             vocab[t] for t in SPECIAL_TOKENS

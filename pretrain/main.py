@@ -1,4 +1,9 @@
-"""Pretraining entrypoint: python -m pretrain.main --config configs/bert_mlm.py:tiny --workdir DIR"""
+"""Pretraining entrypoint.
+
+python -m pretrain.main --config configs/bert_mlm.py:tiny --workdir DIR [--config.x=y]
+"""
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,4 +32,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    cli.check_config_overrides(sys.argv[1:])
     app.run(main)

@@ -330,7 +330,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending.append(metrics)
             if step == start_step + 1:  # leave compilation out of the throughput
                 jax.block_until_ready(metrics)
-                pending, last_logged = [], step
                 progress.update(step)
                 logging.info('first step done (compiled) after %.1fs', time.time() - started)
             watchdog.ping()

@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A small but real MLM run: BERT with H32 L1 on CPython's docs, seconds per run.
+SMALL_RUN = [
+    '--config.data.name=pydoc',
+    '--config.model.hidden_size=32',
+    '--config.model.num_layers=1',
+    '--config.model.num_heads=2',
+    '--config.model.mlp_dim=64',
+    '--config.model.vocab_size=1024',
+    '--config.data.seq_len=32',
+    '--config.data.max_predictions=5',
+    '--config.batch_size=16',
+    '--config.eval_steps=2',
+    '--config.warmup_steps=5',
+]
+
+
+def launch(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs `python launch.py ARGS` from the repository root."""
+    full_env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'launch.py'), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope='session')
+def pydoc_vocab(tmp_path_factory) -> str:
+    """A 1024-token WordPiece vocabulary trained once on the pydoc corpus."""
+    from data import text, tokenizer
+
+    path = str(tmp_path_factory.mktemp('vocab') / 'vocab.txt')
+    tokenizer.train_wordpiece(iter(text.embedded_corpus('pydoc')), 1024, path)
+    return path
