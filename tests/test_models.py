@@ -1,0 +1,291 @@
+"""BERT MLM model and the shared encoder (models/): shapes, axis names, tying, masking,
+dropout, layer-norm placement, remat, the attention paths and mixed precision."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from models.bert import BertConfig, BertForMlm
+from models.encoder import Encoder, SelfAttention
+
+VOCAB, HIDDEN, LAYERS, HEADS, MLP, MAX_LEN = 101, 32, 2, 4, 48, 24
+BATCH, LENGTH, P = 2, 16, 4
+LENGTHS = (16, 9)  # real tokens of each example; the rest is padding
+
+
+def tiny_config(**overrides) -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        mlp_dim=MLP,
+        max_len=MAX_LEN,
+        **overrides,
+    )
+
+
+def make_batch(seed: int = 0) -> dict[str, jnp.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+    mask = (np.arange(LENGTH)[None] < np.asarray(LENGTHS)[:, None]).astype(np.int32)
+    ids[mask == 0] = 0
+    positions = np.stack([rng.choice(n, P, replace=False) for n in LENGTHS]).astype(np.int32)
+    segment = np.zeros_like(ids)
+    segment[:, LENGTH // 2 :] = 1
+    return {
+        'input_ids': jnp.asarray(ids),
+        'input_mask': jnp.asarray(mask),
+        'segment_ids': jnp.asarray(segment * mask),
+        'masked_positions': jnp.asarray(positions),
+    }
+
+
+# Eager (not jitted) on purpose: for a model this small, op-by-op dispatch is much faster
+# than compiling every variant under test.
+def init(model: nn.Module, batch: dict, seed: int = 0):
+    return model.init(jax.random.key(seed), batch)
+
+
+@pytest.fixture(scope='module')
+def batch():
+    return make_batch()
+
+
+@pytest.fixture(scope='module')
+def post_ln(batch):
+    model = BertForMlm(tiny_config())
+    return model, init(model, batch)
+
+
+def apply(model, variables, batch, deterministic=True, rngs=None):
+    return model.apply(variables, batch, deterministic=deterministic, rngs=rngs)
+
+
+def param_leaves(variables) -> dict[str, jax.Array]:
+    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(variables['params']))[0]
+    return {'/'.join(k.key for k in path): leaf for path, leaf in flat}
+
+
+def test_logits_shape_and_dtype(post_ln, batch):
+    model, variables = post_ln
+    logits = apply(model, variables, batch)
+    assert logits.shape == (BATCH, P, VOCAB)
+    assert logits.dtype == jnp.float32
+    assert jnp.isfinite(logits).all()
+
+
+def test_every_parameter_has_logical_axis_names(batch):
+    model = BertForMlm(tiny_config())
+    abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
+    specs = nn.get_partition_spec(abstract)['params']
+    shapes = nn.meta.unbox(abstract)['params']
+    spec_leaves = jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+    shape_leaves = jax.tree_util.tree_leaves_with_path(shapes)
+    assert len(spec_leaves) == len(shape_leaves) > 10
+    for (path, spec), (_, shape) in zip(spec_leaves, shape_leaves):
+        name = jax.tree_util.keystr(path)
+        assert isinstance(spec, jax.sharding.PartitionSpec), name
+        assert len(spec) == len(shape.shape), f'{name}: {spec} for shape {shape.shape}'
+        assert all(a is None or isinstance(a, str) for a in spec), name
+        assert any(isinstance(a, str) for a in spec), f'{name} has no named axis'
+
+
+def test_output_layer_is_tied_to_the_token_embedding(post_ln, batch):
+    model, variables = post_ln
+    params = param_leaves(variables)
+    vocab_by_hidden = [k for k, v in params.items() if v.shape == (VOCAB, HIDDEN)]
+    hidden_by_vocab = [k for k, v in params.items() if v.shape == (HIDDEN, VOCAB)]
+    assert vocab_by_hidden == ['backbone/embeddings/token/embedding']
+    assert hidden_by_vocab == []
+    assert not any(k.startswith('mlm_head') and VOCAB in v.shape for k, v in params.items())
+    # Changing the embedding changes the output layer: scaling it moves every logit.
+    scaled = jax.tree_util.tree_map(lambda x: x, nn.meta.unbox(variables))
+    scaled['params']['backbone']['embeddings']['token']['embedding'] *= 2.0
+    a, b = apply(model, variables, batch), apply(model, scaled, batch)
+    assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_padding_does_not_change_real_predictions(post_ln, batch):
+    model, variables = post_ln
+    changed = dict(batch)
+    ids = np.asarray(batch['input_ids']).copy()
+    pad = np.asarray(batch['input_mask']) == 0
+    assert pad.any()
+    ids[pad] = np.random.default_rng(1).integers(5, VOCAB, pad.sum())
+    changed['input_ids'] = jnp.asarray(ids)
+    a, b = apply(model, variables, batch), apply(model, variables, changed)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    # ... while a change to a real token does change them (the check can fail).
+    ids[1, 0] = (ids[1, 0] + 1) % VOCAB
+    changed['input_ids'] = jnp.asarray(ids)
+    c = apply(model, variables, changed)
+    assert not np.allclose(a[1], c[1], atol=1e-4)
+
+
+def test_dropout_only_when_not_deterministic(post_ln, batch):
+    model, variables = post_ln
+    a = apply(model, variables, batch, deterministic=True)
+    b = apply(model, variables, batch, deterministic=True)
+    np.testing.assert_array_equal(a, b)
+    r1 = {'dropout': jax.random.key(1)}
+    r2 = {'dropout': jax.random.key(2)}
+    c = apply(model, variables, batch, deterministic=False, rngs=r1)
+    d = apply(model, variables, batch, deterministic=False, rngs=r2)
+    e = apply(model, variables, batch, deterministic=False, rngs=r1)
+    assert not np.allclose(c, d, atol=1e-4)
+    assert not np.allclose(a, c, atol=1e-4)
+    np.testing.assert_array_equal(c, e)  # same rng, same dropout mask
+
+
+def test_pre_and_post_layer_norm(batch, post_ln):
+    pre_model = BertForMlm(tiny_config(layer_norm='pre'))
+    pre = init(pre_model, batch)
+    pre_params = param_leaves(pre)
+    post_params = param_leaves(post_ln[1])
+    assert 'backbone/encoder/ln_final/scale' in pre_params
+    assert not any('ln_final' in k for k in post_params)
+    # Post-LN (BERT) normalises the embeddings; pre-LN leaves that to the first layer.
+    assert 'backbone/embeddings/ln/scale' in post_params
+    assert not any(k.startswith('backbone/embeddings/ln') for k in pre_params)
+    for model, variables in ((pre_model, pre), post_ln):
+        logits = apply(model, variables, batch)
+        assert logits.shape == (BATCH, P, VOCAB) and jnp.isfinite(logits).all()
+
+
+def test_pre_ln_encoder_output_is_normalised():
+    x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, HIDDEN)) * 5 + 3
+    encoder = Encoder(num_layers=1, num_heads=HEADS, mlp_dim=MLP, layer_norm='pre')
+    y = encoder.apply(encoder.init(jax.random.key(1), x), x)
+    np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(y.std(-1), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_gives_the_same_outputs_and_gradients(post_ln, batch, remat):
+    model, variables = post_ln
+    remat_model = BertForMlm(tiny_config(remat=remat))
+    remat_vars = init(remat_model, batch)
+    assert jax.tree.structure(remat_vars) == jax.tree.structure(variables)  # same checkpoints
+
+    def loss(params, m):
+        return m.apply({'params': params}, batch).sum()
+
+    grad = jax.grad(loss)
+    np.testing.assert_allclose(
+        apply(remat_model, variables, batch), apply(model, variables, batch), atol=1e-5
+    )
+    g_remat = grad(variables['params'], remat_model)
+    g_plain = grad(variables['params'], model)
+    for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_remat_with_dropout_runs(post_ln, batch):
+    model = BertForMlm(tiny_config(remat='full'))
+    out = apply(model, post_ln[1], batch, deterministic=False, rngs={'dropout': jax.random.key(0)})
+    assert jnp.isfinite(out).all()
+
+
+def test_unknown_remat_policy_raises(batch):
+    with pytest.raises(ValueError, match='remat'):
+        init(BertForMlm(tiny_config(remat='sometimes')), batch)
+
+
+def test_attention_dropout_in_deterministic_mode_matches_no_dropout(post_ln, batch):
+    model, variables = post_ln
+    with_dropout = BertForMlm(tiny_config(attention_dropout_rate=0.1))
+    np.testing.assert_array_equal(
+        apply(with_dropout, variables, batch), apply(model, variables, batch)
+    )
+    rngs = {'dropout': jax.random.key(0)}
+    no_hidden_dropout = BertForMlm(tiny_config(dropout_rate=0.0, attention_dropout_rate=0.3))
+    trained = apply(no_hidden_dropout, variables, batch, deterministic=False, rngs=rngs)
+    assert not np.allclose(trained, apply(model, variables, batch), atol=1e-4)
+
+
+def manual_attention(params, x, padding_mask, num_heads):
+    """Softmax attention written out with einsums, from the module's own parameters."""
+    hidden = x.shape[-1]
+    qkv = jnp.einsum('btd,dshk->btshk', x, params['qkv']['kernel']) + params['qkv']['bias']
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hidden // num_heads)
+    logits = jnp.where(padding_mask[:, None, None, :] > 0, logits, -1e30)
+    out = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
+    return jnp.einsum('bqhd,hdo->bqo', out, params['out']['kernel']) + params['out']['bias']
+
+
+def attention_inputs():
+    x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, HIDDEN))
+    padding = jnp.asarray(make_batch()['input_mask'])
+    return x, padding, padding.astype(bool)[:, None, None, :]
+
+
+def test_fused_attention_matches_einsum_softmax():
+    x, padding, mask = attention_inputs()
+    attention = SelfAttention(num_heads=HEADS, attention_dropout_rate=0.1)
+    variables = attention.init(jax.random.key(1), x, mask, True)
+    params = nn.meta.unbox(variables['params'])
+    # Deterministic: jax.nn.dot_product_attention.
+    fused = attention.apply(variables, x, mask, True)
+    expected = manual_attention(params, x, padding, HEADS)
+    real = np.asarray(padding, bool)
+    np.testing.assert_allclose(fused[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_attention_path_matches_einsum_softmax():
+    x, padding, mask = attention_inputs()
+    # A dropout rate so small nothing is dropped: the explicit path without its noise.
+    attention = SelfAttention(num_heads=HEADS, attention_dropout_rate=1e-9)
+    variables = attention.init(jax.random.key(1), x, mask, True)
+    params = nn.meta.unbox(variables['params'])
+    explicit = attention.apply(variables, x, mask, False, rngs={'dropout': jax.random.key(2)})
+    expected = manual_attention(params, x, padding, HEADS)
+    real = np.asarray(padding, bool)
+    np.testing.assert_allclose(explicit[real], expected[real], atol=1e-5, rtol=1e-5)
+    fused = attention.apply(variables, x, mask, True)
+    np.testing.assert_allclose(explicit[real], fused[real], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rejects_indivisible_heads():
+    x = jnp.zeros((1, 4, 30))
+    with pytest.raises(ValueError, match='num_heads'):
+        SelfAttention(num_heads=4).init(jax.random.key(0), x, None, True)
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_params(batch, post_ln):
+    model = BertForMlm(tiny_config(dtype='bfloat16'))
+    variables = init(model, batch)
+    dtypes = {v.dtype for v in param_leaves(variables).values()}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    logits = apply(model, variables, batch)
+    assert logits.dtype == jnp.float32 and logits.shape == (BATCH, P, VOCAB)
+    assert jnp.isfinite(logits).all()
+    # Same params in float32 agree to bfloat16 precision, but not exactly.
+    reference = apply(post_ln[0], variables, batch)
+    assert not np.array_equal(logits, reference)
+    np.testing.assert_allclose(logits, reference, atol=0.15)
+    hidden = model.apply(
+        variables,
+        batch['input_ids'],
+        batch['input_mask'],
+        method=lambda m, ids, mask: m.backbone(ids, mask),
+    )
+    assert hidden.dtype == jnp.bfloat16
+
+
+def test_config_from_config_dict_ignores_other_keys():
+    import ml_collections
+
+    model_config = ml_collections.ConfigDict(
+        {'hidden_size': 64, 'num_layers': 3, 'patch_size': 0, 'image_size': 0}
+    )
+    cfg = BertConfig.from_config(model_config)
+    assert (cfg.hidden_size, cfg.num_layers) == (64, 3)
+    assert dataclasses.replace(cfg, hidden_size=768) == BertConfig(num_layers=3)
