@@ -66,16 +66,20 @@ def analytic_flops(size: dict, scored_tokens: int, head_tokens: int) -> float:
     return 2 * 3 * (encoder + head_tokens * h * h + scored_tokens * h * VOCAB)
 
 
-def timed(fn, steps: int, warmup: int) -> np.ndarray:
-    """Milliseconds of each of `steps` calls of `fn` (which must finish its work)."""
+def timed_rounds(steps_by_name: dict, steps: int, warmup: int) -> dict[str, np.ndarray]:
+    """Milliseconds of each timed step of every contender, their steps interleaved (one step
+    of each per round) so that any background load on the machine hits all of them alike.
+    Each step function must return only once its update is complete."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for step in steps_by_name.values():
+            step()
+    times = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * np.array(times)
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: np.array(ms) for name, ms in times.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -225,7 +229,10 @@ def print_versions(threads: int):
     print(f'- jax {jax.__version__}, jaxlib {jax.lib.__version__}, flax {flax.__version__}')
     print(f'- torch {torch.__version__}, transformers {transformers.__version__}')
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
-    print(f'- CPU: os.cpu_count() = {os.cpu_count()}, usable by this process = {affinity}')
+    print(
+        f'- CPU: os.cpu_count() = {os.cpu_count()}, usable by this process = {affinity}, '
+        f'1-minute load average at start {os.getloadavg()[0]:.2f} (other work skews timings)'
+    )
     print(
         f'- threads: torch intra-op {torch.get_num_threads()} (--threads {threads}), '
         f'inter-op {torch.get_num_interop_threads()}; JAX devices {jax.devices()} '
@@ -245,23 +252,18 @@ def run_size(name: str, args) -> dict:
         f'{size["num_heads"]} heads, mlp {size["mlp_dim"]}\n'
     )
 
-    pretrax = Pretrax(size, batch, args.steps + args.warmup)
-    xla_flops = pretrax.cost_flops()
-    pretrax_ms = timed(pretrax.step, args.steps, args.warmup)
-    params = pretrax.num_params()
-    del pretrax
-
-    encoder_ms = None
-    if args.breakdown:
-        encoder = Pretrax(size, batch, args.steps + args.warmup, encoder_only=True)
-        encoder_ms = timed(encoder.step, args.steps, args.warmup)
-        del encoder
-
+    total_steps = args.steps + args.warmup
+    pretrax = Pretrax(size, batch, total_steps)
     reference = Reference(size, batch)
-    ref_params = reference.num_params()
-    reference_ms = timed(reference.step, args.steps, args.warmup)
+    contenders = {'pretrax': pretrax.step, 'reference': reference.step}
+    if args.breakdown:
+        contenders['pretrax_no_head'] = Pretrax(size, batch, total_steps, encoder_only=True).step
+    xla_flops = pretrax.cost_flops()
+    times = timed_rounds(contenders, args.steps, args.warmup)
+    pretrax_ms, reference_ms = times['pretrax'], times['reference']
+    params, ref_params = pretrax.num_params(), reference.num_params()
     top_ops = reference.top_ops()
-    del reference
+    del pretrax, reference, contenders
 
     tokens, masked = BATCH * LENGTH, BATCH * PREDICTIONS
     h = size['hidden_size']
@@ -285,8 +287,8 @@ def run_size(name: str, args) -> dict:
         f'{6 * tokens * h * VOCAB / 1e9:.1f}; pretrax, masked only 2*3*B*P*H*V = '
         f'{6 * masked * h * VOCAB / 1e9:.1f}'
     )
-    if encoder_ms is not None:
-        e_med = np.median(encoder_ms)
+    if args.breakdown:
+        e_med = np.median(times['pretrax_no_head'])
         print(
             f'- pretrax breakdown: step without the MLM head (embeddings + encoder fwd/bwd '
             f'+ optimizer) {e_med:.1f} ms, so the MLM head costs ~{p_med - e_med:.1f} ms '
@@ -311,7 +313,7 @@ def main():
         '--no-breakdown',
         dest='breakdown',
         action='store_false',
-        help='skip timing pretrax without the MLM head',
+        help='skip timing the pretrax step without the MLM head',
     )
     args = parser.parse_args()
     sizes = [s for s in args.sizes.split(',') if s]
@@ -325,7 +327,7 @@ def main():
     print_versions(args.threads)
     rows = [run_size(name, args) for name in sizes]
 
-    print(f'## Results (median of {args.steps} steps after {args.warmup} warmup)\n')
+    print(f'## Results (median of {args.steps} interleaved steps after {args.warmup} warmup)\n')
     print(
         '| size | params | pretrax ms/step | reference ms/step | speedup (ref/pretrax) '
         '| pretrax seq/s |'

@@ -155,7 +155,12 @@ class TfdsText(Sequence):
         import tensorflow_datasets as tfds
 
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+            # download=False: a run only reads a prepared dataset; tfds' default would start
+            # downloading and preparing a catalog dataset (possibly hundreds of GB, on every
+            # host at once) into data_dir.
+            self._source = tfds.data_source(
+                name, split=split, data_dir=data_dir or None, download=False
+            )
         except Exception as e:  # tfds raises several types for a dataset not prepared
             raise DataError(
                 f'TFDS dataset {name!r} split {split!r} could not be opened from '
@@ -175,7 +180,12 @@ class TfdsText(Sequence):
         return len(self._source)
 
     def __getitem__(self, i):
-        value = self._source[i][self._field]
+        # array_record raises ValueError out of range, which breaks `for doc in docs` and
+        # `list(docs)` (Sequence iteration stops at IndexError), and rejects negative i.
+        n = len(self._source)
+        if not -n <= i < n:
+            raise IndexError(f'document {i} out of range for {n} documents')
+        value = self._source[i % n][self._field]
         return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
