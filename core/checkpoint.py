@@ -114,19 +114,17 @@ def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
     target = {'params': abstract_params}
     for key in reversed(subtree):
         target = {'params': {key: target['params']}}
-    restored = ocp.StandardCheckpointer().restore(
-        state_dir,
-        ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=jax.tree.map(
-                lambda s: ocp.ArrayRestoreArgs(
-                    sharding=s.sharding, global_shape=s.shape, dtype=s.dtype
-                ),
-                target,
-            ),
-            partial_restore=True,
-        ),
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
+        target,
     )
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            ),
+        )
     params = restored['params']
     for key in subtree:
         params = params[key]
