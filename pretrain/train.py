@@ -149,7 +149,7 @@ def evaluate(stepper, params, batches, baseline_token: int) -> dict[str, float]:
     weight = sum(float(b['masked_weights'].sum()) for b in batches)
     if jax.process_count() > 1:
         hits, weight = multihost_utils.process_allgather(np.array([hits, weight])).sum(0)
-    result['most_frequent_token_accuracy'] = hits / max(weight, 1e-8)
+    result['most_frequent_token_accuracy'] = float(hits) / max(float(weight), 1e-8)
     return result
 
 

@@ -89,3 +89,28 @@ def test_module_entrypoint_and_pmap_mode(tmp_path, pydoc_vocab):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'pmap over 2 devices' in r.stderr
     check_contract(workdir, 'mlm_accuracy')
+
+
+@pytest.mark.skipif(not os.path.isfile(CHECKER), reason='needs ../shared beside the checkout')
+def test_two_local_processes(tmp_path, pydoc_vocab):
+    """`--local_processes 2`: two jax.distributed processes (gloo) train one model; process
+    0 writes the workdir, both write the checkpoint."""
+    workdir = str(tmp_path / 'mp')
+    r = launch(
+        'pretrain',
+        '--local_processes',
+        '2',
+        '--config',
+        'configs/bert_mlm.py:tiny',
+        '--workdir',
+        workdir,
+        *SMALL_RUN,
+        f'--config.data.vocab_file={pydoc_vocab}',
+        '--config.total_steps=4',
+        '--config.log_every=2',
+        '--config.eval_every=2',
+        '--config.checkpoint_every=2',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'jit over 2 devices, 2 processes' in r.stderr
+    check_contract(workdir, 'mlm_accuracy')
