@@ -11,15 +11,18 @@ training mode with hidden dropout 0.1 (attention-probability dropout is pretrax'
 mirrored on the reference so both compute the same thing), AdamW (eps 1e-6, weight decay 0.01
 on matrices only) after clipping to global norm 1.0. A timed step is forward, backward, clip
 and optimizer update, finished (pretrax: `jax.block_until_ready` on the new state and metrics
-every step; PyTorch on CPU is synchronous).
+every step; PyTorch on CPU is synchronous). The two sides' steps alternate (one of each per
+round), so background load on the machine hits both alike.
 
-The one designed difference is the MLM output layer: pretrax gathers the `predictions` masked
-positions first and scores only those against the vocabulary; the reference, like Hugging Face
-MLM training, scores every token and ignores the unmasked ones (labels -100) in the loss.
+The one designed difference is the MLM output layer: pretrax gathers the 20 masked positions
+per sequence first and scores only those against the vocabulary; the reference, like Hugging
+Face MLM training, scores every token and ignores the unmasked ones (labels -100) in the loss.
 """
 
 import argparse
+import contextlib
 import os
+import sys
 import time
 
 import jax
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from core import optim, sharding, train_state
+from core import flops, optim, sharding, train_state
 from core import step as step_lib
 from models.bert import BertConfig, BertForMlm
 from pretrain.losses import mlm_loss_fn
@@ -58,12 +61,18 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
     )
 
 
-def analytic_flops(size: dict, scored_tokens: int, head_tokens: int) -> float:
-    """Matmul FLOPs of one training step (forward x3): encoder, MLM transform, output layer."""
-    h, f, layers = size['hidden_size'], size['mlp_dim'], size['num_layers']
-    tokens = BATCH * LENGTH
-    encoder = layers * (tokens * (4 * h * h + 2 * h * f) + 2 * BATCH * LENGTH * LENGTH * h)
-    return 2 * 3 * (encoder + head_tokens * h * h + scored_tokens * h * VOCAB)
+def analytic_flops(size: dict, predictions: int) -> float:
+    """Matmul FLOPs of one training step with the MLM head at `predictions` positions per
+    sequence (the reference's head runs at all LENGTH of them)."""
+    return flops.mlm_train_flops(
+        BATCH,
+        LENGTH,
+        predictions,
+        size['hidden_size'],
+        size['num_layers'],
+        size['mlp_dim'],
+        VOCAB,
+    )
 
 
 def timed_rounds(steps_by_name: dict, steps: int, warmup: int) -> dict[str, np.ndarray]:
@@ -211,10 +220,24 @@ class Reference:
         """(op, self CPU ms, calls) of the `count` ops with the most self time in one step."""
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
             self.step()
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:count]]
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Hides what native code writes to stderr (the profiler's start/stop log lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, 'w') as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # --------------------------------------------------------------------------------------
@@ -267,8 +290,8 @@ def run_size(name: str, args) -> dict:
 
     tokens, masked = BATCH * LENGTH, BATCH * PREDICTIONS
     h = size['hidden_size']
-    pretrax_flops = analytic_flops(size, scored_tokens=masked, head_tokens=masked)
-    ref_flops = analytic_flops(size, scored_tokens=tokens, head_tokens=tokens)
+    pretrax_flops = analytic_flops(size, PREDICTIONS)
+    ref_flops = analytic_flops(size, LENGTH)
     p_med, r_med = np.median(pretrax_ms), np.median(reference_ms)
     print(f'- params: pretrax {params:,}, reference {ref_params:,}')
     print(

@@ -140,6 +140,25 @@ class MlmHead(nn.Module):
         return layer_norm(self.layer_norm_eps, self.dtype, 'ln')(x)
 
 
+@jax.custom_vjp
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """x + bias over the last axis, whose bias gradient is a matrix-vector product: XLA:CPU
+    sums a [rows, vocab] gradient over rows ~30x slower than it multiplies it by ones."""
+    return x + bias
+
+
+def _add_bias_fwd(x, bias):
+    return x + bias, None
+
+
+def _add_bias_bwd(_, g):
+    rows = g.reshape(-1, g.shape[-1])
+    return g, jnp.ones((rows.shape[0],), g.dtype) @ rows
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
     """x: [batch, length, hidden], positions: [batch, P] -> [batch, P, hidden]."""
     return jnp.take_along_axis(x, positions[..., None], axis=1)
@@ -169,5 +188,5 @@ class BertForMlm(nn.Module):
             batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic
         )
         x = self.mlm_head(gather_positions(hidden, batch['masked_positions']))
-        logits = self.backbone.attend(x).astype(jnp.float32) + self.output_bias
+        logits = add_bias(self.backbone.attend(x).astype(jnp.float32), self.output_bias)
         return nn.with_logical_constraint(logits, ('batch', 'length', 'act_vocab'))

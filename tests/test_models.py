@@ -289,3 +289,16 @@ def test_config_from_config_dict_ignores_other_keys():
     cfg = BertConfig.from_config(model_config)
     assert (cfg.hidden_size, cfg.num_layers) == (64, 3)
     assert dataclasses.replace(cfg, hidden_size=768) == BertConfig(num_layers=3)
+
+
+def test_add_bias_gradient_matches_plain_addition():
+    from models.bert import add_bias
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 4, 7)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(7), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 4, 7)), jnp.float32)
+    ours = jax.grad(lambda x, b: jnp.sum(add_bias(x, b) * w), argnums=(0, 1))(x, b)
+    plain = jax.grad(lambda x, b: jnp.sum((x + b) * w), argnums=(0, 1))(x, b)
+    np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
+    np.testing.assert_allclose(ours[1], plain[1], rtol=1e-5)
