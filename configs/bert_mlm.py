@@ -1,7 +1,7 @@
 r"""BERT masked-language-model pretraining.
 
-Run (the default: BERT-tiny on the embedded CPython documentation, ~5 minutes on 2 CPU
-cores, held-out masked-token accuracy ~0.40 against ~0.06 for always predicting the most
+Run (the default: BERT-tiny on the embedded CPython documentation; on 2 CPU cores about
+5 minutes, held-out masked-token accuracy 0.21 against 0.05 for always predicting the most
 frequent token):
 
   python launch.py pretrain --config configs/bert_mlm.py:tiny --workdir runs/mlm
