@@ -83,3 +83,41 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, pydoc_vocab):
     for row in rows_b:
         if row['step'] in loss_a and row['step'] > 10:  # after the first logged interval
             assert abs(row['loss'] - loss_a[row['step']]) < 1e-5, row['step']
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path, pydoc_vocab):
+    """Preemption: SIGTERM finishes the step, saves it, exits 0; the next start resumes."""
+    workdir = str(tmp_path / 'preempted')
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, 'launch.py', *command(workdir, pydoc_vocab)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first_ckpt = os.path.join(workdir, 'checkpoints', str(EVERY), 'state')
+    deadline = time.time() + 300
+    while not os.path.isdir(first_ckpt) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
+    assert EVERY < max(saved) < STEPS, saved  # saved where it stopped, off the schedule
+    assert f'SIGTERM: saved step {max(saved)}' in stderr
+    assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+    r = launch(*command(workdir, pydoc_vocab))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'checkpoints/{max(saved)}' in r.stderr
+    with open(os.path.join(workdir, 'summary.json')) as f:
+        assert json.load(f)['steps'] == STEPS
+
+
+def test_watchdog_exits_124_when_no_step_finishes(tmp_path, pydoc_vocab):
+    """1 s is shorter than compiling the first step: the watchdog must fire, with its code."""
+    r = launch(*command(str(tmp_path / 'hung'), pydoc_vocab), '--config.watchdog_secs=1')
+    assert r.returncode == 124, r.stderr[-2000:]
+    assert 'watchdog: no step finished in' in r.stderr
