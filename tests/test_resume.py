@@ -45,23 +45,31 @@ def train_rows(workdir: str) -> list[dict]:
     return [r for r in rows if r['split'] == 'train']
 
 
+def start_until_first_checkpoint(workdir: str, vocab: str) -> subprocess.Popen:
+    """Starts the run in the background; returns once its first checkpoint is complete.
+    Its log goes to WORKDIR.log (a pipe nobody reads could fill up and stall the run)."""
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    with open(workdir + '.log', 'w') as log:
+        proc = subprocess.Popen(
+            [sys.executable, 'launch.py', *command(workdir, vocab)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    first_ckpt = os.path.join(workdir, 'checkpoints', str(EVERY), 'state')
+    deadline = time.time() + 300
+    while not os.path.isdir(first_ckpt) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    return proc
+
+
 def test_kill_and_resume_matches_uninterrupted(tmp_path, pydoc_vocab):
     straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
     r = launch(*command(straight, pydoc_vocab))
     assert r.returncode == 0, r.stderr[-3000:]
 
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, 'launch.py', *command(killed, pydoc_vocab)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first_ckpt = os.path.join(killed, 'checkpoints', str(EVERY), 'state')
-    deadline = time.time() + 300
-    while not os.path.isdir(first_ckpt) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    proc = start_until_first_checkpoint(killed, pydoc_vocab)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
@@ -88,21 +96,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, pydoc_vocab):
 def test_sigterm_saves_and_exits_zero(tmp_path, pydoc_vocab):
     """Preemption: SIGTERM finishes the step, saves it, exits 0; the next start resumes."""
     workdir = str(tmp_path / 'preempted')
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, 'launch.py', *command(workdir, pydoc_vocab)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    first_ckpt = os.path.join(workdir, 'checkpoints', str(EVERY), 'state')
-    deadline = time.time() + 300
-    while not os.path.isdir(first_ckpt) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    proc = start_until_first_checkpoint(workdir, pydoc_vocab)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    with open(workdir + '.log') as f:
+        stderr = f.read()
     assert proc.returncode == 0, stderr[-2000:]
     saved = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
     assert EVERY < max(saved) < STEPS, saved  # saved where it stopped, off the schedule
