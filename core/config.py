@@ -29,7 +29,7 @@ RESTART_SAFE_KEYS = (
 CHOICES = {
     'precision': ('float32', 'bfloat16'),
     'parallelism': ('jit', 'pmap'),
-    'optimizer.name': ('adamw', 'lamb'),
+    'optimizer.name': ('adamw', 'lamb', 'lars'),
     'optimizer.schedule': ('linear', 'cosine', 'constant'),
     'model.layer_norm': ('post', 'pre'),
     'model.activation': ('gelu', 'gelu_tanh', 'relu'),
@@ -48,7 +48,8 @@ POSITIVE = (
 )
 
 
-def _get(config, dotted: str):
+def get(config, dotted: str):
+    """config['a.b.c'] for a dotted key."""
     value = config
     for part in dotted.split('.'):
         value = value[part]
@@ -59,14 +60,14 @@ def check_common(config: ml_collections.ConfigDict) -> None:
     """Checks the keys every stage shares; raises ConfigError naming the first problem."""
     for key, allowed in CHOICES.items():
         try:
-            value = _get(config, key)
+            value = get(config, key)
         except KeyError:
             continue
         if value not in allowed:
             raise ConfigError(f'--config.{key}={value!r} is not one of {list(allowed)}')
     for key in POSITIVE:
-        if key in config and _get(config, key) <= 0:
-            raise ConfigError(f'--config.{key}={_get(config, key)} must be positive')
+        if key in config and get(config, key) <= 0:
+            raise ConfigError(f'--config.{key}={get(config, key)} must be positive')
     if config.warmup_steps < 0:
         raise ConfigError(f'--config.warmup_steps={config.warmup_steps} must be >= 0')
     if config.learning_rate < 0:

@@ -1,4 +1,5 @@
-"""Optimizer factory: optax AdamW (or LAMB) with warmup + decay and global-norm clipping."""
+"""Optimizer factory: optax AdamW, LAMB or LARS with warmup + decay and global-norm
+clipping."""
 
 import jax
 import optax
@@ -55,8 +56,20 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
             weight_decay=opt.weight_decay,
             mask=decay_mask,
         )
+    elif opt.name == 'lars':
+        # SimCLR's large-batch recipe: momentum SGD with a per-layer trust ratio; biases and
+        # LayerNorm parameters get neither weight decay nor the trust ratio.
+        core = optax.lars(
+            schedule,
+            weight_decay=opt.weight_decay,
+            weight_decay_mask=decay_mask,
+            trust_coefficient=opt.get('trust_coefficient', 0.001),
+            eps=0.0,
+            trust_ratio_mask=decay_mask,
+            momentum=opt.b1,
+        )
     else:
-        raise ValueError(f'optimizer.name={opt.name!r}; expected adamw or lamb')
+        raise ValueError(f'optimizer.name={opt.name!r}; expected adamw, lamb or lars')
     if opt.grad_clip_norm and opt.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core), schedule
     return core, schedule

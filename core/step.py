@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from core import sharding as sharding_lib
@@ -104,6 +105,7 @@ class JitStepper:
 
     def __init__(self, mesh: Mesh, state_shardings, loss_fn: LossFn, tx, schedule, accum_steps):
         self.mesh = mesh
+        self._param_shardings = state_shardings.params
         batch_sh = sharding_lib.batch_sharding(mesh)
         repl = sharding_lib.replicated(mesh)
         step = functools.partial(
@@ -140,6 +142,19 @@ class JitStepper:
     def evaluate(self, params, batch):
         with self._context():
             return self._eval(params, batch)
+
+    def map_batch(self, fn: Callable[[Any, dict], Any]) -> Callable[[Any, dict], Any]:
+        """`fn(params, batch) -> tree of [batch, ...]` as a sharded step whose result comes
+        back to every host whole, as NumPy (features for evaluation, say)."""
+        batch_sh = sharding_lib.batch_sharding(self.mesh)
+        jitted = jax.jit(fn, in_shardings=(self._param_shardings, batch_sh), out_shardings=batch_sh)
+
+        def run(params, batch):
+            with self._context():
+                out = jitted(params, batch)
+            return multihost_utils.process_allgather(out, tiled=True)
+
+        return run
 
     def lower_train(self, state, batch, rng):
         """AOT lowering of the train step (for cost and memory analysis)."""
@@ -201,6 +216,21 @@ class PmapStepper:
     def train(self, state, batch, rng):
         state, metrics = self._train(state, batch, rng)
         return state, jax.tree.map(lambda x: x[0], metrics)
+
+    def map_batch(self, fn: Callable[[Any, dict], Any]) -> Callable[[Any, dict], Any]:
+        """`fn(params, batch)` on every device's slice; the rows of all devices and hosts
+        come back to every host in batch order, as NumPy."""
+        mapped = jax.pmap(fn)
+
+        def run(params, batch):
+            out = jax.tree.map(
+                lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), mapped(params, batch)
+            )
+            if jax.process_count() > 1:
+                out = multihost_utils.process_allgather(out, tiled=True)
+            return out
+
+        return run
 
     def evaluate(self, params, batch):
         return jax.tree.map(lambda x: x[0], self._eval(params, batch))

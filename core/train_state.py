@@ -43,12 +43,13 @@ def state_shardings(init_params, tx, mesh: Mesh, rng: jax.Array):
     )
 
 
-def create_sharded_state(init_params, tx, mesh: Mesh, rng: jax.Array):
+def create_sharded_state(init_params, tx, mesh: Mesh, rng: jax.Array, shardings=None):
     """Initialises the state directly into its shardings: no device ever holds it whole.
 
     Returns (state, shardings).
     """
-    shardings = state_shardings(init_params, tx, mesh, rng)
+    if shardings is None:
+        shardings = state_shardings(init_params, tx, mesh, rng)
     init = _boxed_state(init_params, tx)
     # No logical-rules context here: `out_shardings` places the result, and the rules would
     # constrain DenseGeneral's flat initial kernels against their final (reshaped) names.
@@ -56,9 +57,10 @@ def create_sharded_state(init_params, tx, mesh: Mesh, rng: jax.Array):
     return state, shardings
 
 
-def abstract_state(init_params, tx, mesh: Mesh, rng: jax.Array):
+def abstract_state(init_params, tx, mesh: Mesh, rng: jax.Array, shardings=None):
     """ShapeDtypeStructs carrying the current mesh's shardings: the restore target."""
-    shardings = state_shardings(init_params, tx, mesh, rng)
+    if shardings is None:
+        shardings = state_shardings(init_params, tx, mesh, rng)
     shapes = jax.eval_shape(lambda r: nn.meta.unbox(_boxed_state(init_params, tx)(r)), rng)
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings

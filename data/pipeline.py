@@ -103,3 +103,31 @@ def most_frequent_token(docs: Sequence[str], tokenizer: WordPiece, limit: int = 
         counts += np.bincount(ids, minlength=tokenizer.vocab_size)
     counts[tokenizer.is_special] = 0
     return int(np.argmax(counts))
+
+
+def sentence_dataset(
+    texts: Sequence[str],
+    tokenize,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+    """Batches of single sentences, {'input_ids', 'input_mask': int32 [batch, seq_len]}, with
+    `tokenize` a `FixedLengthEncoder`. Shuffled and repeated for training; one in-order
+    pass (short last batch) otherwise."""
+    ds = grain.MapDataset.source(texts)[shard_index::shard_count]
+    if train:
+        ds = ds.shuffle(seed=seed).repeat()
+
+    def encode(text: str) -> dict[str, np.ndarray]:
+        ids = tokenize(text)
+        return {'input_ids': ids, 'input_mask': (ids != 0).astype(np.int32)}
+
+    ds = ds.map(encode).to_iter_dataset().batch(batch_size, drop_remainder=train)
+    if prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds

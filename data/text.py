@@ -54,6 +54,45 @@ def pydoc_topics() -> list[str]:
     return docs
 
 
+def pydoc_topic_paragraphs(
+    min_paragraphs: int = 20, min_words: int = 8
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """A labelled text task built from CPython's documentation: which topic (`help()`
+    page: 'assignment', 'calls', 'class', ...) a paragraph comes from. Paragraphs of at
+    least `min_words` words, from the topics with at least `min_paragraphs` of them.
+
+    Returns (paragraphs, labels int32 [N], topic names); topic i is labels == i."""
+    from pydoc_data.topics import topics
+
+    per_topic = {}
+    for name in sorted(topics):
+        paras = [' '.join(p.split()) for p in re.split(r'\n\s*\n', topics[name])]
+        paras = [p for p in paras if len(p.split()) >= min_words]
+        if len(paras) >= min_paragraphs:
+            per_topic[name] = paras
+    names = sorted(per_topic)
+    texts = [p for name in names for p in per_topic[name]]
+    labels = np.array([i for i, name in enumerate(names) for _ in per_topic[name]], np.int32)
+    return texts, labels, names
+
+
+_SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z(\'"])')
+
+
+def sentences(docs: Sequence[str], min_words: int = 5, max_words: int = 64) -> list[str]:
+    """Documents -> sentences (split after . ! ? before a capital), whitespace collapsed;
+    sentences of fewer than `min_words` words are dropped, longer ones than `max_words`
+    cut. The units SimCSE contrasts."""
+    out = []
+    for i in range(len(docs)):
+        for para in re.split(r'\n\s*\n', docs[i]):
+            for sent in _SENTENCE_END.split(' '.join(para.split())):
+                words = sent.split()
+                if len(words) >= min_words:
+                    out.append(' '.join(words[:max_words]))
+    return out
+
+
 def stdlib_docstrings() -> list[str]:
     """Docstrings of the standard library's pure-Python modules, one document per module
     (module, class and function docstrings in source order), parsed without importing."""

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
 
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
@@ -90,3 +90,29 @@ def train_wordpiece(
         f.writelines(token + '\n' for token, _ in vocab)
     os.replace(tmp, out_file)  # atomic: a crash never leaves a half-written vocabulary
     return WordPiece(out_file, lowercase)
+
+
+class FixedLengthEncoder:
+    """A sentence or caption -> int32 [seq_len]: [CLS] WordPiece ids [SEP], truncated to
+    fit, padded with 0 ([PAD]). Picklable, for multiprocess data loading."""
+
+    def __init__(self, wordpiece: WordPiece, seq_len: int):
+        if seq_len < 3:
+            raise ConfigError(
+                f'seq_len must be at least 3 ([CLS] a token [SEP]), found {seq_len}; '
+                'set --config.data.seq_len'
+            )
+        if wordpiece.pad_id != 0:
+            raise DataError(
+                f'vocabulary {wordpiece.vocab_file} has [PAD] at id {wordpiece.pad_id}; batches'
+                ' pad with 0 and mask the ids != 0, so [PAD] must be its first line'
+            )
+        self.wordpiece, self.seq_len = wordpiece, seq_len
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids = self.wordpiece.encode(text)[: self.seq_len - 2]
+        out = np.zeros(self.seq_len, np.int32)
+        out[0] = self.wordpiece.cls_id
+        out[1 : len(ids) + 1] = ids
+        out[len(ids) + 1] = self.wordpiece.sep_id
+        return out

@@ -1,14 +1,17 @@
-"""MLM pretraining, top to bottom: config -> mesh -> data -> model -> state -> restore ->
-loop (log, eval, checkpoint) -> final eval and summary."""
+"""Pretraining, top to bottom: config -> mesh -> task (data, model, loss, evaluators) ->
+state -> restore -> loop (log, eval, checkpoint) -> summary.
 
+One trainer serves every objective; a task module (`pretrain/mlm.py`, `simclr.py`,
+`clip.py`, `simcse.py`) says what is learned from what, and how it is evaluated.
+"""
+
+import importlib
 import json
 import os
-import shutil
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -24,10 +27,15 @@ from core import step as step_lib
 from core import train_state as state_lib
 from core.errors import UserError
 from core.watchdog import Watchdog
-from data import pipeline, text
-from data.tokenizer import WordPiece, train_wordpiece
-from models.bert import BertConfig, BertForMlm
-from pretrain.losses import mlm_loss_fn
+from pretrain.task import Runtime, Task
+
+# config.task -> the module that defines it (check_config, build).
+TASKS = {
+    'mlm': 'pretrain.mlm',
+    'simclr': 'pretrain.simclr',
+    'clip': 'pretrain.clip',
+    'simcse': 'pretrain.simcse',
+}
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -39,120 +47,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """MLM-specific checks (after the shared ones), before any data is read."""
-    config_lib.check_common(config)
-    d, m = config.data, config.model
-    if d.seq_len > m.max_len:
-        raise config_lib.ConfigError(
-            f'data.seq_len {d.seq_len} exceeds the position table model.max_len {m.max_len}; '
-            'lower data.seq_len or raise model.max_len'
-        )
-    if d.seq_len < 8:
-        raise config_lib.ConfigError(f'data.seq_len {d.seq_len} is too short (minimum 8)')
-    if not 0 < d.max_predictions <= d.seq_len - 2:
-        raise config_lib.ConfigError(
-            f'data.max_predictions {d.max_predictions} must be in [1, seq_len - 2 = '
-            f'{d.seq_len - 2}]'
-        )
-    if not 0.0 < d.mask_prob < 1.0:
-        raise config_lib.ConfigError(f'data.mask_prob {d.mask_prob} must be in (0, 1)')
-
-
-def make_tokenizer(config, workdir: str, train_docs) -> WordPiece:
-    """The run's vocabulary, saved as WORKDIR/vocab.txt. In order: the workdir's own (a
-    resumed run), `data.vocab_file`, the `init_from` run's, or one trained on the corpus."""
-    target = os.path.join(workdir, 'vocab.txt')
-    lowercase = config.data.lowercase
-    if jax.process_index() == 0 and not os.path.isfile(target):
-        init_vocab = os.path.join(config.init_from, 'vocab.txt') if config.init_from else ''
-        if config.data.vocab_file:
-            WordPiece(config.data.vocab_file, lowercase)  # fails clearly if unusable
-            shutil.copyfile(config.data.vocab_file, target)
-        elif init_vocab and os.path.isfile(init_vocab):
-            shutil.copyfile(init_vocab, target)
-        else:
-            logging.info('training a %d-token WordPiece vocabulary', config.model.vocab_size)
-            train_wordpiece(
-                (train_docs[i] for i in range(len(train_docs))),
-                config.model.vocab_size,
-                target,
-                lowercase,
-            )
-    _sync('vocab')
-    tokenizer = WordPiece(target, lowercase)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise config_lib.ConfigError(
-            f'the vocabulary {target} has {tokenizer.vocab_size} tokens but model.vocab_size is '
-            f'{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} '
-            '(or larger)'
-        )
-    return tokenizer
-
-
-def make_model(config) -> BertForMlm:
-    cfg = BertConfig.from_config(config.model)
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    return BertForMlm(BertConfig(**{**cfg.__dict__, 'dtype': dtype}))
-
-
-def dummy_batch(config, batch: int = 1) -> dict[str, jax.Array]:
-    seq, pred = config.data.seq_len, config.data.max_predictions
-    return {
-        'input_ids': jnp.zeros((batch, seq), jnp.int32),
-        'input_mask': jnp.ones((batch, seq), jnp.int32),
-        'segment_ids': jnp.zeros((batch, seq), jnp.int32),
-        'masked_positions': jnp.zeros((batch, pred), jnp.int32),
-        'masked_ids': jnp.zeros((batch, pred), jnp.int32),
-        'masked_weights': jnp.zeros((batch, pred), jnp.float32),
-    }
-
-
-def eval_batches(config, eval_docs, tokenizer, spec, per_host_batch: int) -> list[dict]:
-    """A fixed list of eval batches (the same every eval): `eval_steps` batches, each host
-    reading its own shard of the held-out documents, short ones padded with zero weight."""
-    ds = pipeline.mlm_dataset(
-        eval_docs,
-        tokenizer,
-        spec,
-        batch_size=per_host_batch,
-        seed=config.seed + 1,
-        train=False,
-        prefetch=0,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    batches = []
-    for batch in ds:
-        batches.append(pipeline.pad_batch(batch, per_host_batch))
-        if len(batches) == config.eval_steps:
-            break
-    empty = pipeline.pad_batch({k: v[:0] for k, v in batches[0].items()}, per_host_batch)
-    while len(batches) < config.eval_steps:  # every host runs the same number of steps
-        batches.append(empty)
-    return batches
-
-
-def evaluate(stepper, params, batches, baseline_token: int) -> dict[str, float]:
-    totals = None
-    for batch in batches:
-        sums = stepper.evaluate(params, stepper.put_batch(batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    denominator = max(float(totals.pop('denominator')), 1e-8)
-    result = {k: float(v) / denominator for k, v in totals.items()}
-    result['mlm_loss'] = result.pop('loss')
-    # The same baseline on every host's batches, summed over hosts for the global figure.
-    hits = sum(
-        float(((b['masked_ids'] == baseline_token) * b['masked_weights']).sum()) for b in batches
-    )
-    weight = sum(float(b['masked_weights'].sum()) for b in batches)
-    if jax.process_count() > 1:
-        hits, weight = multihost_utils.process_allgather(np.array([hits, weight])).sum(0)
-    result['most_frequent_token_accuracy'] = float(hits) / max(float(weight), 1e-8)
-    return result
-
-
 def _read_summary(workdir: str) -> dict:
     path = os.path.join(workdir, 'summary.json')
     if not os.path.isfile(path):
@@ -161,96 +55,100 @@ def _read_summary(workdir: str) -> dict:
         return json.load(f)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) MLM pretraining in `workdir`; returns the summary."""
-    started = time.time()
-    check_config(config)
-    is_main = jax.process_index() == 0
+def task_module(config):
+    if config.task not in TASKS:
+        raise config_lib.ConfigError(
+            f'--config.task={config.task!r} is not a pretraining task; expected one of '
+            f'{sorted(TASKS)}'
+        )
+    return importlib.import_module(TASKS[config.task])
 
-    # Mesh and step wrapping.
+
+def make_mesh(config) -> tuple[jax.sharding.Mesh, int]:
+    """(mesh, how many ways the global batch is split)."""
     if config.parallelism == 'pmap':
         if config.mesh.fsdp != 1 or config.mesh.tensor != 1:
             raise config_lib.ConfigError(
                 'parallelism=pmap is data parallel only; set mesh.fsdp=1 and mesh.tensor=1, '
                 'or use parallelism=jit for fsdp/tensor sharding'
             )
-        mesh = sharding_lib.make_mesh(devices=jax.local_devices()[:1])  # state built here
-        batch_shards = jax.device_count()
-    else:
-        try:
-            mesh = sharding_lib.mesh_from_config(config)
-        except ValueError as e:
-            raise config_lib.ConfigError(str(e)) from e
-        batch_shards = sharding_lib.batch_shards(mesh)
+        return sharding_lib.make_mesh(devices=jax.local_devices()[:1]), jax.device_count()
+    try:
+        mesh = sharding_lib.mesh_from_config(config)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    return mesh, sharding_lib.batch_shards(mesh)
+
+
+def restore_init_from(task: Task, state, abstract_params, init_from: str):
+    """init_from: params only, all of them or the task's chosen subtrees (an encoder)."""
+    if task.init_subtrees is None:
+        params, from_step = ckpt_lib.restore_params(init_from, abstract_params)
+        logging.info('initialised params from %s (step %d)', init_from, from_step)
+        return state.replace(params=params)
+    params = dict(state.params)
+    for ours, theirs in task.init_subtrees.items():
+        params[ours], from_step = ckpt_lib.restore_params(
+            init_from, abstract_params[ours], subtree=(theirs,)
+        )
+        logging.info('initialised %s from %s/%s (step %d)', ours, init_from, theirs, from_step)
+    return state.replace(params=params)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) pretraining of `config.task` in `workdir`; returns the summary."""
+    started = time.time()
+    module = task_module(config)
+    config_lib.check_common(config)
+    module.check_config(config)
+    is_main = jax.process_index() == 0
+
+    # Mesh and workdir.
+    mesh, batch_shards = make_mesh(config)
     config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
     config_lib.prepare_workdir(config, workdir, is_main)
     _sync('workdir')
 
-    # Data.
-    train_docs, eval_docs = text.load_corpus(config.data)
-    tokenizer = make_tokenizer(config, workdir, train_docs)
-    spec = pipeline.masking_spec(tokenizer, config.data)
-    per_host_batch = config.batch_size // jax.process_count()
-    train_ds = pipeline.mlm_dataset(
-        train_docs,
-        tokenizer,
-        spec,
-        batch_size=per_host_batch,
-        seed=config.seed,
-        prefetch=config.data.prefetch,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+    # Task: data, model, loss, evaluators.
+    runtime = Runtime(
+        mesh=mesh,
+        parallelism=config.parallelism,
+        per_host_batch=config.batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    train_iter = iter(train_ds)
-    baseline_token = pipeline.most_frequent_token(train_docs, tokenizer)
-    evals = eval_batches(config, eval_docs, tokenizer, spec, per_host_batch)
-    logging.info(
-        'data: %d train / %d eval documents, vocab %d, most frequent token %r',
-        len(train_docs),
-        len(eval_docs),
-        tokenizer.vocab_size,
-        tokenizer.decode([baseline_token]),
-    )
+    task = module.build(config, workdir, runtime)
+    train_iter = task.train_iter
 
-    # Model, optimizer and state.
-    model = make_model(config)
+    # Optimizer, state shardings and the step.
     tx, schedule = optim.make_optimizer(config)
-    rng = jax.random.key(config.seed)
-    init_rng, dropout_rng = jax.random.split(rng)
-    example = dummy_batch(config)
-
-    def init_params(r):
-        return model.init(r, example)['params']
-
-    loss_fn = mlm_loss_fn(model)
-    shardings = state_lib.state_shardings(init_params, tx, mesh, init_rng)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    shardings = state_lib.state_shardings(task.init_params, tx, mesh, init_rng)
     if config.parallelism == 'pmap':
-        stepper = step_lib.PmapStepper(loss_fn, tx, schedule, config.grad_accum_steps)
+        stepper = step_lib.PmapStepper(task.loss_fn, tx, schedule, config.grad_accum_steps)
     else:
         stepper = step_lib.JitStepper(
-            mesh, shardings, loss_fn, tx, schedule, config.grad_accum_steps
+            mesh, shardings, task.loss_fn, tx, schedule, config.grad_accum_steps
         )
 
     # How the run starts, in order: this workdir's own checkpoint (resume); else init_from
-    # (continued pretraining, params only); else from scratch.
+    # (params only); else from scratch.
     checkpointer = ckpt_lib.Checkpointer(
         workdir, every=config.checkpoint_every, keep=config.keep_checkpoints
     )
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     start_step = checkpointer.latest_step()
     if start_step is not None:
-        abstract = state_lib.abstract_state(init_params, tx, mesh, init_rng)
+        abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
         state = checkpointer.restore(start_step, abstract, train_iter)
         writer.truncate_after(start_step)
         logging.info('resumed from %s/%d', checkpointer.directory, start_step)
     else:
         start_step = 0
-        state, _ = state_lib.create_sharded_state(init_params, tx, mesh, init_rng)
+        state, _ = state_lib.create_sharded_state(task.init_params, tx, mesh, init_rng, shardings)
         if config.init_from:
-            abstract = state_lib.abstract_state(init_params, tx, mesh, init_rng)
-            params, from_step = ckpt_lib.restore_params(config.init_from, abstract.params)
-            state = state.replace(params=params)
-            logging.info('initialised params from %s (step %d)', config.init_from, from_step)
+            abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
+            state = restore_init_from(task, state, abstract.params, config.init_from)
     num_params = state_lib.count_params(state.params)
     logging.info(
         'model: %.2fM parameters; mesh %s; %s over %d devices, %d processes',
@@ -263,25 +161,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step >= config.total_steps:
         logging.info('the run in %s is already complete (step %d)', workdir, start_step)
         checkpointer.close()
+        task.close()
         return _read_summary(workdir)
     state = stepper.put_state(state)
-
-    m = config.model
-    flops_per_step = flops_lib.mlm_train_flops(
-        config.batch_size,
-        config.data.seq_len,
-        config.data.max_predictions,
-        m.hidden_size,
-        m.num_layers,
-        m.mlp_dim,
-        m.vocab_size,
-    )
     peak = flops_lib.peak_flops_per_device(config.peak_tflops)
 
     eval_history = []
 
     def run_eval(step: int) -> None:
-        result = evaluate(stepper, state.params, evals, baseline_token)
+        result = task.evaluate(stepper, state.params)
         writer.write(step, 'eval', result)
         eval_history.append({'step': step, **result})
         logging.info(
@@ -315,10 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         per_step, eta = progress.update(step)
         rows['examples_per_sec'] = config.batch_size / per_step
-        rows['tokens_per_sec'] = config.batch_size * config.data.seq_len / per_step
+        if task.tokens_per_example:
+            rows['tokens_per_sec'] = config.batch_size * task.tokens_per_example / per_step
         rows['step_time_ms'] = per_step * 1e3
-        if peak:
-            rows['mfu'] = flops_per_step / per_step / (peak * jax.device_count())
+        if peak and task.flops_per_step:
+            rows['mfu'] = task.flops_per_step / per_step / (peak * jax.device_count())
         writer.write(step, 'train', rows)
         progress.log(step, rows, eta)
         pending, last_logged = [], step
@@ -355,25 +244,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         signal.signal(signal.SIGTERM, previous_handler)
         if hasattr(train_iter, 'close'):
             train_iter.close()
+        task.close()
 
     summary = {
         'stage': 'pretrain',
-        'task': 'mlm',
+        'task': task.name,
         'steps': int(step),
         'completed': not preempted and step == config.total_steps,
         'num_params': num_params,
-        'flops_per_step': flops_per_step,
+        'flops_per_step': task.flops_per_step,
         'wall_time_sec': time.time() - started,
     }
     if eval_history:
-        final, best = eval_history[-1], max(eval_history, key=lambda r: r['mlm_accuracy'])
-        summary.update(
-            final_mlm_accuracy=final['mlm_accuracy'],
-            final_mlm_loss=final['mlm_loss'],
-            best_mlm_accuracy=best['mlm_accuracy'],
-            best_step=best['step'],
-            most_frequent_token_accuracy=final['most_frequent_token_accuracy'],
-        )
+        final = eval_history[-1]
+        best = max(eval_history, key=lambda r: r.get(task.metric, -np.inf))
+        summary.update({f'final_{k}': v for k, v in final.items() if k != 'step'})
+        summary.update({f'best_{task.metric}': best.get(task.metric), 'best_step': best['step']})
+        summary.update(task.summary_extras(final))
     if not preempted:
         writer.write_summary(summary)
     writer.close()

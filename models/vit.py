@@ -1,0 +1,157 @@
+"""Vision Transformer: image patches become a sequence, and the shared `Encoder` reads it.
+
+Parameter tree of `VisionEncoder` (what fine-tuning restores):
+  patch_embed/kernel  [patch, patch, channels, hidden]   (a stride-`patch` convolution)
+  patch_embed/bias    [hidden]
+  cls                 [hidden]                           (when pooling == 'cls')
+  pos_embedding       [num_tokens, hidden]               (cls first, then patches row-major)
+  encoder/            pre-LN layers and the final LayerNorm
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from models.encoder import Encoder, dense_init, zeros_init
+
+# (hidden_size, num_layers, num_heads, mlp_dim) of the standard ViT sizes (Dosovitskiy et
+# al. 2021; Ti and S from DeiT).
+VIT_SIZES = {
+    'ti': (192, 12, 3, 768),
+    's': (384, 12, 6, 1536),
+    'b': (768, 12, 12, 3072),
+    'l': (1024, 24, 16, 4096),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VitConfig:
+    """Architecture of a ViT image encoder (the `model.*` config keys)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    activation: str = 'gelu'
+    layer_norm_eps: float = 1e-6
+    pooling: str = 'cls'  # cls | gap (mean over patches)
+    remat: str = 'none'
+    dtype: str = 'float32'
+
+    @classmethod
+    def from_config(cls, model_config, **overrides) -> 'VitConfig':
+        """Builds from a `config.model` ConfigDict (extra keys there are ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(model_config).items() if k in fields}
+        return cls(**{**values, **overrides})
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2 + (self.pooling == 'cls')
+
+
+class PatchEmbed(nn.Module):
+    """[batch, H, W, C] -> [batch, (H/p) * (W/p), hidden]: non-overlapping p x p patches,
+    each mapped linearly (a stride-p convolution written as one einsum)."""
+
+    patch_size: int
+    hidden_size: int
+    dtype: str = 'float32'
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        b, h, w, c = images.shape
+        if h % p or w % p:
+            raise ValueError(f'image size {h}x{w} is not divisible by patch_size {p}')
+        kernel = self.param(
+            'kernel', dense_init(None, None, None, 'embed'), (p, p, c, self.hidden_size)
+        )
+        bias = self.param('bias', zeros_init('embed'), (self.hidden_size,))
+        x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        x = jnp.einsum('bypxqc,pqce->byxe', x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        return x.reshape(b, (h // p) * (w // p), self.hidden_size)
+
+
+class VisionEncoder(nn.Module):
+    """The ViT backbone: patches + (cls token) + learned positions, then the pre-LN
+    `Encoder`. Returns every token, [batch, num_tokens, hidden]; `pool` picks the image
+    representation."""
+
+    cfg: VitConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """images: [batch, image_size, image_size, channels], float in [0, 1]."""
+        cfg = self.cfg
+        if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+            raise ValueError(
+                f'images of shape {images.shape[1:]} for a ViT of image_size '
+                f'{cfg.image_size} and {cfg.channels} channels'
+            )
+        # Inputs scaled to [-1, 1] as in big_vision's ViT recipes.
+        x = PatchEmbed(cfg.patch_size, cfg.hidden_size, cfg.dtype, name='patch_embed')(
+            images * 2.0 - 1.0
+        )
+        if cfg.pooling == 'cls':
+            cls = self.param('cls', zeros_init('embed'), (cfg.hidden_size,))
+            cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
+            x = jnp.concatenate([cls, x], axis=1)
+        pos = self.param(
+            'pos_embedding', dense_init(None, 'embed'), (cfg.num_tokens, cfg.hidden_size)
+        )
+        x = x + pos[None].astype(x.dtype)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+        return Encoder(
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            mlp_dim=cfg.mlp_dim,
+            dropout_rate=cfg.dropout_rate,
+            attention_dropout_rate=cfg.attention_dropout_rate,
+            activation=cfg.activation,
+            layer_norm='pre',
+            layer_norm_eps=cfg.layer_norm_eps,
+            remat=cfg.remat,
+            dtype=cfg.dtype,
+            name='encoder',
+        )(x, None, deterministic)
+
+
+def pool(tokens: jax.Array, pooling: str) -> jax.Array:
+    """[batch, tokens, hidden] -> [batch, hidden]: the cls token, or the mean of all."""
+    if pooling == 'cls':
+        return tokens[:, 0]
+    if pooling == 'gap':
+        return jnp.mean(tokens, axis=1)
+    raise ValueError(f'model.pooling={pooling!r}; expected cls or gap')
+
+
+def interpolate_pos_embedding(
+    pos: np.ndarray, old_grid: int, new_grid: int, has_cls: bool
+) -> np.ndarray:
+    """Resizes a learned position table to another patch grid (bicubic over the 2-D grid),
+    so a ViT pretrained at one image size fine-tunes at another. pos: [tokens, hidden]."""
+    cls, grid = (pos[:1], pos[1:]) if has_cls else (pos[:0], pos)
+    if grid.shape[0] != old_grid**2:
+        raise ValueError(
+            f'position table of {grid.shape[0]} patch rows does not match a {old_grid}x'
+            f'{old_grid} grid'
+        )
+    hidden = grid.shape[-1]
+    grid = jnp.asarray(grid, jnp.float32).reshape(old_grid, old_grid, hidden)
+    resized = jax.image.resize(grid, (new_grid, new_grid, hidden), method='bicubic')
+    resized = np.asarray(resized.reshape(new_grid * new_grid, hidden), pos.dtype)
+    return np.concatenate([np.asarray(cls), resized], axis=0)

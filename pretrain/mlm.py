@@ -1,0 +1,191 @@
+"""BERT masked-language modelling as a pretraining task: the corpus, the WordPiece
+vocabulary, masking, `BertForMlm` and its masked-token evaluation."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from core import config as config_lib
+from core import flops as flops_lib
+from data import pipeline, text
+from data.tokenizer import WordPiece, train_wordpiece
+from models.bert import BertConfig, BertForMlm
+from pretrain.losses import mlm_loss_fn
+from pretrain.task import Runtime, Task
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """MLM-specific checks (after the shared ones), before any data is read."""
+    d, m = config.data, config.model
+    if d.seq_len > m.max_len:
+        raise config_lib.ConfigError(
+            f'data.seq_len {d.seq_len} exceeds the position table model.max_len {m.max_len}; '
+            'lower data.seq_len or raise model.max_len'
+        )
+    if d.seq_len < 8:
+        raise config_lib.ConfigError(f'data.seq_len {d.seq_len} is too short (minimum 8)')
+    if not 0 < d.max_predictions <= d.seq_len - 2:
+        raise config_lib.ConfigError(
+            f'data.max_predictions {d.max_predictions} must be in [1, seq_len - 2 = '
+            f'{d.seq_len - 2}]'
+        )
+    if not 0.0 < d.mask_prob < 1.0:
+        raise config_lib.ConfigError(f'data.mask_prob {d.mask_prob} must be in (0, 1)')
+
+
+def make_tokenizer(
+    config, workdir: str, train_docs, vocab_key: str = 'model.vocab_size'
+) -> WordPiece:
+    """The run's vocabulary, saved as WORKDIR/vocab.txt. In order: the workdir's own (a
+    resumed run), `data.vocab_file`, the `init_from` run's, or one trained on the corpus
+    (at most the config's `vocab_key` tokens)."""
+    vocab_size = config_lib.get(config, vocab_key)
+    target = os.path.join(workdir, 'vocab.txt')
+    lowercase = config.data.lowercase
+    if jax.process_index() == 0 and not os.path.isfile(target):
+        init_vocab = os.path.join(config.init_from, 'vocab.txt') if config.init_from else ''
+        if config.data.vocab_file:
+            WordPiece(config.data.vocab_file, lowercase)  # fails clearly if unusable
+            shutil.copyfile(config.data.vocab_file, target)
+        elif init_vocab and os.path.isfile(init_vocab):
+            shutil.copyfile(init_vocab, target)
+        else:
+            logging.info('training a %d-token WordPiece vocabulary', vocab_size)
+            train_wordpiece(
+                (train_docs[i] for i in range(len(train_docs))),
+                vocab_size,
+                target,
+                lowercase,
+            )
+    _sync('vocab')
+    tokenizer = WordPiece(target, lowercase)
+    if tokenizer.vocab_size > vocab_size:
+        raise config_lib.ConfigError(
+            f'the vocabulary {target} has {tokenizer.vocab_size} tokens but {vocab_key} is '
+            f'{vocab_size}; set --config.{vocab_key}={tokenizer.vocab_size} (or larger)'
+        )
+    return tokenizer
+
+
+def make_model(config) -> BertForMlm:
+    cfg = BertConfig.from_config(config.model)
+    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
+    return BertForMlm(BertConfig(**{**cfg.__dict__, 'dtype': dtype}))
+
+
+def dummy_batch(config, batch: int = 1) -> dict[str, jax.Array]:
+    seq, pred = config.data.seq_len, config.data.max_predictions
+    return {
+        'input_ids': jnp.zeros((batch, seq), jnp.int32),
+        'input_mask': jnp.ones((batch, seq), jnp.int32),
+        'segment_ids': jnp.zeros((batch, seq), jnp.int32),
+        'masked_positions': jnp.zeros((batch, pred), jnp.int32),
+        'masked_ids': jnp.zeros((batch, pred), jnp.int32),
+        'masked_weights': jnp.zeros((batch, pred), jnp.float32),
+    }
+
+
+def eval_batches(config, eval_docs, tokenizer, spec, per_host_batch: int) -> list[dict]:
+    """A fixed list of eval batches (the same every eval): `eval_steps` batches, each host
+    reading its own shard of the held-out documents, short ones padded with zero weight."""
+    ds = pipeline.mlm_dataset(
+        eval_docs,
+        tokenizer,
+        spec,
+        batch_size=per_host_batch,
+        seed=config.seed + 1,
+        train=False,
+        prefetch=0,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    batches = []
+    for batch in ds:
+        batches.append(pipeline.pad_batch(batch, per_host_batch))
+        if len(batches) == config.eval_steps:
+            break
+    empty = pipeline.pad_batch({k: v[:0] for k, v in batches[0].items()}, per_host_batch)
+    while len(batches) < config.eval_steps:  # every host runs the same number of steps
+        batches.append(empty)
+    return batches
+
+
+def evaluate(stepper, params, batches, baseline_token: int) -> dict[str, float]:
+    totals = None
+    for batch in batches:
+        sums = stepper.evaluate(params, stepper.put_batch(batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    denominator = max(float(totals.pop('denominator')), 1e-8)
+    result = {k: float(v) / denominator for k, v in totals.items()}
+    result['mlm_loss'] = result.pop('loss')
+    # The same baseline on every host's batches, summed over hosts for the global figure.
+    hits = sum(
+        float(((b['masked_ids'] == baseline_token) * b['masked_weights']).sum()) for b in batches
+    )
+    weight = sum(float(b['masked_weights'].sum()) for b in batches)
+    if jax.process_count() > 1:
+        hits, weight = multihost_utils.process_allgather(np.array([hits, weight])).sum(0)
+    result['most_frequent_token_accuracy'] = float(hits) / max(float(weight), 1e-8)
+    return result
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
+    train_docs, eval_docs = text.load_corpus(config.data)
+    tokenizer = make_tokenizer(config, workdir, train_docs)
+    spec = pipeline.masking_spec(tokenizer, config.data)
+    train_ds = pipeline.mlm_dataset(
+        train_docs,
+        tokenizer,
+        spec,
+        batch_size=runtime.per_host_batch,
+        seed=config.seed,
+        prefetch=config.data.prefetch,
+        shard_index=runtime.process_index,
+        shard_count=runtime.process_count,
+    )
+    baseline_token = pipeline.most_frequent_token(train_docs, tokenizer)
+    evals = eval_batches(config, eval_docs, tokenizer, spec, runtime.per_host_batch)
+    logging.info(
+        'data: %d train / %d eval documents, vocab %d, most frequent token %r',
+        len(train_docs),
+        len(eval_docs),
+        tokenizer.vocab_size,
+        tokenizer.decode([baseline_token]),
+    )
+    model = make_model(config)
+    example = dummy_batch(config)
+    m = config.model
+    return Task(
+        name='mlm',
+        model=model,
+        init_params=lambda rng: model.init(rng, example)['params'],
+        loss_fn=mlm_loss_fn(model),
+        train_iter=iter(train_ds),
+        evaluate=lambda stepper, params: evaluate(stepper, params, evals, baseline_token),
+        metric='mlm_accuracy',
+        flops_per_step=flops_lib.mlm_train_flops(
+            config.batch_size,
+            config.data.seq_len,
+            config.data.max_predictions,
+            m.hidden_size,
+            m.num_layers,
+            m.mlp_dim,
+            m.vocab_size,
+        ),
+        tokens_per_example=config.data.seq_len,
+        summary_extras=lambda final: {
+            'most_frequent_token_accuracy': final['most_frequent_token_accuracy']
+        },
+    )

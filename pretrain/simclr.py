@@ -1,0 +1,185 @@
+"""SimCLR (Chen et al. 2020) as a pretraining task: two augmented views of every image,
+a ViT + projection MLP, NT-Xent over the global batch; evaluated by k-NN and a linear
+probe on the frozen backbone features of a labelled split."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from core import config as config_lib
+from core import flops as flops_lib
+from data import augment as augment_lib
+from data import images as images_lib
+from models.contrastive import SimClrModel
+from models.vit import VitConfig
+from pretrain import contrastive, evaluators
+from pretrain.task import Runtime, Task
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    check_vit(config.model)
+    if config.loss.temperature <= 0:
+        raise config_lib.ConfigError(
+            f'--config.loss.temperature={config.loss.temperature} must be positive'
+        )
+    try:
+        augment_lib.AugmentConfig.from_config(config.augment)
+    except ValueError as e:
+        raise config_lib.ConfigError(f'config.augment: {e}') from e
+
+
+def check_vit(m) -> None:
+    """Image size, patch size and channels must make a whole grid of patches."""
+    if m.image_size <= 0 or m.patch_size <= 0 or m.image_size % m.patch_size:
+        raise config_lib.ConfigError(
+            f'model.image_size {m.image_size} must be a positive multiple of model.patch_size '
+            f'{m.patch_size}'
+        )
+    if m.channels not in (1, 3):
+        raise config_lib.ConfigError(f'model.channels={m.channels}; expected 1 or 3')
+    if m.pooling not in ('cls', 'gap'):
+        raise config_lib.ConfigError(f'model.pooling={m.pooling!r}; expected cls or gap')
+
+
+def vit_config(config) -> VitConfig:
+    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
+    return VitConfig.from_config(config.model, dtype=dtype)
+
+
+def vit_train_flops(vit: VitConfig, images: int, head_flops_per_image: float = 0.0) -> float:
+    """Forward x 3 matmul FLOPs of a ViT over `images` images (patch embedding included)."""
+    patch = 2 * images * vit.grid**2 * vit.patch_size**2 * vit.channels * vit.hidden_size
+    encoder = flops_lib.encoder_forward_flops(
+        images, vit.num_tokens, vit.hidden_size, vit.num_layers, vit.mlp_dim
+    )
+    return 3.0 * (patch + encoder + images * head_flops_per_image)
+
+
+def projection_flops(hidden: int, proj_hidden: int, proj_dim: int, layers: int) -> float:
+    dims = [hidden] + [proj_hidden] * (layers - 1) + [proj_dim]
+    return float(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:])))
+
+
+def global_loss(local_loss, runtime: Runtime, num_batched: int):
+    """A local contrastive loss made global: under jit, one shard_map over the batch axes
+    of the mesh; under pmap, the pmap device axis."""
+    if runtime.pmap_axis is not None:
+        axis = runtime.pmap_axis
+        return lambda *args: local_loss(*args, axis_name=axis)
+    return contrastive.on_mesh(local_loss, runtime.mesh, num_batched)
+
+
+def simclr_loss_fn(model: SimClrModel, aug: augment_lib.AugmentConfig, temperature: float, runtime):
+    """loss_fn(params, batch, rng, train): batch['image'] uint8 [batch, S, S, C]."""
+
+    def local(z1, z2, axis_name):
+        return contrastive.nt_xent(z1, z2, temperature, axis_name)
+
+    loss = global_loss(local, runtime, 2)
+
+    def loss_fn(params, batch, rng, train: bool):
+        aug_rng, dropout_rng = jax.random.split(rng)
+        images = batch['image'].astype(jnp.float32) / 255.0
+        view1, view2 = augment_lib.two_views(aug_rng, images, aug)
+        z = model.apply(
+            {'params': params},
+            jnp.concatenate([view1, view2]),
+            deterministic=not train,
+            rngs={'dropout': dropout_rng},
+        )  # [2 * batch, proj_dim]
+        z = contrastive.l2_normalize(z)
+        n = images.shape[0]
+        sums = loss(z[:n], z[n:])
+        return sums['loss'], {'accuracy': sums['accuracy'], 'denominator': sums['count']}
+
+    return loss_fn
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
+    del workdir
+    m = config.model
+    vit = vit_config(config)
+    train_source, eval_source = images_lib.image_splits(config.data, m.image_size, m.channels)
+    train_ds = images_lib.image_dataset(
+        train_source,
+        batch_size=runtime.per_host_batch,
+        seed=config.seed,
+        train=True,
+        shard_index=runtime.process_index,
+        shard_count=runtime.process_count,
+        prefetch=config.data.prefetch,
+    )
+    model = SimClrModel(vit, m.proj_hidden, m.proj_dim, m.proj_layers)
+    aug = augment_lib.AugmentConfig.from_config(config.augment)
+    loss_fn = simclr_loss_fn(model, aug, config.loss.temperature, runtime)
+
+    loss_batches = evaluators.fixed_batches(
+        lambda **kw: images_lib.image_dataset(eval_source, **kw),
+        len(eval_source),
+        runtime,
+        full_only=True,
+    )[: config.eval_steps]
+    if not loss_batches:
+        logging.warning(
+            'the eval split (%d images) is smaller than one batch of %d: the held-out '
+            'contrastive loss is not computed (k-NN and linear probe still are)',
+            len(eval_source),
+            config.batch_size,
+        )
+    probe = None
+    num_classes = images_lib.num_classes(train_source)
+    if num_classes > 1:
+        probe_train = evaluators.probe_subset(train_source, config.eval.probe_train_examples)
+        probe = evaluators.FeatureProbe(
+            lambda params, batch: model.apply(
+                {'params': params}, batch['image'].astype(jnp.float32) / 255.0, method='features'
+            ),
+            evaluators.image_batches(probe_train, runtime),
+            evaluators.image_batches(eval_source, runtime),
+            num_classes=num_classes,
+            knn_k=config.eval.knn_k,
+            knn_temperature=config.eval.knn_temperature,
+            probe_l2=config.eval.probe_l2 or None,
+            few_shot=config.eval.few_shot,
+        )
+        logging.info(
+            'probe: %d train / %d test labelled images', len(probe_train), len(eval_source)
+        )
+    else:
+        logging.warning('the images carry no labels: k-NN and linear probe are not computed')
+
+    def evaluate(stepper, params) -> dict[str, float]:
+        result = {}
+        if loss_batches:
+            sums = evaluators.summed_loss(stepper, params, loss_batches)
+            result.update(contrastive_loss=sums['loss'], contrastive_accuracy=sums['accuracy'])
+        if probe is not None:
+            result.update(probe(stepper, params))
+        return result
+
+    example = jnp.zeros((1, m.image_size, m.image_size, m.channels), jnp.float32)
+    logging.info(
+        'data: %d train / %d eval images of %dx%dx%d, %d classes',
+        len(train_source),
+        len(eval_source),
+        m.image_size,
+        m.image_size,
+        m.channels,
+        num_classes,
+    )
+    return Task(
+        name='simclr',
+        model=model,
+        init_params=lambda rng: model.init(rng, example)['params'],
+        loss_fn=loss_fn,
+        train_iter=iter(train_ds),
+        evaluate=evaluate,
+        metric='linear_probe_accuracy' if probe is not None else 'contrastive_accuracy',
+        flops_per_step=vit_train_flops(
+            vit,
+            2 * config.batch_size,
+            projection_flops(m.hidden_size, m.proj_hidden, m.proj_dim, m.proj_layers),
+        ),
+        init_subtrees={'backbone': 'backbone'},
+    )

@@ -1,0 +1,54 @@
+"""What a pretraining objective hands the shared trainer (`pretrain/train.py`).
+
+A task module (`mlm`, `simclr`, `clip`, `simcse`) has `check_config(config)` (its own
+start-up checks) and `build(config, workdir, runtime) -> Task`: the data, the model, the
+pure loss function and the evaluators. The trainer owns everything else (mesh, state,
+restore order, loop, checkpoints, metrics), so every objective runs the same way.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from core import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where the run happens, as a task needs to know it."""
+
+    mesh: Mesh  # the step's mesh (pmap: one device, where the state is built)
+    parallelism: str  # jit | pmap
+    per_host_batch: int
+    process_index: int
+    process_count: int
+
+    @property
+    def pmap_axis(self) -> str | None:
+        """The device axis a loss reduces over under pmap (None under jit)."""
+        return step_lib.PmapStepper.axis if self.parallelism == 'pmap' else None
+
+
+# evaluate(stepper, params) -> {metric: value}; runs on every host, returns global figures.
+Evaluator = Callable[[Any, Any], dict[str, float]]
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    model: nn.Module
+    init_params: Callable[[jax.Array], Any]  # rng -> params (boxed with logical names)
+    loss_fn: step_lib.LossFn
+    train_iter: Iterator[dict]  # host-local batches; checkpointable (Grain)
+    evaluate: Evaluator
+    metric: str  # the eval metric that picks the best step (higher is better)
+    flops_per_step: float = 0.0  # model FLOPs of one training step, for MFU (0: unknown)
+    tokens_per_example: int = 0  # for tokens_per_sec (text tasks)
+    # init_from: which saved params subtree goes where, {ours: theirs}; None: all params.
+    init_subtrees: dict[str, str] | None = None
+    summary_extras: Callable[[dict], dict] = lambda final: {}
+    close: Callable[[], None] = lambda: None
