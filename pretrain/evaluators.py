@@ -46,13 +46,18 @@ def fixed_batches(
         shard_count=runtime.process_count,
         prefetch=0,
     )
-    batches = []
+    batches, seen = [], 0
     for batch in ds:
         if len(batches) == count:
             break
         rows = len(next(iter(batch.values())))
         if full_only and rows < per_host:
             break
+        # Global position of each row: the host's shard is items [process_index::count].
+        batch = dict(
+            batch, index=runtime.process_index + runtime.process_count * (seen + np.arange(rows))
+        )
+        seen += rows
         batches.append(pad_rows(batch, per_host))
     while len(batches) < count:  # a shorter shard: empty batches keep the hosts in step
         empty = {k: v[:0] for k, v in batches[-1].items() if k != 'valid'}
@@ -85,6 +90,7 @@ def array_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]
     """Host-side arrays (all rows, every host) -> this host's padded batches of its rows
     (rows i with i % process_count == process_index), the same count on every host."""
     n = len(next(iter(arrays.values())))
+    arrays = dict(arrays, index=np.arange(n))
     mine = {k: v[runtime.process_index :: runtime.process_count] for k, v in arrays.items()}
     per_host = runtime.per_host_batch
     count = math.ceil(math.ceil(n / runtime.process_count) / per_host)
@@ -129,6 +135,7 @@ class FeatureProbe:
             return {
                 'features': features_fn(params, batch),
                 'label': batch['label'],
+                'index': batch['index'],
                 'valid': batch['valid'],
             }
 
@@ -139,10 +146,11 @@ class FeatureProbe:
         if self._run is None:
             self._run = stepper.map_batch(self._fn)
         outs = [self._run(params, stepper.put_batch(b)) for b in batches]
-        feats = np.concatenate([o['features'] for o in outs])
-        labels = np.concatenate([o['label'] for o in outs])
-        valid = np.concatenate([o['valid'] for o in outs]).astype(bool)
-        return feats[valid], labels[valid]
+        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        valid = cat['valid'].astype(bool)
+        # In dataset order, whatever the host count: the probes do not depend on it.
+        order = np.argsort(cat['index'][valid], kind='stable')
+        return cat['features'][valid][order], cat['label'][valid][order]
 
     def __call__(self, stepper, params) -> dict[str, float]:
         train_x, train_y = self.features(stepper, params, self.train_batches)

@@ -67,9 +67,10 @@ def simcse_loss_fn(model: SimCseModel, temperature: float, runtime: Runtime):
     loss = simclr.global_loss(local, runtime, 2)
 
     def loss_fn(params, batch, rng, train: bool):
+        del train  # dropout makes the views, so it is on in eval too (with the eval rng)
         twice = {k: jnp.concatenate([batch[k], batch[k]]) for k in ('input_ids', 'input_mask')}
         # One forward pass over [batch; batch]: every row draws its own dropout mask.
-        z = model.apply({'params': params}, twice, deterministic=not train, rngs={'dropout': rng})
+        z = model.apply({'params': params}, twice, deterministic=False, rngs={'dropout': rng})
         z = contrastive.l2_normalize(z)
         n = batch['input_ids'].shape[0]
         sums = loss(z[:n], z[n:])
