@@ -17,6 +17,8 @@ import sys
 
 STAGES = {
     'pretrain': 'pretrain.main',
+    'finetune': 'finetune.main',
+    'evaluate': 'finetune.evaluate',
 }
 
 

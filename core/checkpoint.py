@@ -18,16 +18,40 @@ from core.errors import CheckpointError
 
 
 class Checkpointer:
-    """WORKDIR/checkpoints/<step>/{state,data,config}."""
+    """WORKDIR/checkpoints/<step>/{state,data,config}.
 
-    def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    Keeps the last `keep` steps plus, with `best_metric`, the step whose eval scored
+    highest on it (saves carry the eval figures of their step).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        every: int,
+        keep: int,
+        async_save: bool = True,
+        best_metric: str | None = None,
+    ):
         self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+        self.best_metric = best_metric
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        if best_metric:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
-            max_to_keep=keep,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
             create=True,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode='max',
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -42,14 +66,23 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, config, force: bool = False) -> bool:
-        """Starts an (async) save if `step` is due (or `force`); returns whether it did."""
+    def best_step(self) -> int | None:
+        """The kept step with the highest `best_metric` (None without one)."""
+        return self.manager.best_step() if self.best_metric else None
+
+    def save(
+        self, step: int, state, data_iterator, config, force: bool = False, metrics=None
+    ) -> bool:
+        """Starts an (async) save if `step` is due (or `force`); returns whether it did.
+        `metrics`: the eval figures of this step, for best-checkpoint tracking."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config.to_dict()),
         )
-        saved = self.manager.save(step, args=args, force=force)
+        if metrics is not None and self.best_metric not in metrics:
+            metrics = None
+        saved = self.manager.save(step, args=args, force=force, metrics=metrics)
         if saved:
             logging.info('checkpoint: saving step %d to %s', step, self.directory)
         return saved
@@ -91,12 +124,9 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
     )
 
 
-def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
-    """Restores only the parameters (no optimizer state) from the checkpoint at `path`.
-
-    `subtree` selects a part of the saved params (e.g. ('backbone',)) to restore into
-    `abstract_params`. Differing paths or shapes raise a CheckpointError listing them.
-    """
+def saved_params_metadata(path: str, *subtree: str):
+    """The tree of saved parameter metadata (shapes, dtypes) under params/<subtree...> of
+    the checkpoint at `path`, read without loading any array."""
     directory, step = resolve_checkpoint(path)
     state_dir = os.path.join(directory, str(step), 'state')
     saved = ocp.StandardCheckpointer().metadata(state_dir)
@@ -106,9 +136,21 @@ def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
         if key not in saved_params:
             raise CheckpointError(
                 f'checkpoint {state_dir} has no params/{"/".join(subtree)} '
-                f'(top-level: {sorted(saved_params)})'
+                f'(top-level: {sorted(saved_params)}); set --config.init_subtree to one of them'
             )
         saved_params = saved_params[key]
+    return saved_params
+
+
+def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
+    """Restores only the parameters (no optimizer state) from the checkpoint at `path`.
+
+    `subtree` selects a part of the saved params (e.g. ('backbone',)) to restore into
+    `abstract_params`. Differing paths or shapes raise a CheckpointError listing them.
+    """
+    directory, step = resolve_checkpoint(path)
+    state_dir = os.path.join(directory, str(step), 'state')
+    saved_params = saved_params_metadata(path, *subtree)
     check_same_structure(saved_params, abstract_params, state_dir)
 
     target = {'params': abstract_params}

@@ -24,6 +24,7 @@ RESTART_SAFE_KEYS = (
     'peak_tflops',
     'data.prefetch',
     'init_from',
+    'early_stopping_patience',
 )
 
 CHOICES = {
@@ -34,6 +35,7 @@ CHOICES = {
     'model.layer_norm': ('post', 'pre'),
     'model.activation': ('gelu', 'gelu_tanh', 'relu'),
     'model.remat': ('none', 'dots', 'full'),
+    'task_type': ('classification', 'regression'),
 }
 
 POSITIVE = (

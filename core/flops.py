@@ -37,6 +37,15 @@ def mlm_train_flops(
     return 3.0 * (encoder_forward_flops(batch, seq_len, hidden, layers, mlp) + head)
 
 
+def vit_train_flops(vit, images: int, head_flops_per_image: float = 0.0) -> float:
+    """Forward x 3 matmul FLOPs of a ViT over `images` images (patch embedding included)."""
+    patch = 2 * images * vit.grid**2 * vit.patch_size**2 * vit.channels * vit.hidden_size
+    encoder = encoder_forward_flops(
+        images, vit.num_tokens, vit.hidden_size, vit.num_layers, vit.mlp_dim
+    )
+    return 3.0 * (patch + encoder + images * head_flops_per_image)
+
+
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
     """Peak FLOP/s of one local device, or None when unknown (e.g. CPU without override)."""
     if override_tflops:

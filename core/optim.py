@@ -1,6 +1,9 @@
 """Optimizer factory: optax AdamW, LAMB or LARS with warmup + decay and global-norm
 clipping."""
 
+import re
+from collections.abc import Callable
+
 import jax
 import optax
 
@@ -70,6 +73,71 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
         )
     else:
         raise ValueError(f'optimizer.name={opt.name!r}; expected adamw, lamb or lars')
+    parts = [core]
     if opt.grad_clip_norm and opt.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core), schedule
-    return core, schedule
+        parts.insert(0, optax.clip_by_global_norm(opt.grad_clip_norm))
+    scale = transfer_scale_fn(config)
+    if scale is not None:
+        # Frozen parameters' gradients are zeroed before clipping (they must not count in
+        # the global norm), and every update is scaled by its layer's factor after.
+        parts = [scale_by_path(lambda path: float(scale(path) > 0)), *parts, scale_by_path(scale)]
+    if len(parts) == 1:
+        return core, schedule
+    return optax.chain(*parts), schedule
+
+
+def _path(keys) -> str:
+    return '/'.join(str(getattr(k, 'key', k)) for k in keys)
+
+
+def scale_by_path(scale: Callable[[str], float]) -> optax.GradientTransformation:
+    """Multiplies each update by `scale('backbone/encoder/layer_3/...')`, a constant per
+    parameter (0 freezes it)."""
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda p, u: u * scale(_path(p)), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+_LAYER = re.compile(r'^backbone/encoder/layer_(\d+)/')
+
+
+def layer_depth(path: str, num_layers: int) -> int:
+    """0 for the backbone's embeddings, i + 1 for its encoder layer i, num_layers + 1 for
+    everything above them (final LayerNorm, heads)."""
+    if not path.startswith('backbone/'):
+        return num_layers + 1
+    match = _LAYER.match(path)
+    if match:
+        return int(match.group(1)) + 1
+    if path.startswith('backbone/encoder/'):
+        return num_layers + 1  # the pre-LN encoder's final LayerNorm
+    return 0
+
+
+def transfer_scale_fn(config) -> Callable[[str], float] | None:
+    """The per-parameter learning-rate factor of `config.transfer` (None: no transfer
+    keys, or plain full fine-tuning):
+
+      freeze_backbone  the encoder is frozen (linear probe): factor 0 under backbone/
+      freeze_layers=k  the embeddings and the first k encoder layers are frozen
+      layer_decay=d    layer-wise learning-rate decay: depth l of L + 1 gets d ** (L + 1 - l)
+                       (embeddings the smallest, the head 1; Clark et al. 2020, BEiT)
+    """
+    t = config.get('transfer')
+    if t is None:
+        return None
+    num_layers = config.model.num_layers
+    if not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0:
+        return None
+
+    def scale(path: str) -> float:
+        depth = layer_depth(path, num_layers)
+        if path.startswith('backbone/') and (t.freeze_backbone or depth <= t.freeze_layers):
+            return 0.0
+        return float(t.layer_decay ** (num_layers + 1 - depth))
+
+    return scale

@@ -5,9 +5,13 @@ A vocabulary is either given (a BERT `vocab.txt`) or trained on the corpus and s
 """
 
 import os
+import shutil
 from collections.abc import Iterable
 
+import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from tokenizers import BertWordPieceTokenizer
 
 from core.errors import ConfigError, DataError
@@ -116,3 +120,44 @@ class FixedLengthEncoder:
         out[1 : len(ids) + 1] = ids
         out[len(ids) + 1] = self.wordpiece.sep_id
         return out
+
+
+def _dotted(config, key: str):
+    for part in key.split('.'):
+        config = config[part]
+    return config
+
+
+def make_tokenizer(
+    config, workdir: str, train_docs, vocab_key: str = 'model.vocab_size'
+) -> WordPiece:
+    """The run's vocabulary, saved as WORKDIR/vocab.txt. In order: the workdir's own (a
+    resumed run), `data.vocab_file`, the `init_from` run's, or one trained on the corpus
+    (at most the config's `vocab_key` tokens)."""
+    vocab_size = _dotted(config, vocab_key)
+    target = os.path.join(workdir, 'vocab.txt')
+    lowercase = config.data.lowercase
+    if jax.process_index() == 0 and not os.path.isfile(target):
+        init_vocab = os.path.join(config.init_from, 'vocab.txt') if config.init_from else ''
+        if config.data.vocab_file:
+            WordPiece(config.data.vocab_file, lowercase)  # fails clearly if unusable
+            shutil.copyfile(config.data.vocab_file, target)
+        elif init_vocab and os.path.isfile(init_vocab):
+            shutil.copyfile(init_vocab, target)
+        else:
+            logging.info('training a %d-token WordPiece vocabulary', vocab_size)
+            train_wordpiece(
+                (train_docs[i] for i in range(len(train_docs))),
+                vocab_size,
+                target,
+                lowercase,
+            )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('vocab')
+    tokenizer = WordPiece(target, lowercase)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(
+            f'the vocabulary {target} has {tokenizer.vocab_size} tokens but {vocab_key} is '
+            f'{vocab_size}; set --config.{vocab_key}={tokenizer.vocab_size} (or larger)'
+        )
+    return tokenizer

@@ -9,12 +9,14 @@ import numpy as np
 from absl import logging
 
 from core import config as config_lib
+from core import evaluators
 from core import flops as flops_lib
+from core.task import Runtime, Task
 from data import images as images_lib
+from data.tokenizer import make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import TwoTower
-from pretrain import contrastive, evaluators, mlm, simclr
-from pretrain.task import Runtime, Task
+from pretrain import contrastive, simclr
 
 LOSSES = ('softmax', 'sigmoid')
 
@@ -147,7 +149,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     m = config.model
     train_source, eval_source = images_lib.pair_splits(config.data, m.image_size, m.channels)
     captions = caption_corpus(train_source)
-    tokenizer = mlm.make_tokenizer(config, workdir, captions, 'model.text.vocab_size')
+    tokenizer = make_tokenizer(config, workdir, captions, 'model.text.vocab_size')
     tokenize = images_lib.caption_tokenizer(tokenizer, config.data.seq_len)
     train_ds = images_lib.pair_dataset(
         train_source,
@@ -202,7 +204,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_iter=iter(train_ds),
         evaluate=evaluate,
         metric='i2t_recall_at_1',
-        flops_per_step=simclr.vit_train_flops(simclr.vit_config(config), config.batch_size)
+        flops_per_step=flops_lib.vit_train_flops(simclr.vit_config(config), config.batch_size)
         + text_flops,
         tokens_per_example=seq,
     )

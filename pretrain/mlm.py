@@ -1,9 +1,6 @@
 """BERT masked-language modelling as a pretraining task: the corpus, the WordPiece
 vocabulary, masking, `BertForMlm` and its masked-token evaluation."""
 
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,16 +10,11 @@ from jax.experimental import multihost_utils
 
 from core import config as config_lib
 from core import flops as flops_lib
+from core.task import Runtime, Task
 from data import pipeline, text
-from data.tokenizer import WordPiece, train_wordpiece
+from data.tokenizer import make_tokenizer
 from models.bert import BertConfig, BertForMlm
 from pretrain.losses import mlm_loss_fn
-from pretrain.task import Runtime, Task
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -42,40 +34,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if not 0.0 < d.mask_prob < 1.0:
         raise config_lib.ConfigError(f'data.mask_prob {d.mask_prob} must be in (0, 1)')
-
-
-def make_tokenizer(
-    config, workdir: str, train_docs, vocab_key: str = 'model.vocab_size'
-) -> WordPiece:
-    """The run's vocabulary, saved as WORKDIR/vocab.txt. In order: the workdir's own (a
-    resumed run), `data.vocab_file`, the `init_from` run's, or one trained on the corpus
-    (at most the config's `vocab_key` tokens)."""
-    vocab_size = config_lib.get(config, vocab_key)
-    target = os.path.join(workdir, 'vocab.txt')
-    lowercase = config.data.lowercase
-    if jax.process_index() == 0 and not os.path.isfile(target):
-        init_vocab = os.path.join(config.init_from, 'vocab.txt') if config.init_from else ''
-        if config.data.vocab_file:
-            WordPiece(config.data.vocab_file, lowercase)  # fails clearly if unusable
-            shutil.copyfile(config.data.vocab_file, target)
-        elif init_vocab and os.path.isfile(init_vocab):
-            shutil.copyfile(init_vocab, target)
-        else:
-            logging.info('training a %d-token WordPiece vocabulary', vocab_size)
-            train_wordpiece(
-                (train_docs[i] for i in range(len(train_docs))),
-                vocab_size,
-                target,
-                lowercase,
-            )
-    _sync('vocab')
-    tokenizer = WordPiece(target, lowercase)
-    if tokenizer.vocab_size > vocab_size:
-        raise config_lib.ConfigError(
-            f'the vocabulary {target} has {tokenizer.vocab_size} tokens but {vocab_key} is '
-            f'{vocab_size}; set --config.{vocab_key}={tokenizer.vocab_size} (or larger)'
-        )
-    return tokenizer
 
 
 def make_model(config) -> BertForMlm:

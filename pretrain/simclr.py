@@ -8,13 +8,14 @@ import ml_collections
 from absl import logging
 
 from core import config as config_lib
+from core import evaluators
 from core import flops as flops_lib
+from core.task import Runtime, Task
 from data import augment as augment_lib
 from data import images as images_lib
 from models.contrastive import SimClrModel
 from models.vit import VitConfig
-from pretrain import contrastive, evaluators
-from pretrain.task import Runtime, Task
+from pretrain import contrastive
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -45,15 +46,6 @@ def check_vit(m) -> None:
 def vit_config(config) -> VitConfig:
     dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
     return VitConfig.from_config(config.model, dtype=dtype)
-
-
-def vit_train_flops(vit: VitConfig, images: int, head_flops_per_image: float = 0.0) -> float:
-    """Forward x 3 matmul FLOPs of a ViT over `images` images (patch embedding included)."""
-    patch = 2 * images * vit.grid**2 * vit.patch_size**2 * vit.channels * vit.hidden_size
-    encoder = flops_lib.encoder_forward_flops(
-        images, vit.num_tokens, vit.hidden_size, vit.num_layers, vit.mlp_dim
-    )
-    return 3.0 * (patch + encoder + images * head_flops_per_image)
 
 
 def projection_flops(hidden: int, proj_hidden: int, proj_dim: int, layers: int) -> float:
@@ -176,7 +168,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_iter=iter(train_ds),
         evaluate=evaluate,
         metric='linear_probe_accuracy' if probe is not None else 'contrastive_accuracy',
-        flops_per_step=vit_train_flops(
+        flops_per_step=flops_lib.vit_train_flops(
             vit,
             2 * config.batch_size,
             projection_flops(m.hidden_size, m.proj_hidden, m.proj_dim, m.proj_layers),

@@ -14,14 +14,15 @@ import numpy as np
 from absl import logging
 
 from core import config as config_lib
+from core import evaluators
 from core import flops as flops_lib
+from core.task import Runtime, Task
 from data import pipeline, text
 from data.text import heldout_indices
-from data.tokenizer import FixedLengthEncoder
+from data.tokenizer import FixedLengthEncoder, make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import SimCseModel
-from pretrain import contrastive, evaluators, mlm, simclr
-from pretrain.task import Runtime, Task
+from pretrain import contrastive, simclr
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -112,7 +113,7 @@ def topic_probe(model, tokenize: FixedLengthEncoder, runtime: Runtime, config):
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
     train_docs, eval_docs = text.load_corpus(config.data)
     train_sents, eval_sents = text.sentences(train_docs), text.sentences(eval_docs)
-    tokenizer = mlm.make_tokenizer(config, workdir, train_docs)
+    tokenizer = make_tokenizer(config, workdir, train_docs)
     tokenize = FixedLengthEncoder(tokenizer, config.data.seq_len)
     train_ds = pipeline.sentence_dataset(
         train_sents,

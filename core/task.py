@@ -50,5 +50,9 @@ class Task:
     tokens_per_example: int = 0  # for tokens_per_sec (text tasks)
     # init_from: which saved params subtree goes where, {ours: theirs}; None: all params.
     init_subtrees: dict[str, str] | None = None
+    # Or a task's own restore: (params, abstract_params, init_from) -> params.
+    restore: Callable[[Any, Any, str], Any] | None = None
     summary_extras: Callable[[dict], dict] = lambda final: {}
+    # predict(stepper, params) -> one JSON-able row per eval example (the evaluate stage).
+    predict: Callable[[Any, Any], list[dict]] | None = None
     close: Callable[[], None] = lambda: None

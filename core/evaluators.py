@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from core import probe
+from core.task import Runtime
 from data import images as images_lib
 from data.text import Subset
-from pretrain.task import Runtime
 
 
 def pad_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,61 @@
+r"""Image classification by fine-tuning a ViT encoder.
+
+Run (the default: the embedded digits, 10 classes, 1408 train / 389 test images at 16x16),
+from a SimCLR run and from scratch with the same budget (see README for the figures):
+
+  python launch.py pretrain --config configs/vit_simclr.py:tiny --workdir runs/simclr
+  python launch.py finetune --config configs/image_cls.py:tiny --workdir runs/digits \
+      --config.init_from=runs/simclr
+  python launch.py finetune --config configs/image_cls.py:tiny --workdir runs/digits_scratch
+
+A checkpoint pretrained at another image size restores with its position table resized
+(bicubic) to this run's patch grid: --config.model.image_size=32 with the 16px SimCLR run
+above. From a CLIP run: --config.init_subtree=image_backbone. Presets as vit_simclr.py:
+tiny, ti, s, b, l. Data keys as vit_simclr.py (TFDS name, a class-per-folder directory,
+an .npz). Low labels: --config.train_examples=5 (per class). Linear probe:
+--config.transfer.freeze_backbone=true.
+"""
+
+import ml_collections
+
+from configs import vit_simclr
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+    c = vit_simclr.get_config(arg)  # the same encoder keys, so SimCLR checkpoints fit
+    imagenet = 'imagenet' in arg
+    c.stage = 'finetune'
+    c.task = 'image_cls'
+    for key in ('loss', 'augment', 'eval'):
+        del c[key]
+    for key in ('proj_hidden', 'proj_dim', 'proj_layers'):
+        del c.model[key]
+    c.model.head_dropout = 0.0
+    c.model.zero_init_head = True
+
+    c.transfer = ml_collections.ConfigDict()
+    c.transfer.freeze_backbone = False  # linear probe
+    c.transfer.freeze_layers = 0
+    c.transfer.layer_decay = 1.0 if not imagenet else 0.75
+
+    c.init_from = ''
+    c.init_subtree = 'backbone'  # image_backbone for a CLIP checkpoint
+    c.train_examples = ''
+    c.eval = ml_collections.ConfigDict()
+    c.eval.metric = ''  # '' = accuracy
+    c.early_stopping_patience = 0
+
+    c.batch_size = 64 if not imagenet else 512
+    c.total_steps = 300 if not imagenet else 20_000
+    c.warmup_steps = 30 if not imagenet else 2000
+    c.learning_rate = 1e-3 if not imagenet else 1e-3
+    c.optimizer.name = 'adamw'
+    c.optimizer.b1 = 0.9
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.schedule = 'cosine'
+    c.log_every = 50
+    c.eval_every = 50 if not imagenet else 2000
+    c.checkpoint_every = c.eval_every
+    c.keep_checkpoints = 2
+    return c

@@ -1,0 +1,70 @@
+r"""Text classification (or regression) by fine-tuning a BERT encoder.
+
+Run (the default: the embedded pydoc_topics task, which CPython documentation topic a
+paragraph comes from, 21 classes, 1015 train / 430 test paragraphs), from an MLM run and
+from scratch with the same budget (see README for the figures):
+
+  python launch.py pretrain --config configs/bert_mlm.py:tiny --workdir runs/mlm
+  python launch.py finetune --config configs/text_cls.py:tiny --workdir runs/cls \
+      --config.init_from=runs/mlm
+  python launch.py finetune --config configs/text_cls.py:tiny --workdir runs/cls_scratch
+
+Your own task: --config.data.files=train.tsv --config.data.eval_files=dev.tsv
+(--config.data.text_field / text_pair_field / label_field name the columns; .csv and
+.jsonl too); --config.task_type=regression for a numeric label. Low-label studies:
+--config.train_examples=10 (per class) or 0.1 (fraction), chosen by seed, nested.
+Transfer modes: --config.transfer.freeze_backbone=true (linear probe),
+--config.transfer.freeze_layers=K, --config.transfer.layer_decay=0.8.
+"""
+
+import ml_collections
+
+from configs import bert_mlm
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+    c = bert_mlm.get_config(preset)  # the same encoder keys, so MLM checkpoints fit
+    tiny = preset == 'tiny'
+    c.stage = 'finetune'
+    c.task = 'text_cls'
+    c.task_type = 'classification'  # classification | regression
+
+    c.data.name = 'pydoc_topics'
+    c.data.text_field = 'text'
+    c.data.text_pair_field = ''  # a second text column: sentence-pair tasks
+    c.data.label_field = 'label'
+    c.data.header = True  # tsv/csv: a header row names the columns (else 0-based indices)
+    c.data.eval_fraction = 0.1  # held out when there are no eval_files
+    c.data.seq_len = 128
+    for key in ('max_predictions', 'mask_prob', 'whole_word_masking'):
+        del c.data[key]
+
+    c.model.pooling = 'cls'  # cls | mean
+    c.model.head_dropout = 0.1
+    c.model.zero_init_head = True
+
+    # Transfer: what of the pretrained encoder trains, and how fast.
+    c.transfer = ml_collections.ConfigDict()
+    c.transfer.freeze_backbone = False  # linear probe
+    c.transfer.freeze_layers = 0  # embeddings + the first k layers frozen
+    c.transfer.layer_decay = 1.0  # layer-wise lr decay (1.0: off)
+
+    c.init_from = ''  # a pretraining workdir or checkpoint; empty: from scratch
+    c.init_subtree = 'backbone'  # the saved params subtree holding the encoder
+    c.train_examples = ''  # '' all; 10 per class; 0.1 a fraction per class
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.metric = ''  # picks the best checkpoint; '' = accuracy (pearson for regression)
+    c.early_stopping_patience = 0  # evals without a new best before stopping (0: off)
+
+    # BERT fine-tuning: AdamW, lr 2e-5..5e-5 (small models take more), 10% warmup, linear.
+    c.batch_size = 32
+    c.total_steps = 600 if tiny else 3000
+    c.warmup_steps = 60 if tiny else 300
+    c.learning_rate = 1e-3 if tiny else 3e-5
+    c.optimizer.weight_decay = 0.01
+    c.log_every = 50
+    c.eval_every = 100 if tiny else 500
+    c.checkpoint_every = c.eval_every  # every eval's step is kept if it is the best
+    c.keep_checkpoints = 2
+    return c

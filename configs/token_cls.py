@@ -1,0 +1,33 @@
+r"""Token classification (sequence labelling such as named-entity recognition) by
+fine-tuning a BERT encoder.
+
+  python launch.py finetune --config configs/token_cls.py:tiny --workdir runs/ner \
+      --config.data.files=train.conll --config.data.eval_files=dev.conll \
+      --config.init_from=runs/mlm
+
+Files: CoNLL style (a token a line, its tag in the last whitespace-separated column, a
+blank line between sentences, -DOCSTART- lines skipped) or .jsonl with `data.tokens_field`
+and `data.tags_field` lists. Tags in IOB2 / BIO (or IOBES); the metric is entity F1 over
+exact chunks (seqeval's default), written as `entity_f1` beside `token_accuracy`.
+--config.train_examples=N (or a fraction) takes that many training sentences, by seed.
+"""
+
+import ml_collections
+
+from configs import text_cls
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+    c = text_cls.get_config(preset)
+    c.task = 'token_cls'
+    del c['task_type']
+    c.data.name = ''
+    c.data.files = ''  # required: train.conll / train.jsonl
+    c.data.tokens_field = 'tokens'  # .jsonl fields
+    c.data.tags_field = 'tags'
+    c.data.seq_len = 128
+    for key in ('text_field', 'text_pair_field', 'label_field', 'header'):
+        del c.data[key]
+    del c.model['pooling']
+    c.eval.metric = ''  # '' = entity_f1
+    return c

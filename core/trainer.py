@@ -1,0 +1,377 @@
+"""The trainer every stage runs, top to bottom: config -> mesh -> task (data, model, loss,
+evaluators) -> state -> restore -> loop (log, eval, checkpoint) -> summary.
+
+One trainer serves every objective; a task module (`pretrain/mlm.py`, `pretrain/simclr.py`,
+..., `finetune/classify.py`) says what is learned from what, and how it is evaluated.
+"""
+
+import importlib
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from core import checkpoint as ckpt_lib
+from core import config as config_lib
+from core import flops as flops_lib
+from core import metrics as metrics_lib
+from core import optim
+from core import sharding as sharding_lib
+from core import step as step_lib
+from core import train_state as state_lib
+from core.errors import UserError
+from core.task import Runtime, Task
+from core.watchdog import Watchdog
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became NaN or Inf; the message gives the step range."""
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _read_summary(workdir: str) -> dict:
+    path = os.path.join(workdir, 'summary.json')
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def task_module(config, tasks: dict[str, str], stage: str):
+    """The module of `config.task` (tasks: name -> module path, the stage's table)."""
+    if config.task not in tasks:
+        raise config_lib.ConfigError(
+            f'--config.task={config.task!r} is not a {stage} task; expected one of {sorted(tasks)}'
+        )
+    return importlib.import_module(tasks[config.task])
+
+
+def make_mesh(config) -> tuple[jax.sharding.Mesh, int]:
+    """(mesh, how many ways the global batch is split)."""
+    if config.parallelism == 'pmap':
+        if config.mesh.fsdp != 1 or config.mesh.tensor != 1:
+            raise config_lib.ConfigError(
+                'parallelism=pmap is data parallel only; set mesh.fsdp=1 and mesh.tensor=1, '
+                'or use parallelism=jit for fsdp/tensor sharding'
+            )
+        return sharding_lib.make_mesh(devices=jax.local_devices()[:1]), jax.device_count()
+    try:
+        mesh = sharding_lib.mesh_from_config(config)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    return mesh, sharding_lib.batch_shards(mesh)
+
+
+def restore_init_from(task: Task, state, abstract_params, init_from: str):
+    """init_from: params only, all of them or the task's chosen subtrees (an encoder)."""
+    if task.restore is not None:
+        return state.replace(params=task.restore(state.params, abstract_params, init_from))
+    if task.init_subtrees is None:
+        params, from_step = ckpt_lib.restore_params(init_from, abstract_params)
+        logging.info('initialised params from %s (step %d)', init_from, from_step)
+        return state.replace(params=params)
+    params = dict(state.params)
+    for ours, theirs in task.init_subtrees.items():
+        params[ours], from_step = ckpt_lib.restore_params(
+            init_from, abstract_params[ours], subtree=(theirs,)
+        )
+        logging.info('initialised %s from %s/%s (step %d)', ours, init_from, theirs, from_step)
+    return state.replace(params=params)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
+) -> dict:
+    """Runs (or resumes) `config.task` of `tasks` in `workdir`; returns the summary."""
+    started = time.time()
+    module = task_module(config, tasks, stage)
+    config_lib.check_common(config)
+    module.check_config(config)
+    is_main = jax.process_index() == 0
+
+    # Mesh and workdir.
+    mesh, batch_shards = make_mesh(config)
+    config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
+    config_lib.prepare_workdir(config, workdir, is_main)
+    _sync('workdir')
+
+    # Task: data, model, loss, evaluators.
+    runtime = Runtime(
+        mesh=mesh,
+        parallelism=config.parallelism,
+        per_host_batch=config.batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    task = module.build(config, workdir, runtime)
+    train_iter = task.train_iter
+
+    # Optimizer, state shardings and the step.
+    tx, schedule = optim.make_optimizer(config)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    shardings = state_lib.state_shardings(task.init_params, tx, mesh, init_rng)
+    if config.parallelism == 'pmap':
+        stepper = step_lib.PmapStepper(task.loss_fn, tx, schedule, config.grad_accum_steps)
+    else:
+        stepper = step_lib.JitStepper(
+            mesh, shardings, task.loss_fn, tx, schedule, config.grad_accum_steps
+        )
+
+    # How the run starts, in order: this workdir's own checkpoint (resume); else init_from
+    # (params only); else from scratch.
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir,
+        every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        best_metric=task.metric,
+    )
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    start_step = checkpointer.latest_step()
+    if start_step is not None:
+        abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
+        state = checkpointer.restore(start_step, abstract, train_iter)
+        writer.truncate_after(start_step)
+        logging.info('resumed from %s/%d', checkpointer.directory, start_step)
+    else:
+        start_step = 0
+        state, _ = state_lib.create_sharded_state(task.init_params, tx, mesh, init_rng, shardings)
+        if config.init_from:
+            abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
+            state = restore_init_from(task, state, abstract.params, config.init_from)
+    num_params = state_lib.count_params(state.params)
+    logging.info(
+        'model: %.2fM parameters; mesh %s; %s over %d devices, %d processes',
+        num_params / 1e6,
+        dict(mesh.shape),
+        config.parallelism,
+        jax.device_count(),
+        jax.process_count(),
+    )
+    if start_step >= config.total_steps or _read_summary(workdir).get('early_stopped'):
+        logging.info('the run in %s is already complete (step %d)', workdir, start_step)
+        checkpointer.close()
+        task.close()
+        return _read_summary(workdir)
+    state = stepper.put_state(state)
+    peak = flops_lib.peak_flops_per_device(config.peak_tflops)
+
+    eval_history = []
+
+    def run_eval(step: int) -> None:
+        result = task.evaluate(stepper, state.params)
+        writer.write(step, 'eval', result)
+        eval_history.append({'step': step, **result})
+        logging.info(
+            'eval step %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
+        )
+
+    if start_step == 0:
+        run_eval(0)  # every run shows its own starting point
+
+    # Early stopping: `early_stopping_patience` evals without a new best of task.metric.
+    patience = config.get('early_stopping_patience', 0)
+    early_stopped = False
+
+    def best_so_far() -> dict:
+        return max(eval_history, key=lambda r: r.get(task.metric, -np.inf))
+
+    def stop_early(step: int) -> bool:
+        if not patience or not eval_history or eval_history[-1]['step'] != step:
+            return False
+        return len(eval_history) - 1 - eval_history.index(best_so_far()) >= patience
+
+    # SIGTERM (preemption): finish the step, save, exit 0.
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    watchdog = Watchdog(config.watchdog_secs)
+    progress = metrics_lib.Progress(start_step, config.total_steps)
+    pending: list[dict] = []  # device metrics of the steps since the last log row
+    last_logged = start_step
+    step = start_step
+
+    def flush_metrics(step: int) -> None:
+        nonlocal pending, last_logged
+        if not pending:
+            return
+        host = jax.device_get(pending)
+        rows = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        if not all(np.isfinite(h['loss']) for h in host):
+            bad = last_logged + next(i for i, h in enumerate(host) if not np.isfinite(h['loss']))
+            raise NonFiniteLossError(
+                f'the loss became non-finite at step {bad + 1} (steps {last_logged + 1}-{step} '
+                f'checked); the last good checkpoint is step {checkpointer.latest_step()}. '
+                'Lower learning_rate, raise warmup_steps or check the data'
+            )
+        per_step, eta = progress.update(step)
+        rows['examples_per_sec'] = config.batch_size / per_step
+        if task.tokens_per_example:
+            rows['tokens_per_sec'] = config.batch_size * task.tokens_per_example / per_step
+        rows['step_time_ms'] = per_step * 1e3
+        if peak and task.flops_per_step:
+            rows['mfu'] = task.flops_per_step / per_step / (peak * jax.device_count())
+        writer.write(step, 'train', rows)
+        progress.log(step, rows, eta)
+        pending, last_logged = [], step
+
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = stepper.put_batch(next(train_iter))
+            state, metrics = stepper.train(state, batch, dropout_rng)
+            pending.append(metrics)
+            if step == start_step + 1:  # leave compilation out of the throughput
+                jax.block_until_ready(metrics)
+                progress.update(step)
+                logging.info('first step done (compiled) after %.1fs', time.time() - started)
+            watchdog.ping()
+            due_eval = step % config.eval_every == 0 or step == config.total_steps
+            due_save = step % config.checkpoint_every == 0 or step == config.total_steps
+            if step % config.log_every == 0 or due_save or due_eval or preempted:
+                flush_metrics(step)  # also guards checkpoints against a non-finite state
+            if due_eval:
+                run_eval(step)
+                early_stopped = stop_early(step)
+            if due_save or preempted or early_stopped:
+                checkpointer.save(
+                    step,
+                    stepper.get_state(state),
+                    train_iter,
+                    config,
+                    force=bool(preempted) or early_stopped or step == config.total_steps,
+                    metrics=eval_history[-1] if eval_history[-1]['step'] == step else None,
+                )
+            if early_stopped:
+                best = best_so_far()
+                logging.info(
+                    'early stopping at step %d: %s has not improved for %d evals (best %.4f '
+                    'at step %d)',
+                    step,
+                    task.metric,
+                    patience,
+                    best[task.metric],
+                    best['step'],
+                )
+                break
+            if preempted:
+                logging.warning('SIGTERM: saved step %d; exiting to be restarted', step)
+                break
+    finally:
+        watchdog.stop()
+        checkpointer.close()
+        best_checkpoint = checkpointer.best_step()
+        signal.signal(signal.SIGTERM, previous_handler)
+        if hasattr(train_iter, 'close'):
+            train_iter.close()
+        task.close()
+
+    summary = {
+        'stage': stage,
+        'task': task.name,
+        'steps': int(step),
+        'completed': not preempted and (step == config.total_steps or early_stopped),
+        'early_stopped': early_stopped,
+        'num_params': num_params,
+        'flops_per_step': task.flops_per_step,
+        'wall_time_sec': time.time() - started,
+    }
+    if eval_history:
+        final = eval_history[-1]
+        best = max(eval_history, key=lambda r: r.get(task.metric, -np.inf))
+        summary.update({f'final_{k}': v for k, v in final.items() if k != 'step'})
+        summary.update({f'best_{task.metric}': best.get(task.metric), 'best_step': best['step']})
+        summary['best_checkpoint_step'] = best_checkpoint
+        summary.update(task.summary_extras(final))
+    if not preempted:
+        writer.write_summary(summary)
+    writer.close()
+    return summary
+
+
+def best_kept_step(workdir: str, metric: str) -> int:
+    """The kept checkpoint whose eval scored highest on `metric` (metrics.jsonl), or the
+    latest kept one when none of them has an eval row."""
+    directory = os.path.join(workdir, 'checkpoints')
+    kept = (
+        sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        if os.path.isdir(directory)
+        else []
+    )
+    if not kept:
+        raise ckpt_lib.CheckpointError(
+            f'no checkpoint in {directory}: train first (python launch.py finetune ...)'
+        )
+    rows = [
+        r
+        for r in metrics_lib.read_metrics(workdir)
+        if r['split'] == 'eval' and r['step'] in kept and metric in r
+    ]
+    if not rows:
+        return kept[-1]
+    return max(rows, key=lambda r: r[metric])['step']
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
+) -> dict:
+    """Scores the best checkpoint of the run in `workdir` on the eval split `config`
+    names (override data.eval_files / data.eval_split to score another), writes
+    WORKDIR/evaluation.json and, where the task can, WORKDIR/predictions.jsonl."""
+    module = task_module(config, tasks, stage)
+    config_lib.check_common(config)
+    module.check_config(config)
+    if not os.path.isfile(os.path.join(workdir, 'config.json')):
+        raise config_lib.ConfigError(
+            f'{workdir} holds no run (no config.json); give the --workdir of a {stage} run'
+        )
+    mesh, batch_shards = make_mesh(config)
+    config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
+    runtime = Runtime(
+        mesh=mesh,
+        parallelism=config.parallelism,
+        per_host_batch=config.batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    task = module.build(config, workdir, runtime)
+    tx, schedule = optim.make_optimizer(config)
+    rng = jax.random.key(config.seed)
+    shardings = state_lib.state_shardings(task.init_params, tx, mesh, rng)
+    abstract = state_lib.abstract_state(task.init_params, tx, mesh, rng, shardings)
+    step = best_kept_step(workdir, task.metric)
+    path = os.path.join(workdir, 'checkpoints', str(step))
+    params, _ = ckpt_lib.restore_params(path, abstract.params)
+    if config.parallelism == 'pmap':
+        stepper = step_lib.PmapStepper(task.loss_fn, tx, schedule, 1)
+        params = stepper.put_state(state_lib.TrainState(jnp.zeros(()), params, None)).params
+    else:
+        stepper = step_lib.JitStepper(mesh, shardings, task.loss_fn, tx, schedule, 1)
+    result = task.evaluate(stepper, params)
+    logging.info(
+        'evaluate: checkpoint %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
+    )
+    report = {'step': step, 'checkpoint': path, 'task': task.name, **result}
+    if jax.process_index() == 0:
+        if task.predict is not None:
+            rows = task.predict(stepper, params)
+            out = os.path.join(workdir, 'predictions.jsonl')
+            with open(out + '.tmp', 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in rows)
+            os.replace(out + '.tmp', out)
+            report['predictions'] = out
+            logging.info('evaluate: %d predictions written to %s', len(rows), out)
+        out = os.path.join(workdir, 'evaluation.json')
+        with open(out + '.tmp', 'w') as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+        os.replace(out + '.tmp', out)
+    task.close()
+    return report

@@ -1,0 +1,182 @@
+"""What text and image classification share: the loss, the evaluator, the start from a
+pretrained encoder, the labelled-example subset.
+
+Train batches carry `label` ([batch] int32 classes, or float32 targets for regression);
+eval batches also `valid` and `index` (evaluators.fixed_batches / array_batches).
+"""
+
+import os
+from collections.abc import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from core import checkpoint as ckpt_lib
+from core import evaluators
+from core.errors import CheckpointError, UserError
+from core.task import Runtime
+from data.labelled import LabelMap, select_train_examples
+from finetune import metrics as metrics_lib
+
+
+def loss_fn_for(model, regression: bool, freeze_backbone: bool, inputs: Callable[[dict], object]):
+    """loss_fn(params, batch, rng, train): softmax cross-entropy (or squared error) summed
+    over the batch; `accuracy` for classification. With `freeze_backbone` (linear probe)
+    no gradient flows into the encoder at all."""
+
+    def loss_fn(params, batch, rng, train: bool):
+        if freeze_backbone:
+            params = dict(params, backbone=jax.lax.stop_gradient(params['backbone']))
+        logits = model.apply(
+            {'params': params}, inputs(batch), deterministic=not train, rngs={'dropout': rng}
+        )
+        count = jnp.asarray(batch['label'].shape[0], jnp.float32)
+        if regression:
+            error = logits[:, 0] - batch['label'].astype(jnp.float32)
+            return jnp.sum(error * error), {'denominator': count}
+        labels = batch['label'].astype(jnp.int32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        target = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+        correct = (target >= jnp.max(logits, axis=1)).astype(jnp.float32)
+        return jnp.sum(loss), {'accuracy': jnp.sum(correct), 'denominator': count}
+
+    return loss_fn
+
+
+class Predictor:
+    """Logits of every example of fixed eval batches, gathered to every host in dataset
+    order; `evaluate` turns them into the task's metrics."""
+
+    def __init__(self, model, inputs: Callable[[dict], object], batches: list[dict]):
+        self.batches = batches
+
+        def fn(params, batch):
+            logits = model.apply({'params': params}, inputs(batch))
+            return {'logits': logits, 'index': batch['index'], 'valid': batch['valid']}
+
+        self._fn, self._run = fn, None
+
+    def logits(self, stepper, params) -> np.ndarray:
+        """[examples, classes] in dataset order."""
+        if self._run is None:
+            self._run = stepper.map_batch(self._fn)
+        outs = [self._run(params, stepper.put_batch(b)) for b in self.batches]
+        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        valid = cat['valid'].astype(bool)
+        order = np.argsort(cat['index'][valid], kind='stable')
+        return cat['logits'][valid][order]
+
+
+def score(logits: np.ndarray, labels: np.ndarray, label_map: LabelMap) -> dict[str, float]:
+    """The task metrics: accuracy / macro F1 / Matthews for classification, Pearson /
+    Spearman / MSE for regression; plus the loss."""
+    if label_map.regression:
+        result = metrics_lib.regression_metrics(labels, logits[:, 0])
+        result['loss'] = result['mse']
+        return result
+    result = metrics_lib.classification_metrics(
+        labels, np.argmax(logits, axis=1), label_map.num_classes
+    )
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    result['loss'] = float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+    return result
+
+
+def prediction_rows(logits: np.ndarray, labels: np.ndarray, label_map: LabelMap) -> list[dict]:
+    """One row per eval example, in dataset order: the true and predicted label (and the
+    predicted class's probability), for WORKDIR/predictions.jsonl."""
+    if label_map.regression:
+        return [
+            {'index': i, 'label': float(y), 'prediction': float(p)}
+            for i, (y, p) in enumerate(zip(labels, logits[:, 0]))
+        ]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    predicted = np.argmax(logits, axis=1)
+    names, truth = label_map.decode(predicted), label_map.decode(labels)
+    return [
+        {
+            'index': i,
+            'label': truth[i],
+            'prediction': names[i],
+            'probability': float(probs[i, predicted[i]]),
+        }
+        for i in range(len(labels))
+    ]
+
+
+def task_metric(label_map: LabelMap, config) -> str:
+    """The eval metric that picks the best checkpoint."""
+    if config.eval.metric:
+        return config.eval.metric
+    return 'pearson' if label_map.regression else 'accuracy'
+
+
+def fit_label_map(workdir: str, train_labels, regression: bool, runtime: Runtime) -> LabelMap:
+    """The label map of the training labels, saved as WORKDIR/labels.json; a resumed run
+    reads it back (and must find the same)."""
+    path = os.path.join(workdir, 'labels.json')
+    label_map = LabelMap.fit(train_labels, regression=regression)
+    if os.path.isfile(path):
+        saved = LabelMap.load(path)
+        if saved != label_map:
+            raise CheckpointError(
+                f'{path} holds other labels ({saved}) than the training data ({label_map}); '
+                'the data changed under this workdir: use a new --workdir'
+            )
+    elif runtime.process_index == 0:
+        label_map.save(path)
+    return label_map
+
+
+def subset(labels: np.ndarray, config, label_map: LabelMap) -> np.ndarray:
+    """Indices of the labelled training examples this run uses (`train_examples`)."""
+    picked = select_train_examples(
+        labels, config.train_examples, config.seed, per_class=not label_map.regression
+    )
+    if len(picked) < len(labels):
+        logging.info(
+            'train_examples=%r: %d of %d labelled examples (seed %d)',
+            config.train_examples,
+            len(picked),
+            len(labels),
+            config.seed,
+        )
+    return picked
+
+
+def train_dataset(examples: list[dict], *, batch_size: int, seed: int, runtime: Runtime):
+    """Shuffled, repeated batches of in-memory encoded examples, this host's shard."""
+    ds = grain.MapDataset.source(examples)[runtime.process_index :: runtime.process_count]
+    if len(ds) == 0:
+        raise UserError(
+            f'process {runtime.process_index} has no training examples; use fewer processes '
+            'or more train_examples'
+        )
+    ds = ds.shuffle(seed=seed).repeat().to_iter_dataset()
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def eval_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]:
+    return evaluators.array_batches(arrays, runtime)
+
+
+def restore_backbone(init_from: str, abstract_params, subtree: str, adapt=None) -> dict:
+    """The pretrained encoder (`subtree` of the saved params: backbone, image_backbone,
+    text_backbone) into this model's `backbone`, everything else as initialised.
+    `adapt(saved_metadata_tree, abstract_backbone) -> (target, fix)` lets a task restore
+    into other shapes and convert (ViT position tables at another image size)."""
+    target = abstract_params['backbone']
+    fix = None
+    if adapt is not None:
+        target, fix = adapt(ckpt_lib.saved_params_metadata(init_from, subtree), target)
+    params, step = ckpt_lib.restore_params(init_from, target, subtree=(subtree,))
+    if fix is not None:
+        params = fix(params)
+    logging.info('initialised backbone from %s/%s (step %d)', init_from, subtree, step)
+    return params

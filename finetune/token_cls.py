@@ -1,0 +1,180 @@
+"""Token classification (sequence labelling, e.g. named-entity recognition) with a BERT
+encoder, from CoNLL-style files (a token and its tag a line, the tag in the last column,
+a blank line between sentences) or `.jsonl` with token and tag lists.
+
+Each word's tag sits on its first WordPiece (the others carry no loss); predictions are
+read back per word, words cut by truncation count as 'O', and the task metric is entity
+F1 (exact chunks, seqeval's default scoring), beside token accuracy.
+"""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from core import config as config_lib
+from core import flops as flops_lib
+from core.errors import DataError
+from core.task import Runtime, Task
+from data import labelled
+from data.text import heldout_indices
+from data.tokenizer import make_tokenizer
+from finetune import classify
+from models.bert import BertConfig
+from models.classifier import TokenClassifier
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    if not 8 <= config.data.seq_len <= config.model.max_len:
+        raise config_lib.ConfigError(
+            f'data.seq_len {config.data.seq_len} must be in [8, model.max_len = '
+            f'{config.model.max_len}]'
+        )
+    if not config.data.files:
+        raise config_lib.ConfigError(
+            'token classification reads local files: --config.data.files=train.conll '
+            '(CoNLL: a token and its tag a line, blank line between sentences; or .jsonl '
+            'with token and tag lists) and --config.data.eval_files=dev.conll'
+        )
+
+
+def load_sentences(config) -> tuple[list[dict], list[dict]]:
+    d = config.data
+    train = labelled.read_token_files(d.files, d.tokens_field, d.tags_field)
+    if d.eval_files:
+        return train, labelled.read_token_files(d.eval_files, d.tokens_field, d.tags_field)
+    train_idx, eval_idx = heldout_indices(len(train), d.eval_fraction)
+    if len(eval_idx) == 0 or len(train_idx) == 0:
+        raise DataError(
+            f'{d.files}: {len(train)} sentences are too few to hold out eval_fraction='
+            f'{d.eval_fraction}; give --config.data.eval_files'
+        )
+    return [train[i] for i in train_idx], [train[i] for i in eval_idx]
+
+
+def tags_of_words(logits: np.ndarray, weights: np.ndarray, num_words: int, names) -> list[str]:
+    """A sentence's predicted tag per word: the argmax at each first WordPiece (the
+    positions of weight 1), 'O' for words truncation cut."""
+    first = np.flatnonzero(weights > 0)
+    predicted = [names[i] for i in np.argmax(logits[first], axis=-1)]
+    return predicted + ['O'] * (num_words - len(predicted))
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
+    train, evals = load_sentences(config)
+    label_map = classify.fit_label_map(
+        workdir, sorted({t for s in train for t in s['tags']}), False, runtime
+    )
+    tokenizer = make_tokenizer(config, workdir, [' '.join(s['tokens']) for s in train])
+    seq = config.data.seq_len
+
+    def encode(sentences, where):
+        rows = []
+        for s in sentences:
+            tags = label_map.encode(s['tags'], where=where)
+            row = labelled.align_tags(s['tokens'], tags, tokenizer, seq)
+            row['label'] = row.pop('labels')
+            rows.append(row)
+        return rows
+
+    picked = labelled.select_train_examples(
+        np.zeros(len(train), np.int32), config.train_examples, config.seed, per_class=False
+    )
+    train = [train[i] for i in picked]
+    train_rows = encode(train, config.data.files)
+    eval_rows = encode(evals, 'the eval split')
+    eval_arrays = {
+        k: np.stack([np.asarray(r[k]) for r in eval_rows])
+        for k in ('input_ids', 'input_mask', 'label', 'label_weights')
+    }
+    eval_words = [len(s['tokens']) for s in evals]
+    truncated = sum(r['num_words'] < n for r, n in zip(eval_rows, eval_words))
+    logging.info(
+        'data: %d train / %d eval sentences, %d tags %s; %d eval sentences truncated at seq_len %d',
+        len(train),
+        len(evals),
+        label_map.num_classes,
+        label_map.classes,
+        truncated,
+        seq,
+    )
+    for r in train_rows:
+        del r['num_words']
+    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
+    bert = BertConfig.from_config(config.model)
+    model = TokenClassifier(
+        BertConfig(**{**bert.__dict__, 'dtype': dtype}),
+        label_map.num_classes,
+        config.model.head_dropout,
+        config.model.zero_init_head,
+    )
+
+    def loss_fn(params, batch, rng, train: bool):
+        logits = model.apply(
+            {'params': params}, batch, deterministic=not train, rngs={'dropout': rng}
+        )  # [batch, length, tags]
+        weights = batch['label_weights'].astype(jnp.float32)
+        labels = batch['label']
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        correct = (target >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+        return jnp.sum(loss * weights), {
+            'token_accuracy': jnp.sum(correct * weights),
+            'denominator': jnp.sum(weights),
+        }
+
+    predictor = classify.Predictor(model, lambda b: b, classify.eval_batches(eval_arrays, runtime))
+    names = label_map.classes
+
+    def predicted_tags(stepper, params) -> list[list[str]]:
+        logits = predictor.logits(stepper, params)  # [sentences, length, tags]
+        return [
+            tags_of_words(logits[i], eval_arrays['label_weights'][i], eval_words[i], names)
+            for i in range(len(evals))
+        ]
+
+    def evaluate(stepper, params) -> dict[str, float]:
+        predicted = predicted_tags(stepper, params)
+        scores = labelled.entity_f1([s['tags'] for s in evals], predicted)
+        hits = sum(p == t for s, ps in zip(evals, predicted) for p, t in zip(ps, s['tags']))
+        return {
+            'entity_f1': scores['f1'],
+            'entity_precision': scores['precision'],
+            'entity_recall': scores['recall'],
+            'token_accuracy': hits / max(sum(eval_words), 1),
+        }
+
+    def predict(stepper, params) -> list[dict]:
+        return [
+            {'index': i, 'tokens': s['tokens'], 'tags': s['tags'], 'prediction': p}
+            for i, (s, p) in enumerate(zip(evals, predicted_tags(stepper, params)))
+        ]
+
+    def restore(params, abstract_params, init_from: str):
+        backbone = classify.restore_backbone(init_from, abstract_params, config.init_subtree)
+        return dict(params, backbone=backbone)
+
+    example = {k: jnp.zeros((1, seq), jnp.int32) for k in ('input_ids', 'segment_ids')}
+    example['input_mask'] = jnp.ones((1, seq), jnp.int32)
+    m = config.model
+    return Task(
+        name='token_cls',
+        model=model,
+        init_params=lambda rng: model.init(rng, example)['params'],
+        loss_fn=loss_fn,
+        train_iter=iter(
+            classify.train_dataset(
+                train_rows, batch_size=runtime.per_host_batch, seed=config.seed, runtime=runtime
+            )
+        ),
+        evaluate=evaluate,
+        metric=config.eval.metric or 'entity_f1',
+        flops_per_step=3.0
+        * flops_lib.encoder_forward_flops(
+            config.batch_size, seq, m.hidden_size, m.num_layers, m.mlp_dim
+        ),
+        tokens_per_example=seq,
+        restore=restore,
+        predict=predict,
+    )
