@@ -156,8 +156,12 @@ def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
     target = {'params': abstract_params}
     for key in reversed(subtree):
         target = {'params': {key: target['params']}}
+    # Without a sharding (a plain jax.eval_shape target) the arrays land on one device.
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
+        lambda s: ocp.ArrayRestoreArgs(
+            sharding=getattr(s, 'sharding', None) or default, global_shape=s.shape, dtype=s.dtype
+        ),
         target,
     )
     with ocp.PyTreeCheckpointer() as checkpointer:

@@ -136,7 +136,8 @@ def transfer_scale_fn(config) -> Callable[[str], float] | None:
 
     def scale(path: str) -> float:
         depth = layer_depth(path, num_layers)
-        if path.startswith('backbone/') and (t.freeze_backbone or depth <= t.freeze_layers):
+        frozen = t.freeze_backbone or (t.freeze_layers > 0 and depth <= t.freeze_layers)
+        if path.startswith('backbone/') and frozen:
             return 0.0
         return float(t.layer_decay ** (num_layers + 1 - depth))
 

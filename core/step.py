@@ -93,7 +93,10 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Summed eval metrics of one batch (`loss`, ..., `denominator`); divide after summing
     over all eval batches."""
-    loss_sum, sums = loss_fn(params, batch, jax.random.key(0), False)
+    rng = jax.random.key(0)
+    if axis_name is not None:  # each device its own draws (augmentations), as in training
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    loss_sum, sums = loss_fn(params, batch, rng, False)
     sums = dict(sums, loss=loss_sum)
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)

@@ -86,7 +86,9 @@ def restore_init_from(task: Task, state, abstract_params, init_from: str):
         params[ours], from_step = ckpt_lib.restore_params(
             init_from, abstract_params[ours], subtree=(theirs,)
         )
-        logging.info('initialised %s from %s/%s (step %d)', ours, init_from, theirs, from_step)
+        logging.info(
+            'initialised %s from %s (params/%s, step %d)', ours, init_from, theirs, from_step
+        )
     return state.replace(params=params)
 
 

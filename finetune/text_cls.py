@@ -1,7 +1,9 @@
 """Sentence and sentence-pair classification (or regression) with a BERT encoder.
 
 Data (`config.data`): the embedded `pydoc_topics` task (which CPython documentation topic
-a paragraph comes from, 21 classes) or local `.tsv` / `.csv` / `.jsonl` files
+a paragraph comes from, 13 classes), a prepared TFDS dataset by name (GLUE-style features
+`data.text_field`, `data.text_pair_field`, `data.label_field`; splits `data.train_split`,
+`data.eval_split`), or local `.tsv` / `.csv` / `.jsonl` files
 (`data.files`, `data.eval_files`; columns `data.text_field`, `data.text_pair_field`,
 `data.label_field`). Labels are mapped from the training split (WORKDIR/labels.json);
 an unknown label at eval is an error.
@@ -17,7 +19,7 @@ from core import flops as flops_lib
 from core.errors import DataError
 from core.task import Runtime, Task
 from data import labelled
-from data.text import heldout_indices
+from data.text import TfdsText, heldout_indices
 from data.tokenizer import WordPiece, make_tokenizer
 from finetune import classify
 from models.bert import BertConfig
@@ -90,10 +92,35 @@ def load_examples(config) -> tuple[list[dict], list[dict], str]:
     if d.name == 'pydoc_topics':
         train, test = labelled.pydoc_topics_task()
         return train, test, 'the embedded pydoc_topics task'
-    raise config_lib.ConfigError(
-        f'data.name={d.name!r}: text classification reads the embedded pydoc_topics task or '
-        'local files (--config.data.files=train.tsv --config.data.eval_files=dev.tsv)'
-    )
+    if not d.name:
+        raise config_lib.ConfigError(
+            'text classification needs data: the embedded --config.data.name=pydoc_topics, '
+            'a prepared TFDS dataset by name, or --config.data.files=train.tsv'
+        )
+    where = f'TFDS {d.name}'
+    train = tfds_examples(d, d.train_split)
+    if d.eval_split:
+        return train, tfds_examples(d, d.eval_split), where
+    train_idx, eval_idx = heldout_indices(len(train), d.eval_fraction)
+    return [train[i] for i in train_idx], [train[i] for i in eval_idx], where
+
+
+def tfds_examples(d, split: str) -> list[dict]:
+    """A prepared TFDS split (GLUE-style: text, optional pair, label features) read without
+    TensorFlow; ClassLabel ids become label strings ('0', '1', ...)."""
+    fields = {'text': d.text_field, 'label': d.label_field}
+    if d.text_pair_field:
+        fields['text_pair'] = d.text_pair_field
+    columns = {k: TfdsText(d.name, split, f, d.data_dir) for k, f in fields.items()}
+    n = len(columns['text'])
+    return [
+        {
+            'text': columns['text'][i],
+            'text_pair': columns['text_pair'][i] if 'text_pair' in columns else '',
+            'label': columns['label'][i],
+        }
+        for i in range(n)
+    ]
 
 
 def make_model(config, num_classes: int) -> TextClassifier:

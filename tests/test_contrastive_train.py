@@ -295,6 +295,7 @@ def test_clip_from_local_caption_files(tmp_path):
 # --- SimCSE -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two runs (MLM, then SimCSE): 25-50 s on 2 shared cores
 def test_simcse_from_an_mlm_run(tmp_path, pydoc_vocab):
     """MLM then SimCSE: the SimCSE run takes the MLM run's backbone and its vocabulary."""
     mlm_dir, simcse_dir = str(tmp_path / 'mlm'), str(tmp_path / 'simcse')
