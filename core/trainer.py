@@ -362,9 +362,10 @@ def evaluate_checkpoint(
         'evaluate: checkpoint %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
     )
     report = {'step': step, 'checkpoint': path, 'task': task.name, **result}
+    # Every process predicts (the step and its gather are collectives); process 0 writes.
+    rows = task.predict(stepper, params) if task.predict is not None else None
     if jax.process_index() == 0:
-        if task.predict is not None:
-            rows = task.predict(stepper, params)
+        if rows is not None:
             out = os.path.join(workdir, 'predictions.jsonl')
             with open(out + '.tmp', 'w') as f:
                 f.writelines(json.dumps(r) + '\n' for r in rows)

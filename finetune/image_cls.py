@@ -3,6 +3,7 @@ class-per-folder directory or an .npz (data/images.py). A checkpoint pretrained 
 image size restores with its position table resized to this model's patch grid."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             f'the training images carry {num_classes} classes; image classification needs '
             'labels (class folders, an .npz `labels` array, or a TFDS label feature)'
         )
-    label_map = LabelMap([str(c) for c in range(num_classes)])
+    names = getattr(train_source, 'classes', None) or [str(c) for c in range(num_classes)]
+    label_map = LabelMap([str(c) for c in names])
+    if runtime.process_index == 0:
+        label_map.save(os.path.join(workdir, 'labels.json'))  # class id -> name
     train_labels = source_labels(train_source)
     eval_labels = source_labels(eval_source)
     if eval_labels.min() < 0 or eval_labels.max() >= num_classes:

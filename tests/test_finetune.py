@@ -7,12 +7,15 @@ subsets, early stopping, local TSV files, the evaluate stage and pmap mode all r
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_RUN, launch
+from tests.conftest import ROOT, SMALL_RUN, launch
 from tests.test_contract import CHECKER, check_contract
 
 TEXT_TINY = [
@@ -395,3 +398,49 @@ def test_text_cls_in_pmap_mode(tmp_path, pydoc_vocab):
     evals = read_rows(workdir, 'eval')
     assert [e['step'] for e in evals] == [0, 1, 2]
     assert all(0.0 <= e['accuracy'] <= 1.0 for e in evals)
+
+
+def launch_group(*args: str, timeout: int) -> tuple[int, str]:
+    """`launch()` in its own process group, all of it killed on timeout (a multi-process
+    run that hangs leaves no orphans); returns (exit code, stderr)."""
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'launch.py'), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f'launch.py {args[0]} hung for {timeout}s:\n{stderr[-3000:]}')
+    return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_evaluate_with_two_local_processes(tmp_path, pydoc_vocab):
+    """Predictions are a collective step: every process must take part, process 0 writes."""
+    train_tsv = write_tsv(tmp_path / 'train.tsv', sentiment_rows(40, seed=0))
+    dev_tsv = write_tsv(tmp_path / 'dev.tsv', sentiment_rows(12, seed=1))
+    workdir = tmp_path / 'tsv'
+    args = text_cls(
+        workdir,
+        pydoc_vocab,
+        f'--config.data.files={train_tsv}',
+        f'--config.data.eval_files={dev_tsv}',
+        '--config.total_steps=2',
+    )
+    ok(launch('finetune', *args))
+    code, stderr = launch_group('evaluate', *args, '--local_processes', '2', timeout=240)
+    assert code == 0, stderr[-3000:]
+    report = read_json(workdir / 'evaluation.json')
+    assert report['step'] == 2
+    row = next(e for e in read_rows(workdir, 'eval') if e['step'] == 2)
+    assert report['accuracy'] == pytest.approx(row['accuracy'], abs=1e-6)
+    with open(workdir / 'predictions.jsonl') as f:
+        assert [json.loads(line)['index'] for line in f] == list(range(12))
