@@ -1,7 +1,8 @@
 r"""Image classification by fine-tuning a ViT encoder.
 
 Run (the default: the embedded digits, 10 classes, 1408 train / 389 test images at 16x16),
-from a SimCLR run and from scratch with the same budget (see README for the figures):
+from a SimCLR run and from scratch with the same budget (under a minute each on 2 CPU
+cores; accuracy 0.987 from SimCLR, 0.895 from scratch; see README):
 
   python launch.py pretrain --config configs/vit_simclr.py:tiny --workdir runs/simclr
   python launch.py finetune --config configs/image_cls.py:tiny --workdir runs/digits \

@@ -1,8 +1,9 @@
 r"""Unsupervised SimCSE: a BERT sentence encoder trained by contrasting two dropout views.
 
 Run (the default: BERT-tiny, the same architecture as configs/bert_mlm.py:tiny, on the
-sentences of the embedded CPython docs + stdlib docstrings; a few minutes on 2 CPU cores;
-k-NN and linear-probe accuracy on the pydoc-topic task, see README):
+sentences of the embedded CPython docs + stdlib docstrings; 5 minutes on 2 CPU cores;
+held-out twin-finding accuracy 0.69 from scratch, 0.95 after MLM; k-NN / linear-probe
+accuracy on the pydoc-topic task in README):
 
   python launch.py pretrain --config configs/simcse.py:tiny --workdir runs/simcse
 

@@ -1,8 +1,9 @@
 r"""Text classification (or regression) by fine-tuning a BERT encoder.
 
 Run (the default: the embedded pydoc_topics task, which CPython documentation topic a
-paragraph comes from, 21 classes, 1015 train / 430 test paragraphs), from an MLM run and
-from scratch with the same budget (see README for the figures):
+paragraph comes from, 13 classes, 631 train / 268 test paragraphs), from an MLM run and
+from scratch with the same budget (4 minutes each on 2 CPU cores; accuracy 0.75 from
+MLM, 0.55 from scratch; see README):
 
   python launch.py pretrain --config configs/bert_mlm.py:tiny --workdir runs/mlm
   python launch.py finetune --config configs/text_cls.py:tiny --workdir runs/cls \

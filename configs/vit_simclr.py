@@ -1,8 +1,9 @@
 r"""SimCLR pretraining of a ViT.
 
 Run (the default: a small ViT on the embedded scikit-learn digits, 8x8 grayscale images
-resized to 16x16; on 2 CPU cores under 10 minutes; see README for the probe figures
-against the same probe on a randomly initialised encoder):
+resized to 16x16; 6.5 minutes on 2 CPU cores; on the frozen backbone, linear probe 0.979
+(0.951 for the same probe at random init), 5-labels-per-class probe 0.874 (0.591), 20-NN
+0.974 (0.563); README has the details):
 
   python launch.py pretrain --config configs/vit_simclr.py:tiny --workdir runs/simclr
 

@@ -6,7 +6,7 @@ run: its backbone and vocabulary carry over).
 
 Evaluated by k-NN and a linear probe on frozen features of a labelled text task built from
 the same embedded source: which CPython documentation topic a paragraph comes from
-(`data.text.pydoc_topic_paragraphs`, 21 topics)."""
+(`data.text.pydoc_topic_paragraphs`, 13 topics)."""
 
 import jax.numpy as jnp
 import ml_collections
