@@ -180,3 +180,21 @@ def restore_backbone(init_from: str, abstract_params, subtree: str, adapt=None) 
         params = fix(params)
     logging.info('initialised backbone from %s (params/%s, step %d)', init_from, subtree, step)
     return params
+
+
+def backbone_restore(subtree: str, adapt=None):
+    """A task's `restore`: the pretrained encoder into `backbone`, the rest (the head) as
+    initialised."""
+
+    def restore(params, abstract_params, init_from: str):
+        backbone = restore_backbone(init_from, abstract_params, subtree, adapt)
+        return dict(params, backbone=backbone)
+
+    return restore
+
+
+def text_example(seq_len: int) -> dict[str, jax.Array]:
+    """A one-example text batch to initialise a model with."""
+    example = {k: jnp.zeros((1, seq_len), jnp.int32) for k in ('input_ids', 'segment_ids')}
+    example['input_mask'] = jnp.ones((1, seq_len), jnp.int32)
+    return example

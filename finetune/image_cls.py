@@ -136,12 +136,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         logits = predictor.logits(stepper, params)
         return classify.prediction_rows(logits, eval_labels, label_map)
 
-    def restore(params, abstract_params, init_from: str):
-        backbone = classify.restore_backbone(
-            init_from, abstract_params, config.init_subtree, position_table_adapter(vit)
-        )
-        return dict(params, backbone=backbone)
-
     example = jnp.zeros((1, m.image_size, m.image_size, m.channels), jnp.float32)
     return Task(
         name='image_cls',
@@ -152,6 +146,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         evaluate=evaluate,
         metric=classify.task_metric(label_map, config),
         flops_per_step=flops_lib.vit_train_flops(vit, config.batch_size),
-        restore=restore,
+        restore=classify.backbone_restore(config.init_subtree, position_table_adapter(vit)),
         predict=predict,
     )

@@ -9,7 +9,6 @@ a paragraph comes from, 13 classes), a prepared TFDS dataset by name (GLUE-style
 an unknown label at eval is an error.
 """
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -175,12 +174,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         logits = predictor.logits(stepper, params)
         return classify.prediction_rows(logits, eval_labels, label_map)
 
-    def restore(params, abstract_params, init_from: str):
-        backbone = classify.restore_backbone(init_from, abstract_params, config.init_subtree)
-        return dict(params, backbone=backbone)
-
-    example = {k: jnp.zeros((1, seq), jnp.int32) for k in ('input_ids', 'segment_ids')}
-    example['input_mask'] = jnp.ones((1, seq), jnp.int32)
+    example = classify.text_example(seq)
     m = config.model
     return Task(
         name='text_cls',
@@ -202,6 +196,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             config.batch_size, seq, m.hidden_size, m.num_layers, m.mlp_dim
         ),
         tokens_per_example=seq,
-        restore=restore,
+        restore=classify.backbone_restore(config.init_subtree),
         predict=predict,
     )

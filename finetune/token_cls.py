@@ -151,12 +151,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             for i, (s, p) in enumerate(zip(evals, predicted_tags(stepper, params)))
         ]
 
-    def restore(params, abstract_params, init_from: str):
-        backbone = classify.restore_backbone(init_from, abstract_params, config.init_subtree)
-        return dict(params, backbone=backbone)
-
-    example = {k: jnp.zeros((1, seq), jnp.int32) for k in ('input_ids', 'segment_ids')}
-    example['input_mask'] = jnp.ones((1, seq), jnp.int32)
+    example = classify.text_example(seq)
     m = config.model
     return Task(
         name='token_cls',
@@ -175,6 +170,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             config.batch_size, seq, m.hidden_size, m.num_layers, m.mlp_dim
         ),
         tokens_per_example=seq,
-        restore=restore,
+        restore=classify.backbone_restore(config.init_subtree),
         predict=predict,
     )
