@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, DataError
-from data.text import Subset, heldout_indices
+from data.text import Subset, heldout_indices, jsonl_records
 from data.tokenizer import FixedLengthEncoder, WordPiece
 
 EMBEDDED_IMAGES = ('digits',)
@@ -553,23 +553,14 @@ class ArrayPairs(_Conformed):
 def _read_caption_jsonl(path: str, image_field: str, text_field: str) -> list[tuple]:
     """(image path as written, caption, line number) of every non-blank line."""
     rows = []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path} line {n} is not JSON ({e})') from e
-            if not isinstance(record, dict):
-                raise DataError(f'{path} line {n}: expected a JSON object, found {line.strip()}')
-            for field, key in ((image_field, 'image_field'), (text_field, 'text_field')):
-                if field not in record:
-                    raise DataError(
-                        f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
-                        f'set --config.data.{key}'
-                    )
-            rows.append((str(record[image_field]), str(record[text_field]), n))
+    for n, record in jsonl_records(path):
+        for field, key in ((image_field, 'image_field'), (text_field, 'text_field')):
+            if field not in record:
+                raise DataError(
+                    f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
+                    f'set --config.data.{key}'
+                )
+        rows.append((str(record[image_field]), str(record[text_field]), n))
     return rows
 
 

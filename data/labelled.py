@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from core.errors import ConfigError, DataError
-from data.text import heldout_indices, pydoc_topic_paragraphs
+from data.text import heldout_indices, jsonl_records, pydoc_topic_paragraphs
 from data.tokenizer import WordPiece
 
 LABELLED_EXTENSIONS = ('.tsv', '.csv', '.jsonl')
@@ -126,30 +126,18 @@ def _read_delimited_labelled(
 def _read_jsonl_labelled(path: str, fields: dict[str, tuple[str, str]]) -> list[dict]:
     """Objects of a .jsonl file as examples; `fields` maps example keys to object keys."""
     examples = []
-    with open(path, encoding='utf-8-sig') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path} line {n} is not JSON ({e})') from e
-            if not isinstance(record, dict):
+    for n, record in jsonl_records(path):
+        example = {}
+        for key, (arg, field) in fields.items():
+            value = record.get(field)
+            if value is None:
+                what = 'no field' if field not in record else 'a null in field'
                 raise DataError(
-                    f'{path} line {n}: expected a JSON object per line, found '
-                    f'{type(record).__name__}'
+                    f'{path} line {n} has {what} {field!r} (fields: {sorted(record)}); '
+                    f'set --config.data.{arg} to one of them'
                 )
-            example = {}
-            for key, (arg, field) in fields.items():
-                value = record.get(field)
-                if value is None:
-                    what = 'no field' if field not in record else 'a null in field'
-                    raise DataError(
-                        f'{path} line {n} has {what} {field!r} (fields: {sorted(record)}); '
-                        f'set --config.data.{arg} to one of them'
-                    )
-                example[key] = value if isinstance(value, str) else json.dumps(value)
-            examples.append(example)
+            example[key] = value if isinstance(value, str) else json.dumps(value)
+        examples.append(example)
     return examples
 
 
@@ -504,32 +492,21 @@ def read_conll(pattern: str) -> list[dict]:
 
 def _read_token_jsonl(path: str, tokens_field: str, tags_field: str) -> list[dict]:
     sentences = []
-    with open(path, encoding='utf-8-sig') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path} line {n} is not JSON ({e})') from e
-            if not isinstance(record, dict):
-                raise DataError(f'{path} line {n}: expected a JSON object per line')
-            for field, arg in ((tokens_field, 'text_field'), (tags_field, 'label_field')):
-                if not isinstance(record.get(field), list):
-                    raise DataError(
-                        f'{path} line {n}: expected a list in field {field!r} (fields: '
-                        f'{sorted(record)}); set --config.data.{arg} to the field that holds it'
-                    )
-            tokens, tags = record[tokens_field], record[tags_field]
-            if len(tokens) != len(tags):
+    for n, record in jsonl_records(path):
+        for field, arg in ((tokens_field, 'tokens_field'), (tags_field, 'tags_field')):
+            if not isinstance(record.get(field), list):
                 raise DataError(
-                    f'{path} line {n}: {len(tokens)} tokens but {len(tags)} tags; each token '
-                    'needs exactly one tag'
+                    f'{path} line {n}: expected a list in field {field!r} (fields: '
+                    f'{sorted(record)}); set --config.data.{arg} to the field that holds it'
                 )
-            if tokens:
-                sentences.append(
-                    {'tokens': [str(t) for t in tokens], 'tags': [str(t) for t in tags]}
-                )
+        tokens, tags = record[tokens_field], record[tags_field]
+        if len(tokens) != len(tags):
+            raise DataError(
+                f'{path} line {n}: {len(tokens)} tokens but {len(tags)} tags; each token '
+                'needs exactly one tag'
+            )
+        if tokens:
+            sentences.append({'tokens': [str(t) for t in tokens], 'tags': [str(t) for t in tags]})
     return sentences
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -139,9 +139,10 @@ def _read_txt(path: str) -> list[str]:
     return [b.strip() for b in blocks if b.strip()]
 
 
-def _read_jsonl(path: str, field: str) -> list[str]:
-    docs = []
-    with open(path, encoding='utf-8') as f:
+def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a .jsonl file; a line that is not
+    a JSON object is a DataError naming it. A UTF-8 byte-order mark is skipped."""
+    with open(path, encoding='utf-8-sig') as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -149,12 +150,23 @@ def _read_jsonl(path: str, field: str) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f'{path} line {n} is not JSON ({e})') from e
-            if field not in record:
+            if not isinstance(record, dict):
                 raise DataError(
-                    f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
-                    'set --config.data.text_field'
+                    f'{path} line {n}: expected a JSON object per line, found '
+                    f'{type(record).__name__}'
                 )
-            docs.append(str(record[field]))
+            yield n, record
+
+
+def _read_jsonl(path: str, field: str) -> list[str]:
+    docs = []
+    for n, record in jsonl_records(path):
+        if field not in record:
+            raise DataError(
+                f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
+                'set --config.data.text_field'
+            )
+        docs.append(str(record[field]))
     return docs
 
 
