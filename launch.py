@@ -19,6 +19,7 @@ STAGES = {
     'pretrain': 'pretrain.main',
     'finetune': 'finetune.main',
     'evaluate': 'finetune.evaluate',
+    'study': 'study.main',
 }
 
 

@@ -48,6 +48,16 @@ def _read_summary(workdir: str) -> dict:
         return json.load(f)
 
 
+def _train_time_at(workdir: str, step: int) -> float:
+    """The training clock at `step` of an earlier run in `workdir` (0 for a new run)."""
+    try:
+        rows = metrics_lib.read_metrics(workdir)
+    except FileNotFoundError:
+        return 0.0
+    times = [r['train_time_sec'] for r in rows if r['step'] <= step and 'train_time_sec' in r]
+    return times[-1] if times else 0.0
+
+
 def task_module(config, tasks: dict[str, str], stage: str):
     """The module of `config.task` (tasks: name -> module path, the stage's table)."""
     if config.task not in tasks:
@@ -169,10 +179,17 @@ def train_and_evaluate(
     peak = flops_lib.peak_flops_per_device(config.peak_tflops)
 
     eval_history = []
+    # The training clock of eval rows (`train_time_sec`): seconds spent training, evals left
+    # out and compilation kept in, carried across restarts; it measures time-to-accuracy.
+    clock = {'offset': _train_time_at(workdir, start_step), 'start': time.perf_counter()}
+    clock['eval'] = 0.0
 
     def run_eval(step: int) -> None:
+        began = time.perf_counter()
+        train_time = clock['offset'] + began - clock['start'] - clock['eval']
         result = task.evaluate(stepper, state.params)
-        writer.write(step, 'eval', result)
+        clock['eval'] += time.perf_counter() - began
+        writer.write(step, 'eval', {**result, 'train_time_sec': train_time})
         eval_history.append({'step': step, **result})
         logging.info(
             'eval step %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, DataError
+from data.pipeline import shuffle_forever
 from data.text import Subset, heldout_indices, jsonl_records
 from data.tokenizer import FixedLengthEncoder, WordPiece
 
@@ -957,7 +958,7 @@ def _batches(
                 f'process {shard_index} of {shard_count} gets no training items: the data has '
                 f'only {len(source)}; give more data or run on fewer processes'
             )
-        ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
+        ds = shuffle_forever(ds, seed)  # a new order every epoch
     ds = ds.map(example).to_iter_dataset()  # items are read (decoded) in parallel threads
     ds = ds.batch(batch_size, drop_remainder=train)
     if prefetch:

@@ -20,6 +20,7 @@ from core import evaluators
 from core.errors import CheckpointError, UserError
 from core.task import Runtime
 from data.labelled import LabelMap, select_train_examples
+from data.pipeline import shuffle_forever
 from finetune import metrics as metrics_lib
 
 
@@ -158,7 +159,7 @@ def train_dataset(examples: list[dict], *, batch_size: int, seed: int, runtime: 
             f'process {runtime.process_index} has no training examples; use fewer processes '
             'or more train_examples'
         )
-    ds = ds.shuffle(seed=seed).repeat().to_iter_dataset()
+    ds = shuffle_forever(ds, seed).to_iter_dataset()
     return ds.batch(batch_size, drop_remainder=True)
 
 

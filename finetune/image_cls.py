@@ -148,4 +148,5 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         flops_per_step=flops_lib.vit_train_flops(vit, config.batch_size),
         restore=classify.backbone_restore(config.init_subtree, position_table_adapter(vit)),
         predict=predict,
+        summary_extras=lambda final: {'train_examples': len(picked)},
     )

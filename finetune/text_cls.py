@@ -198,4 +198,5 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         tokens_per_example=seq,
         restore=classify.backbone_restore(config.init_subtree),
         predict=predict,
+        summary_extras=lambda final: {'train_examples': len(picked)},
     )

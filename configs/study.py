@@ -1,0 +1,89 @@
+r"""Transfer study: one pretraining, then fine-tuning at several label budgets and seeds,
+from the pretrained encoder and from scratch, summarised as a table and a plot.
+
+  python launch.py study --config configs/study.py:digits --workdir runs/study
+
+Presets:
+  digits  SimCLR ViT on the embedded digits (configs/vit_simclr.py:tiny), then digits
+          classification (configs/image_cls.py:tiny) at 1%..100% of the labels, 3 seeds,
+          arms pretrained / scratch / linear_probe. About 40 minutes on 2 CPU cores.
+  text    MLM BERT-tiny on the embedded CPython docs (configs/bert_mlm.py:tiny), then the
+          pydoc_topics classification (configs/text_cls.py:tiny); with
+          --config.imported=DIR (a `launch.py import-hf` workdir) a third arm fine-tunes that
+          imported checkpoint, with its own architecture and vocabulary.
+  smoke   a minute-sized digits study for tests: 2 budgets, 1 seed, a few steps.
+
+The nested `pretrain` and `finetune` blocks are whole stage configs, so every key of those
+files can be overridden here: --config.finetune.total_steps=200,
+--config.pretrain.model.num_layers=2. `pretrain_workdir` reuses a pretraining that already
+exists (e.g. runs/simclr) instead of WORKDIR/pretrain.
+
+Arms (`arms`, comma-separated):
+  pretrained    fine-tune everything from the pretrained encoder
+  scratch       the same model, configuration and data, from random init
+  linear_probe  the pretrained encoder frozen, only the head trained (`probe_learning_rate`)
+  imported      fine-tune the checkpoint in `imported` (needs --config.imported)
+
+Budgets: `label_fractions` (a fraction of each class, 1.0 = every label) or
+`examples_per_class`; set exactly one. The labelled subsets are nested across budgets and
+differ across seeds (data/labelled.py:select_train_examples); a seed also changes the head's
+initialisation and the data order.
+"""
+
+import ml_collections
+
+from configs import bert_mlm, image_cls, text_cls, vit_simclr
+
+
+def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
+    if preset not in ('digits', 'text', 'smoke'):
+        raise ValueError(f'unknown preset {preset!r} for study; expected digits, text or smoke')
+    c = ml_collections.ConfigDict()
+    c.stage = 'study'
+    c.name = preset
+    if preset == 'text':
+        c.pretrain = bert_mlm.get_config('tiny')
+        c.finetune = text_cls.get_config('tiny')
+        c.finetune.total_steps = 400
+        c.finetune.warmup_steps = 40
+        c.finetune.eval_every = 50
+        c.label_fractions = (0.05, 0.1, 0.25, 0.5, 1.0)
+        c.target_accuracy = 0.5
+        c.arms = 'pretrained,scratch'
+    else:
+        c.pretrain = vit_simclr.get_config('tiny')
+        c.finetune = image_cls.get_config('tiny')
+        c.finetune.total_steps = 200
+        c.finetune.warmup_steps = 20
+        c.finetune.eval_every = 25
+        c.label_fractions = (0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+        c.target_accuracy = 0.9
+        c.arms = 'pretrained,scratch,linear_probe'
+    c.finetune.checkpoint_every = c.finetune.total_steps  # a study keeps the final model
+    c.finetune.keep_checkpoints = 1
+    c.examples_per_class = ()
+    c.seeds = (0, 1, 2)
+    c.probe_learning_rate = 1e-2  # the linear_probe arm: a frozen encoder wants a larger rate
+    c.pretrain_workdir = ''  # '' = WORKDIR/pretrain; or an existing pretraining to reuse
+    c.imported = ''  # a `launch.py import-hf` workdir: the `imported` arm
+    if preset == 'smoke':
+        c.pretrain.total_steps = 6
+        c.pretrain.warmup_steps = 2
+        c.pretrain.eval_every = 6
+        c.pretrain.checkpoint_every = 6
+        c.pretrain.log_every = 3
+        c.pretrain.batch_size = 32
+        c.pretrain.model.num_layers = 1
+        c.pretrain.eval.few_shot = 0
+        c.pretrain.eval.probe_train_examples = 200
+        c.pretrain.eval_steps = 1
+        c.finetune.model.num_layers = 1
+        c.finetune.total_steps = 8
+        c.finetune.warmup_steps = 2
+        c.finetune.eval_every = 4
+        c.finetune.checkpoint_every = 8
+        c.finetune.log_every = 4
+        c.label_fractions = (0.05, 1.0)
+        c.seeds = (0,)
+        c.target_accuracy = 0.3
+    return c

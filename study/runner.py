@@ -1,0 +1,239 @@
+"""The transfer study: one pretraining, many fine-tunings, one table.
+
+WORKDIR/config.json             the study's resolved config
+WORKDIR/pretrain/               the pretraining run (unless `pretrain_workdir` names one)
+WORKDIR/runs/<arm>/<budget>/seed<k>/   one fine-tuning workdir per run
+WORKDIR/study.json, study.csv   per-run results and the table (mean and std over seeds)
+WORKDIR/study.png               accuracy against labelled examples, one line per arm
+
+Every run is an ordinary stage run in its own workdir, so the study resumes for free: a run
+whose summary says it completed is read, not redone; a run cut off midway resumes from its
+last checkpoint (core/trainer.py); the rest start. Runs go one after another in this
+process; on several hosts every process runs the same sequence and process 0 writes the
+study's files.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from core import metrics as metrics_lib
+from core.errors import ConfigError, UserError
+
+ARMS = ('pretrained', 'scratch', 'linear_probe', 'imported')
+
+# Model keys a fine-tuning run chooses for itself; every other key it shares with the
+# pretraining config describes the architecture and is taken from the encoder it starts from.
+OWN_MODEL_KEYS = ('dropout_rate', 'attention_dropout_rate', 'head_dropout', 'zero_init_head')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    arm: str
+    budget: float | int  # a fraction of each class (float) or examples per class (int)
+    seed: int
+
+    @property
+    def budget_name(self) -> str:
+        if isinstance(self.budget, int):
+            return f'{self.budget}_per_class'
+        return f'frac_{self.budget:g}'
+
+    @property
+    def path(self) -> str:
+        return os.path.join('runs', self.arm, self.budget_name, f'seed{self.seed}')
+
+
+def arms(config) -> list[str]:
+    names = [a.strip() for a in config.arms.split(',') if a.strip()]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise ConfigError(
+            f'study arms={config.arms!r}: expected a comma-separated subset of {ARMS}'
+        )
+    if 'imported' in names and not config.imported:
+        raise ConfigError(
+            'the imported arm needs --config.imported=DIR, a workdir written by '
+            '`launch.py import-hf` (or drop it from --config.arms)'
+        )
+    if config.imported and 'imported' not in names:
+        names.append('imported')
+    return names
+
+
+def budgets(config) -> list[float | int]:
+    fractions, counts = tuple(config.label_fractions), tuple(config.examples_per_class)
+    if bool(fractions) == bool(counts):
+        raise ConfigError(
+            'set exactly one of --config.label_fractions (e.g. "(0.01,0.1,1.0)") and '
+            f'--config.examples_per_class (e.g. "(1,5,20)"); found {fractions} and {counts}'
+        )
+    if any(not 0 < f <= 1 for f in fractions):
+        raise ConfigError(f'label_fractions {fractions} must lie in (0, 1]; 1.0 = every label')
+    if any(int(k) != k or k < 1 for k in counts):
+        raise ConfigError(f'examples_per_class {counts} must be positive integers')
+    return sorted({float(f) for f in fractions}) or sorted({int(k) for k in counts})
+
+
+def plan(config) -> list[Run]:
+    """Every run of the study, in the order they are done: budgets from small to large, so
+    a study cut short already has the low-label end, where the question is."""
+    if not config.seeds:
+        raise ConfigError('study seeds is empty; give e.g. --config.seeds="(0,1,2)"')
+    return [
+        Run(arm, budget, int(seed))
+        for budget in budgets(config)
+        for seed in config.seeds
+        for arm in arms(config)
+    ]
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def completed(workdir: str) -> bool:
+    return bool(read_json(os.path.join(workdir, 'summary.json')).get('completed'))
+
+
+def adopt_architecture(model: ml_collections.ConfigDict, source: dict) -> list[str]:
+    """Sets the architecture keys of a fine-tuning `model` config to those of the encoder it
+    starts from (`source`, that run's `model` config); returns what changed."""
+    changed = []
+    with model.unlocked():
+        for key, value in source.items():
+            if key in model and key not in OWN_MODEL_KEYS and model[key] != value:
+                changed.append(f'model.{key}: {model[key]!r} -> {value!r}')
+                model[key] = type(model[key])(value) if model[key] is not None else value
+    return changed
+
+
+def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.ConfigDict:
+    """The stage config of one run: the study's `finetune` block, this run's budget and seed,
+    and how the arm starts."""
+    c = ml_collections.ConfigDict(config.finetune.to_dict())
+    c.seed = run.seed
+    every_label = isinstance(run.budget, float) and run.budget == 1.0
+    c.train_examples = '' if every_label else str(run.budget)
+    source = pretrain_dir
+    if run.arm == 'imported':
+        source = config.imported
+    if source:
+        saved = read_json(os.path.join(source, 'config.json'))
+        if not saved:
+            raise UserError(
+                f'{source}/config.json not found: the {run.arm} arm starts from a pretrax '
+                'workdir (a pretraining run, or one written by `launch.py import-hf`)'
+            )
+        adopt_architecture(c.model, saved.get('model', {}))
+    if run.arm in ('pretrained', 'linear_probe', 'imported'):
+        c.init_from = source
+    if run.arm == 'linear_probe':
+        c.transfer.freeze_backbone = True
+        c.learning_rate = config.probe_learning_rate
+    if run.arm == 'scratch' and 'vocab_file' in c.data and not c.data.vocab_file:
+        vocab = os.path.join(pretrain_dir, 'vocab.txt') if pretrain_dir else ''
+        if os.path.isfile(vocab):
+            c.data.vocab_file = vocab  # the same tokenization as the pretrained arm
+    return c
+
+
+def time_to_target(workdir: str, metric: str, target: float) -> tuple[int | None, float | None]:
+    """(step, training seconds) of the first eval at or above `target`; Nones if never."""
+    for row in metrics_lib.read_metrics(workdir):
+        if row['split'] == 'eval' and row.get(metric, -float('inf')) >= target:
+            return row['step'], row.get('train_time_sec')
+    return None, None
+
+
+def result_row(run: Run, workdir: str, metric: str, target: float) -> dict:
+    summary = read_json(os.path.join(workdir, 'summary.json'))
+    step, seconds = time_to_target(workdir, metric, target)
+    return {
+        'arm': run.arm,
+        'budget': run.budget,
+        'seed': run.seed,
+        'train_examples': summary.get('train_examples'),
+        f'final_{metric}': summary[f'final_{metric}'],
+        f'best_{metric}': summary[f'best_{metric}'],
+        'steps': summary['steps'],
+        'steps_to_target': step,
+        'train_time_to_target_sec': seconds,
+        'wall_time_sec': summary['wall_time_sec'],
+        'workdir': workdir,
+    }
+
+
+def run_pretraining(config, workdir: str) -> str:
+    """The pretraining's workdir: reused when complete, else run (or resumed) here."""
+    from pretrain import train as pretrain_train
+
+    if config.pretrain_workdir:
+        if not completed(config.pretrain_workdir):
+            raise UserError(
+                f'pretrain_workdir {config.pretrain_workdir} holds no completed pretraining '
+                '(no summary.json with completed=true): finish that run, or leave '
+                '--config.pretrain_workdir empty to pretrain inside the study'
+            )
+        logging.info('study: reusing the pretraining in %s', config.pretrain_workdir)
+        return config.pretrain_workdir
+    path = os.path.join(workdir, 'pretrain')
+    if completed(path):
+        logging.info('study: the pretraining in %s is complete; reusing it', path)
+        return path
+    logging.info('study: pretraining in %s', path)
+    pretrain_train.train_and_evaluate(ml_collections.ConfigDict(config.pretrain.to_dict()), path)
+    jax.clear_caches()
+    return path
+
+
+def run_study(config, workdir: str) -> dict:
+    """Runs what is missing of the study in `workdir`, then writes its table and plot."""
+    from finetune import train as finetune_train
+    from study import report
+
+    started = time.time()
+    runs = plan(config)
+    metric = config.finetune.eval.metric or 'accuracy'
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json(indent=2))
+    needs_pretraining = any(r.arm in ('pretrained', 'linear_probe') for r in runs)
+    pretrain_dir = run_pretraining(config, workdir) if needs_pretraining else ''
+
+    rows = []
+    for i, run in enumerate(runs):
+        path = os.path.join(workdir, run.path)
+        if completed(path):
+            logging.info('study: run %d/%d %s is complete', i + 1, len(runs), run.path)
+        else:
+            logging.info('study: run %d/%d %s', i + 1, len(runs), run.path)
+            finetune_train.train_and_evaluate(finetune_config(config, run, pretrain_dir), path)
+            jax.clear_caches()  # each run compiles its own step; keep memory flat
+        rows.append(result_row(run, path, metric, config.target_accuracy))
+
+    table = report.aggregate(rows, metric)
+    result = {
+        'study': config.name,
+        'metric': metric,
+        'target': config.target_accuracy,
+        'pretrain_workdir': pretrain_dir,
+        'table': table,
+        'runs': rows,
+        'wall_time_sec': time.time() - started,
+    }
+    if is_main:
+        report.write(workdir, result)
+        print(report.markdown(table, metric, config.target_accuracy))
+    return result

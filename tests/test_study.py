@@ -1,0 +1,186 @@
+"""The transfer-study runner: its plan, its table, and a minute-sized study run end to end,
+killed midway and resumed."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import study as study_config
+from core.errors import ConfigError, UserError
+from study import report, runner
+from tests.conftest import ROOT, launch
+from tests.test_contract import check_contract
+
+
+def test_plan_orders_budgets_first_and_covers_every_arm_and_seed():
+    c = study_config.get_config('digits')
+    runs = runner.plan(c)
+    assert len(runs) == 6 * 3 * 3
+    assert [r.budget for r in runs[:9]] == [0.01] * 9  # the low-label end comes first
+    assert {(r.arm, r.budget, r.seed) for r in runs} == {
+        (a, b, s)
+        for a in ('pretrained', 'scratch', 'linear_probe')
+        for b in c.label_fractions
+        for s in c.seeds
+    }
+    assert len({r.path for r in runs}) == len(runs)
+
+
+def test_budget_and_arm_errors_name_the_fix():
+    c = study_config.get_config('smoke')
+    c.examples_per_class = (1, 5)
+    with pytest.raises(ConfigError, match='exactly one of'):
+        runner.plan(c)
+    c.label_fractions = ()
+    assert [r.budget for r in runner.plan(c)][::3] == [1, 5]
+    c.examples_per_class = (0,)
+    with pytest.raises(ConfigError, match='positive integers'):
+        runner.plan(c)
+    c = study_config.get_config('smoke')
+    c.label_fractions = (0.5, 2.0)
+    with pytest.raises(ConfigError, match=r'\(0, 1\]'):
+        runner.plan(c)
+    c = study_config.get_config('smoke')
+    c.arms = 'pretrained,imported'
+    with pytest.raises(ConfigError, match='--config.imported'):
+        runner.plan(c)
+    c.arms = 'pretrained,warm'
+    with pytest.raises(ConfigError, match='warm'):
+        runner.plan(c)
+
+
+def test_finetune_config_per_arm(tmp_path):
+    pretrain = tmp_path / 'pretrain'
+    pretrain.mkdir()
+    c = study_config.get_config('text')
+    saved = c.pretrain.to_dict()
+    saved['model']['num_layers'] = 3  # what the pretraining actually ran
+    (pretrain / 'config.json').write_text(json.dumps(saved))
+    (pretrain / 'vocab.txt').write_text('[PAD]\n')
+
+    def config(arm, budget=0.1, seed=1):
+        return runner.finetune_config(c, runner.Run(arm, budget, seed), str(pretrain))
+
+    pretrained, scratch, probe = config('pretrained'), config('scratch'), config('linear_probe')
+    for f in (pretrained, scratch, probe):
+        assert f.model.num_layers == 3 and f.seed == 1 and f.train_examples == '0.1'
+    assert pretrained.init_from == str(pretrain) and not pretrained.transfer.freeze_backbone
+    assert scratch.init_from == '' and scratch.data.vocab_file == str(pretrain / 'vocab.txt')
+    assert probe.transfer.freeze_backbone and probe.learning_rate == c.probe_learning_rate
+    assert pretrained.model.dropout_rate == c.finetune.model.dropout_rate
+    assert config('pretrained', budget=1.0).train_examples == ''  # every label
+    assert config('pretrained', budget=1).train_examples == '1'  # one per class
+    with pytest.raises(UserError, match='import-hf'):
+        runner.finetune_config(c, runner.Run('pretrained', 0.1, 0), str(tmp_path / 'none'))
+
+
+def test_aggregate_and_markdown():
+    def row(arm, budget, seed, acc, step):
+        return {
+            'arm': arm,
+            'budget': budget,
+            'seed': seed,
+            'train_examples': 10 if budget == 0.1 else 100,
+            'final_accuracy': acc,
+            'best_accuracy': acc + 0.01,
+            'steps': 50,
+            'steps_to_target': step,
+            'train_time_to_target_sec': None if step is None else step / 10,
+            'wall_time_sec': 5.0,
+        }
+
+    rows = [
+        row('pretrained', 0.1, 0, 0.8, 20),
+        row('pretrained', 0.1, 1, 0.6, None),
+        row('scratch', 0.1, 0, 0.3, None),
+        row('scratch', 0.1, 1, 0.5, None),
+        row('pretrained', 1.0, 0, 0.9, 10),
+        row('scratch', 1.0, 0, 0.85, 30),
+    ]
+    table = report.aggregate(rows, 'accuracy')
+    assert [(t['arm'], t['budget']) for t in table] == [
+        ('pretrained', 0.1),
+        ('scratch', 0.1),
+        ('pretrained', 1.0),
+        ('scratch', 1.0),
+    ]
+    first = table[0]
+    assert first['mean'] == pytest.approx(0.7) and first['std'] == pytest.approx(0.1414, abs=1e-4)
+    assert first['reached'] == 1 and first['steps_to_target'] == 20
+    assert first['time_to_target_sec'] == pytest.approx(2.0)
+    assert table[1]['reached'] == 0 and table[1]['steps_to_target'] is None
+    text = report.markdown(table, 'accuracy', 0.7)
+    assert (
+        '| 0.1 | 10 | 0.700 ± 0.141 | 0.400 ± 0.141 | +0.300 | 20 (2 s), 1/2 | never (0/2) |'
+        in (text)
+    )
+
+
+def _study_args(workdir: str) -> list[str]:
+    return [
+        'study',
+        '--config',
+        'configs/study.py:smoke',
+        '--workdir',
+        workdir,
+        '--config.arms=pretrained,scratch',
+    ]
+
+
+def test_smoke_study_runs_resumes_after_a_kill_and_writes_the_table(tmp_path):
+    workdir = str(tmp_path / 'study')
+    first_run = os.path.join(workdir, 'runs', 'pretrained', 'frac_0.05', 'seed0')
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    with open(workdir + '.log', 'w') as log:
+        proc = subprocess.Popen(
+            [sys.executable, 'launch.py', *_study_args(workdir)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    deadline = time.time() + 300
+    summary = os.path.join(first_run, 'summary.json')
+    while not os.path.isfile(summary) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, open(workdir + '.log').read()[-3000:]
+    assert not os.path.exists(os.path.join(workdir, 'study.csv'))
+    done_at = os.path.getmtime(summary)
+
+    r = launch(*_study_args(workdir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'reusing it' in r.stderr  # the pretraining
+    assert 'run 1/4 runs/pretrained/frac_0.05/seed0 is complete' in r.stderr
+    assert os.path.getmtime(summary) == done_at  # read, not redone
+    check_contract(first_run, 'accuracy')
+
+    result = json.load(open(os.path.join(workdir, 'study.json')))
+    assert len(result['runs']) == 4 and len(result['table']) == 4
+    by_key = {(t['arm'], t['budget']): t for t in result['table']}
+    assert by_key[('scratch', 0.05)]['train_examples'] == 72  # 5% of each digit class
+    assert by_key[('scratch', 1.0)]['train_examples'] == 1408
+    for run in result['runs']:
+        run_summary = json.load(open(os.path.join(run['workdir'], 'summary.json')))
+        assert run['final_accuracy'] == run_summary['final_accuracy']
+        assert run_summary['steps'] == 8
+    with open(os.path.join(workdir, 'study.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r['arm'], float(r['budget'])) for r in rows] == list(by_key)
+    png = open(os.path.join(workdir, 'study.png'), 'rb').read()
+    assert png.startswith(b'\x89PNG') and len(png) > 10_000
+    assert '| budget | labels | pretrained accuracy | scratch accuracy |' in r.stdout
+
+    # Run again: nothing left to do, the same table.
+    r = launch(*_study_args(workdir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count('/seed0 is complete') == 4
+    again = json.load(open(os.path.join(workdir, 'study.json')))
+    assert again['table'] == result['table']
