@@ -53,9 +53,9 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
     else:
         c.pretrain = vit_simclr.get_config('tiny')
         c.finetune = image_cls.get_config('tiny')
-        c.finetune.total_steps = 200
-        c.finetune.warmup_steps = 20
-        c.finetune.eval_every = 25
+        c.finetune.total_steps = 400
+        c.finetune.warmup_steps = 40
+        c.finetune.eval_every = 50
         c.label_fractions = (0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
         c.target_accuracy = 0.9
         c.arms = 'pretrained,scratch,linear_probe'

@@ -19,12 +19,8 @@ from data.tokenizer import WordPiece
 
 class _EpochShuffled:
     """An endless sequence: epoch e is `items` in the order of a permutation drawn from
-    (seed, e), so every epoch holds every item once, in a new order.
-
-    Grain's own `shuffle().repeat()` does the same with an index shuffle that costs ~25 ms
-    per epoch whatever the epoch's length: ~2 ms an item at 12 items, which made a
-    1-label-per-class fine-tune twice as slow as a full one. A NumPy permutation per epoch
-    (cached for the current and previous epoch) costs microseconds at that size."""
+    (seed, e), so every epoch holds every item once, in a new order. Permutations are cached
+    for the current and the previous epoch."""
 
     def __init__(self, items, seed: int):
         self._items, self._seed, self._n = items, seed, len(items)
@@ -51,10 +47,18 @@ class _EpochShuffled:
 
 _EPOCH_SALT = 0x5EED
 
+# Grain's `shuffle().repeat()` draws each epoch's order with an index shuffle that costs
+# ~30 ms per epoch whatever its length: nothing at thousands of items, but ~2 ms an item at
+# 12 (a 1-label-per-class fine-tune ran twice as slow as a full one). Below this many items
+# the epoch order is a NumPy permutation instead (microseconds).
+SMALL_EPOCH = 256
+
 
 def shuffle_forever(ds: grain.MapDataset, seed: int) -> grain.MapDataset:
     """`ds` shuffled with `seed`, reshuffled every epoch and repeated forever; deterministic
-    in the element index, so Grain's iterator state still resumes it exactly."""
+    in the element index, so Grain's iterator state resumes it exactly."""
+    if len(ds) >= SMALL_EPOCH:
+        return ds.shuffle(seed=seed).repeat()
     if len(ds) == 0:
         return ds
     return grain.MapDataset.source(_EpochShuffled(ds, seed))

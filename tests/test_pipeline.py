@@ -2,6 +2,7 @@
 
 import pickle
 
+import grain
 import ml_collections
 import numpy as np
 import pytest
@@ -329,3 +330,18 @@ def test_most_frequent_token_on_pydoc(pydoc, trained):
     counts = np.bincount(np.concatenate(tokenizer.encode_batch(pydoc[:300])), minlength=500)
     the = tokenizer.encode('the')[0]
     assert counts[token] >= counts[the] > 1000
+
+
+@pytest.mark.parametrize('n', [12, 300])  # the NumPy path below SMALL_EPOCH, Grain's above
+def test_shuffle_forever_reshuffles_every_epoch_deterministically(n):
+    from data.pipeline import SMALL_EPOCH, shuffle_forever
+
+    assert (n < SMALL_EPOCH) == (n == 12)
+    ds = grain.MapDataset.range(n)
+    a, b, c = shuffle_forever(ds, 3), shuffle_forever(ds, 3), shuffle_forever(ds, 4)
+    epochs = [[a[e * n + i] for i in range(n)] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))  # every item once per epoch
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(n))
+    assert [b[i] for i in range(3 * n)] == sum(epochs, [])  # the same for a seed
+    assert [c[i] for i in range(n)] != epochs[0]
