@@ -21,6 +21,8 @@ STAGES = {
     'evaluate': 'finetune.evaluate',
     'study': 'study.main',
 }
+# Single-process tools with their own flags (--from, --to, --input, ...): interop/main.py.
+TOOLS = ('import-hf', 'export-hf', 'embed')
 
 
 def _free_port() -> int:
@@ -59,11 +61,16 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog='launch.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument('stage', choices=sorted(STAGES))
+    parser.add_argument('stage', choices=[*sorted(STAGES), *TOOLS])
     parser.add_argument('--local_processes', type=int, default=0)
     parser.add_argument('--coordinator_address', default=None)
     parser.add_argument('--num_processes', type=int, default=None)
     parser.add_argument('--process_id', type=int, default=None)
+    if argv and argv[0] in TOOLS:  # their own flags (and --help)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from interop import main as tools
+
+        return tools.main(argv)
     args, rest = parser.parse_known_args(argv)
     if args.local_processes > 1:
         return _spawn_local(args.stage, args.local_processes, rest)

@@ -63,6 +63,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.activation = 'gelu'
     c.model.layer_norm_eps = 1e-6
     c.model.pooling = 'cls'  # cls | gap
+    c.model.pooler = False  # Dense + tanh on the cls token (backbone/pooler): imported HF ViTs
     c.model.remat = 'none'
     c.model.proj_hidden = 2048 if imagenet else 512
     c.model.proj_dim = 128

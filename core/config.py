@@ -128,9 +128,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: bo
         with open(path) as f:
             old = flatten(json.load(f))
         new = flatten(json.loads(config.to_json()))
+        # A key the old config lacks came with a newer pretrax, whose default keeps the
+        # behaviour of before: not a difference.
         differing = sorted(
-            k for k in set(old) | set(new) if not _restart_safe(k) and old.get(k) != new.get(k)
-        )
+            k for k in old if not _restart_safe(k) and k in new and old[k] != new[k]
+        ) + sorted(k for k in old if k not in new and not _restart_safe(k))
         if differing and not config.overwrite:
             shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differing[:8])
             raise ConfigError(
@@ -151,3 +153,73 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: bo
         with open(tmp, 'w') as f:
             f.write(config.to_json(indent=2))
         os.replace(tmp, path)
+
+
+# Model keys that fix the shapes or the function of an encoder's parameters. A run that
+# starts from another (`init_from`) takes them from that run's config.json, so a fine-tune
+# of an imported MiniLM or a 2-layer MLM run needs no architecture flags. Not among them:
+# image_size (a ViT restores at another resolution, its position table resized), a text
+# model's pooling, dropout and the other keys a fine-tuning run chooses for itself.
+ARCHITECTURE_KEYS = (
+    'vocab_size',
+    'hidden_size',
+    'num_layers',
+    'num_heads',
+    'mlp_dim',
+    'max_len',
+    'type_vocab_size',
+    'patch_size',
+    'channels',
+    'activation',
+    'layer_norm',
+    'layer_norm_eps',
+    'pooler',
+)
+
+
+def saved_run_config(path: str) -> dict:
+    """The config.json of the run whose workdir, checkpoints/ or checkpoints/<step> is
+    `path`; {} when there is none (a bare checkpoint)."""
+    path = os.path.abspath(path)
+    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        config_file = os.path.join(candidate, 'config.json')
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                return json.load(f)
+    return {}
+
+
+def _encoder_kind(model) -> str | None:
+    if model.get('patch_size'):
+        return 'image'
+    return 'text' if model.get('vocab_size') else None
+
+
+def adopt_architecture(
+    config: ml_collections.ConfigDict, source: dict, subtree: str = 'backbone'
+) -> list[str]:
+    """Sets config.model's ARCHITECTURE_KEYS (and data.lowercase, which the vocabulary goes
+    with) to those of `source`, a saved run config whose params/<subtree> this run starts
+    from; returns the changes as 'key: old -> new'. A CLIP run's text tower keeps its
+    architecture under model.text."""
+    model = source.get('model', {})
+    if subtree == 'text_backbone':
+        model = model.get('text', {})
+    if _encoder_kind(model) != _encoder_kind(config.model):
+        return []  # e.g. a text run given to an image task: the restore names the mismatch
+    keys = ARCHITECTURE_KEYS
+    if _encoder_kind(model) == 'image':
+        keys += ('pooling',)  # a ViT's cls token exists only with pooling=cls
+    pairs = [(f'model.{k}', model[k]) for k in keys if k in model]
+    lowercase = source.get('data', {}).get('lowercase')
+    if lowercase is not None and subtree != 'image_backbone':
+        pairs.append(('data.lowercase', lowercase))
+    changed = []
+    for dotted, value in pairs:
+        parent_key, _, key = dotted.rpartition('.')
+        parent = get(config, parent_key)
+        if key not in parent or parent[key] == value or value is None:
+            continue
+        changed.append(f'{dotted}: {parent[key]!r} -> {value!r}')
+        parent[key] = type(parent[key])(value)
+    return changed

@@ -107,14 +107,14 @@ _LAYER = re.compile(r'^backbone/encoder/layer_(\d+)/')
 
 def layer_depth(path: str, num_layers: int) -> int:
     """0 for the backbone's embeddings, i + 1 for its encoder layer i, num_layers + 1 for
-    everything above them (final LayerNorm, heads)."""
+    everything above them (final LayerNorm, pooler, heads)."""
     if not path.startswith('backbone/'):
         return num_layers + 1
     match = _LAYER.match(path)
     if match:
         return int(match.group(1)) + 1
-    if path.startswith('backbone/encoder/'):
-        return num_layers + 1  # the pre-LN encoder's final LayerNorm
+    if path.startswith(('backbone/encoder/', 'backbone/pooler/')):
+        return num_layers + 1  # the pre-LN encoder's final LayerNorm, BERT's pooler
     return 0
 
 

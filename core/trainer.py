@@ -108,6 +108,13 @@ def train_and_evaluate(
     """Runs (or resumes) `config.task` of `tasks` in `workdir`; returns the summary."""
     started = time.time()
     module = task_module(config, tasks, stage)
+    if config.get('init_from'):
+        # The encoder's architecture is the one it was saved with (before config.json is
+        # written, so a resumed run compares equal).
+        saved = config_lib.saved_run_config(config.init_from)
+        subtree = config.get('init_subtree', 'backbone')
+        for change in config_lib.adopt_architecture(config, saved, subtree):
+            logging.info('init_from %s: %s', config.init_from, change)
     config_lib.check_common(config)
     module.check_config(config)
     is_main = jax.process_index() == 0

@@ -1,8 +1,9 @@
 """BERT: text embeddings + the shared Transformer encoder, and the MLM head.
 
 Parameter tree of `BertForMlm`:
-  backbone/   embeddings (token, position, segment, LayerNorm) and encoder layers: what
-              fine-tuning restores
+  backbone/   embeddings (token, position, segment, LayerNorm) and encoder layers (and,
+              with `pooler=True`, BERT's pooler: Dense + tanh on [CLS]): what fine-tuning
+              restores
   mlm_head/   transform (Dense + activation + LayerNorm) and an output bias; the output
               matrix is the token embedding (tied), so the head adds no vocab x hidden matrix
 """
@@ -13,7 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from models.encoder import ACTIVATIONS, Dtype, Encoder, dense_init, layer_norm, zeros_init
+from models.encoder import (
+    ACTIVATIONS,
+    Dtype,
+    Encoder,
+    Pooler,
+    dense_init,
+    layer_norm,
+    zeros_init,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +41,7 @@ class BertConfig:
     activation: str = 'gelu'
     layer_norm: str = 'post'
     layer_norm_eps: float = 1e-12
+    pooler: bool = False  # backbone/pooler (Dense + tanh on [CLS]), as BERT checkpoints have
     remat: str = 'none'
     dtype: str = 'float32'
 
@@ -88,7 +98,10 @@ class TextEmbed(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """The BERT backbone: `TextEmbed` then `Encoder`. Returns [batch, length, hidden]."""
+    """The BERT backbone: `TextEmbed` then `Encoder`. Returns [batch, length, hidden].
+
+    With `cfg.pooler` the pooled output ([batch, hidden], Dense + tanh on [CLS]) is sown as
+    intermediates/pooled: `apply(..., mutable=['intermediates'])` returns it."""
 
     cfg: BertConfig
 
@@ -107,13 +120,18 @@ class TextEncoder(nn.Module):
             remat=cfg.remat,
             dtype=cfg.dtype,
         )
+        if cfg.pooler:
+            self.pooler = Pooler(cfg.dtype)
 
     def __call__(self, input_ids, input_mask, segment_ids=None, deterministic: bool = True):
         """input_ids, input_mask (1 = real token), segment_ids: [batch, length]."""
         if segment_ids is None:
             segment_ids = jnp.zeros_like(input_ids)
         x = self.embeddings(input_ids, segment_ids, deterministic)
-        return self.encoder(x, input_mask, deterministic)
+        x = self.encoder(x, input_mask, deterministic)
+        if self.cfg.pooler:
+            self.sow('intermediates', 'pooled', self.pooler(x))
+        return x
 
     def attend(self, x: jax.Array) -> jax.Array:
         return self.embeddings.attend(x)

@@ -181,6 +181,25 @@ class EncoderLayer(nn.Module):
         return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
 
+class Pooler(nn.Module):
+    """BERT's (and Hugging Face ViT's) pooler: Dense + tanh on the first token ([CLS]).
+    [batch, length, hidden] -> [batch, hidden]. Optional (`model.pooler`): checkpoints
+    that carry one (imported BERT / ViT) keep it, so their pooled output is reproduced."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.Dense(
+            x.shape[-1],
+            dtype=self.dtype,
+            kernel_init=dense_init('embed', 'mlp'),
+            bias_init=zeros_init('mlp'),
+            name='dense',
+        )(x[:, 0])
+        return jnp.tanh(y)
+
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,

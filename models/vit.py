@@ -6,6 +6,8 @@ Parameter tree of `VisionEncoder` (what fine-tuning restores):
   cls                 [hidden]                           (when pooling == 'cls')
   pos_embedding       [num_tokens, hidden]               (cls first, then patches row-major)
   encoder/            pre-LN layers and the final LayerNorm
+  pooler/dense/       Dense + tanh on the cls token (only with `pooler=True`: imported
+                      Hugging Face ViTs); the pooled output is sown as intermediates/pooled
 """
 
 import dataclasses
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from models.encoder import Encoder, dense_init, zeros_init
+from models.encoder import Encoder, Pooler, dense_init, zeros_init
 
 # (hidden_size, num_layers, num_heads, mlp_dim) of the standard ViT sizes (Dosovitskiy et
 # al. 2021; Ti and S from DeiT).
@@ -43,6 +45,7 @@ class VitConfig:
     activation: str = 'gelu'
     layer_norm_eps: float = 1e-6
     pooling: str = 'cls'  # cls | gap (mean over patches)
+    pooler: bool = False  # pooler/ (Dense + tanh on the cls token), as HF ViTModel has
     remat: str = 'none'
     dtype: str = 'float32'
 
@@ -115,7 +118,7 @@ class VisionEncoder(nn.Module):
         x = x + pos[None].astype(x.dtype)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-        return Encoder(
+        x = Encoder(
             num_layers=cfg.num_layers,
             num_heads=cfg.num_heads,
             mlp_dim=cfg.mlp_dim,
@@ -128,6 +131,11 @@ class VisionEncoder(nn.Module):
             dtype=cfg.dtype,
             name='encoder',
         )(x, None, deterministic)
+        if cfg.pooler:
+            if cfg.pooling != 'cls':
+                raise ValueError('model.pooler=True pools the cls token; it needs pooling=cls')
+            self.sow('intermediates', 'pooled', Pooler(cfg.dtype, name='pooler')(x))
+        return x
 
 
 def pool(tokens: jax.Array, pooling: str) -> jax.Array:

@@ -22,14 +22,11 @@ import jax
 import ml_collections
 from absl import logging
 
+from core import config as config_lib
 from core import metrics as metrics_lib
 from core.errors import ConfigError, UserError
 
 ARMS = ('pretrained', 'scratch', 'linear_probe', 'imported')
-
-# Model keys a fine-tuning run chooses for itself; every other key it shares with the
-# pretraining config describes the architecture and is taken from the encoder it starts from.
-OWN_MODEL_KEYS = ('dropout_rate', 'attention_dropout_rate', 'head_dropout', 'zero_init_head')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,18 +102,6 @@ def completed(workdir: str) -> bool:
     return bool(read_json(os.path.join(workdir, 'summary.json')).get('completed'))
 
 
-def adopt_architecture(model: ml_collections.ConfigDict, source: dict) -> list[str]:
-    """Sets the architecture keys of a fine-tuning `model` config to those of the encoder it
-    starts from (`source`, that run's `model` config); returns what changed."""
-    changed = []
-    with model.unlocked():
-        for key, value in source.items():
-            if key in model and key not in OWN_MODEL_KEYS and model[key] != value:
-                changed.append(f'model.{key}: {model[key]!r} -> {value!r}')
-                model[key] = type(model[key])(value) if model[key] is not None else value
-    return changed
-
-
 def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.ConfigDict:
     """The stage config of one run: the study's `finetune` block, this run's budget and seed,
     and how the arm starts."""
@@ -134,7 +119,7 @@ def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.Confi
                 f'{source}/config.json not found: the {run.arm} arm starts from a pretrax '
                 'workdir (a pretraining run, or one written by `launch.py import-hf`)'
             )
-        adopt_architecture(c.model, saved.get('model', {}))
+        config_lib.adopt_architecture(c, saved, c.get('init_subtree', 'backbone'))
     if run.arm in ('pretrained', 'linear_probe', 'imported'):
         c.init_from = source
     if run.arm == 'linear_probe':

