@@ -6,7 +6,9 @@ from the pretrained encoder and from scratch, summarised as a table and a plot.
 Presets:
   digits  SimCLR ViT on the embedded digits (configs/vit_simclr.py:tiny), then digits
           classification (configs/image_cls.py:tiny) at 1%..100% of the labels, 3 seeds,
-          arms pretrained / scratch / linear_probe. About 40 minutes on 2 CPU cores.
+          arms pretrained / scratch / linear_probe; 400 steps a fine-tuning. 30 minutes on
+          2 CPU cores (README has the table: pretraining +0.42 accuracy at 1 label per
+          class, +0.03 with every label).
   text    MLM BERT-tiny on the embedded CPython docs (configs/bert_mlm.py:tiny), then the
           pydoc_topics classification (configs/text_cls.py:tiny); with
           --config.imported=DIR (a `launch.py import-hf` workdir) a third arm fine-tunes that
