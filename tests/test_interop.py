@@ -158,6 +158,21 @@ def test_minilm_import_matches_transformers(minilm_workdir, minilm_hf):
     assert errors['pooled'] < TOL
 
 
+def test_minilm_import_matches_transformers_everywhere_without_padding(minilm_workdir, minilm_hf):
+    """The same tokenised sentences one at a time, unpadded: every position within 1e-4."""
+    encoder = embed_lib.Encoder(minilm_workdir)
+    padded = encoder.tokenize(SENTENCES, 48)
+    hidden_fn = encoder.features_fn('last_hidden')
+    errors = []
+    for i, length in enumerate(padded['input_mask'].sum(1)):
+        one = {k: v[i : i + 1, :length] for k, v in padded.items()}
+        with torch.no_grad():
+            ref = minilm_hf(**torch_inputs(one)).last_hidden_state.numpy()
+        errors.append(max_err(hidden_fn(encoder.params, one), ref))
+    report('MiniLM vs transformers BertModel, float32, unpadded', {'last_hidden': max(errors)})
+    assert max(errors) < TOL
+
+
 def test_minilm_import_is_exact_in_float64(minilm_workdir, minilm_hf, monkeypatch):
     """Both models in float64, padded positions included, agree to rounding (1e-9): the
     mapping is exact. Attention is written out here because jax.nn.dot_product_attention
