@@ -44,6 +44,9 @@ def check_config_overrides(argv: list[str]) -> None:
     except ValueError as e:  # unknown preset and the like
         _fail(f'{path}: {e}')
     keys = set(config_lib.flatten(config))
+    config_lib.COMMAND_LINE_KEYS.update(
+        a[len('--config.') :].split('=', 1)[0] for a in argv if a.startswith('--config.')
+    )
     prefixes = {k.rsplit('.', i)[0] for k in keys for i in range(k.count('.') + 1)}
     for arg in argv:
         if not arg.startswith('--config.'):

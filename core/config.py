@@ -177,6 +177,12 @@ ARCHITECTURE_KEYS = (
 )
 
 
+# The config keys set on this process's command line (--config.x=y), recorded by
+# core/cli.py: an architecture key given there is the user's choice and is not adopted
+# (a mismatch with the init_from checkpoint is then reported, not papered over).
+COMMAND_LINE_KEYS: set[str] = set()
+
+
 def saved_run_config(path: str) -> dict:
     """The config.json of the run whose workdir, checkpoints/ or checkpoints/<step> is
     `path`; {} when there is none (a bare checkpoint)."""
@@ -201,7 +207,7 @@ def adopt_architecture(
     """Sets config.model's ARCHITECTURE_KEYS (and data.lowercase, which the vocabulary goes
     with) to those of `source`, a saved run config whose params/<subtree> this run starts
     from; returns the changes as 'key: old -> new'. A CLIP run's text tower keeps its
-    architecture under model.text."""
+    architecture under model.text. Keys given on the command line are left as given."""
     model = source.get('model', {})
     if subtree == 'text_backbone':
         model = model.get('text', {})
@@ -220,6 +226,8 @@ def adopt_architecture(
         parent = get(config, parent_key)
         if key not in parent or parent[key] == value or value is None:
             continue
+        if dotted in COMMAND_LINE_KEYS:
+            continue  # given explicitly: kept, and the restore names any mismatch
         changed.append(f'{dotted}: {parent[key]!r} -> {value!r}')
         parent[key] = type(parent[key])(value)
     return changed

@@ -83,6 +83,15 @@ def test_a_run_takes_the_architecture_of_the_run_it_starts_from(tmp_path):
     assert c.model.dropout_rate == 0.3  # the fine-tune's own choice stays
     assert 'model.num_layers: 2 -> 3' in changes and len(changes) == 5
     assert config_lib.adopt_architecture(c, saved) == []  # idempotent: a resume compares equal
+    # A key given on the command line is the user's: kept (the restore reports a mismatch).
+    c = text_cls.get_config('tiny')
+    c.model.num_layers = 5
+    config_lib.COMMAND_LINE_KEYS.add('model.num_layers')
+    try:
+        config_lib.adopt_architecture(c, saved)
+    finally:
+        config_lib.COMMAND_LINE_KEYS.discard('model.num_layers')
+    assert c.model.num_layers == 5 and c.model.hidden_size == 64
 
     # A ViT: its pooling (whether a cls token exists) comes too, its image size does not.
     vit = vit_simclr.get_config('tiny').to_dict()
