@@ -206,7 +206,10 @@ def run_study(config, workdir: str) -> dict:
             logging.info('study: run %d/%d %s', i + 1, len(runs), run.path)
             finetune_train.train_and_evaluate(finetune_config(config, run, pretrain_dir), path)
             jax.clear_caches()  # each run compiles its own step; keep memory flat
-        rows.append(result_row(run, path, metric, config.target_accuracy))
+        if is_main:  # process 0 wrote the run's files; the others may not see them yet
+            rows.append(result_row(run, path, metric, config.target_accuracy))
+    if not is_main:
+        return {'study': config.name, 'runs': len(runs)}
 
     table = report.aggregate(rows, metric)
     result = {
@@ -218,7 +221,6 @@ def run_study(config, workdir: str) -> dict:
         'runs': rows,
         'wall_time_sec': time.time() - started,
     }
-    if is_main:
-        report.write(workdir, result)
-        print(report.markdown(table, metric, config.target_accuracy))
+    report.write(workdir, result)
+    print(report.markdown(table, metric, config.target_accuracy))
     return result

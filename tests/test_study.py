@@ -184,3 +184,16 @@ def test_smoke_study_runs_resumes_after_a_kill_and_writes_the_table(tmp_path):
     assert r.stderr.count('/seed0 is complete') == 4
     again = json.load(open(os.path.join(workdir, 'study.json')))
     assert again['table'] == result['table']
+
+
+@pytest.mark.slow
+def test_smoke_study_on_two_processes(tmp_path):
+    """Every process runs the same sequence of runs (each a 2-process run); process 0
+    alone collects and writes the table."""
+    workdir = str(tmp_path / 'study')
+    r = launch('study', '--local_processes', '2', *_study_args(workdir)[1:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('| budget | labels |') == 1
+    result = json.load(open(os.path.join(workdir, 'study.json')))
+    assert len(result['runs']) == 4
+    assert 'jit over 2 devices, 2 processes' in r.stderr
