@@ -51,6 +51,10 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.mask_prob = 0.15
     c.data.whole_word_masking = False
     c.data.prefetch = 2
+    # The training stream is cut into this many data shards (0: one per process at the
+    # first start). A run can resume on any process count that divides it: set 8 (say) to
+    # move a run between 1, 2, 4 and 8 hosts. Changing it changes the data order.
+    c.data.shards = 0
 
     # Model. vocab_size is the WordPiece vocabulary trained on the corpus (or the size of
     # the given vocab.txt, which must not exceed it).
@@ -93,7 +97,11 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     # Runtime.
     c.precision = 'float32'  # float32 | bfloat16 (compute; params stay float32)
     c.parallelism = 'jit'  # jit (mesh) | pmap (data parallel)
-    c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+    # Mesh: data/fsdp/tensor size one slice (-1 = the rest of it); dcn_data/dcn_fsdp split
+    # data/fsdp across TPU slices or GPU hosts (docs/launching.md).
+    c.mesh = ml_collections.ConfigDict(
+        {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1}
+    )
     c.init_from = ''  # workdir or checkpoint to start from (continued pretraining)
     c.train_examples = ''  # fine-tuning only
     c.log_every = 50
@@ -102,6 +110,9 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.checkpoint_every = 400 if preset == 'tiny' else 5000
     c.keep_checkpoints = 3
     c.watchdog_secs = 0  # 0: off; else exit 124 when no step finishes for this long
+    # A NaN/Inf loss: 0 stops the run there (the last good checkpoint is kept); N > 0 skips
+    # such updates (params and optimizer state unchanged) and stops after N in a row.
+    c.skip_nonfinite_steps = 0
     c.peak_tflops = 0.0  # per device, for MFU where the device kind is not known
     c.overwrite = False
     return c

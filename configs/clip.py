@@ -54,6 +54,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.vocab_file = ''  # empty: train a WordPiece vocabulary on the captions
     c.data.lowercase = True
     c.data.prefetch = 2
+    # The training stream is cut into this many data shards (0: one per process at the
+    # first start). A run can resume on any process count that divides it: set 8 (say) to
+    # move a run between 1, 2, 4 and 8 hosts. Changing it changes the data order.
+    c.data.shards = 0
 
     # Model: the image tower is a ViT (model.*), the text tower a pre-LN Transformer
     # (model.text.*); both project linearly into a shared embed_dim space.
@@ -118,7 +122,11 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
 
     c.precision = 'float32'
     c.parallelism = 'jit'
-    c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+    # Mesh: data/fsdp/tensor size one slice (-1 = the rest of it); dcn_data/dcn_fsdp split
+    # data/fsdp across TPU slices or GPU hosts (docs/launching.md).
+    c.mesh = ml_collections.ConfigDict(
+        {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1}
+    )
     c.init_from = ''
     c.train_examples = ''
     c.log_every = 50
@@ -127,6 +135,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.checkpoint_every = 300 if tiny else 5000
     c.keep_checkpoints = 3
     c.watchdog_secs = 0
+    c.skip_nonfinite_steps = 0  # see configs/bert_mlm.py
     c.peak_tflops = 0.0
     c.overwrite = False
     return c

@@ -48,6 +48,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.label_field = 'label'
     c.data.resize = True  # resize every image to model.image_size (False: sizes must match)
     c.data.prefetch = 2
+    # The training stream is cut into this many data shards (0: one per process at the
+    # first start). A run can resume on any process count that divides it: set 8 (say) to
+    # move a run between 1, 2, 4 and 8 hosts. Changing it changes the data order.
+    c.data.shards = 0
 
     # Model: ViT backbone (what transfers) + projection MLP (dropped after pretraining).
     c.model = ml_collections.ConfigDict()
@@ -123,7 +127,11 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # Runtime.
     c.precision = 'float32'
     c.parallelism = 'jit'
-    c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+    # Mesh: data/fsdp/tensor size one slice (-1 = the rest of it); dcn_data/dcn_fsdp split
+    # data/fsdp across TPU slices or GPU hosts (docs/launching.md).
+    c.mesh = ml_collections.ConfigDict(
+        {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1}
+    )
     c.init_from = ''  # a run whose `backbone` initialises this one's
     c.train_examples = ''  # fine-tuning only
     c.log_every = 50
@@ -132,6 +140,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.checkpoint_every = 350 if not imagenet else 3120
     c.keep_checkpoints = 3
     c.watchdog_secs = 0
+    c.skip_nonfinite_steps = 0  # see configs/bert_mlm.py
     c.peak_tflops = 0.0
     c.overwrite = False
     return c

@@ -7,14 +7,118 @@ crash mid-save leaves the previous step untouched and the half-written one is ig
 current mesh's shardings, so a checkpoint saved on one mesh restores on any other.
 """
 
+import dataclasses
+import json
 import os
+import re
+from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
 from core.errors import CheckpointError
+
+# The data iterator: each process writes its own file, process_<i>-of-<n>.json, holding
+# the states of the data shards it reads (data/shards.py). A restore gathers every file of
+# the step, so the shards find their state whichever process reads them now.
+_PROCESS_FILE = re.compile(r'process_(\d+)-of-(\d+)\.json$')
+
+
+class DataIteratorHandler:
+    """Orbax CheckpointHandler for the training data iterator (Grain), topology-free."""
+
+    def save(self, directory, item=None, args=None):
+        item = item if item is not None else args.item
+        name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+        (directory / name).write_text(json.dumps(item.get_state(), indent=1))
+
+    def restore(self, directory, item=None, args=None):
+        item = item if item is not None else args.item
+        item.set_state(merged_data_state(str(directory)))
+        if hasattr(item, 'start_prefetch'):
+            item.start_prefetch()
+        return item
+
+    def structure(self, directory):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+    @classmethod
+    def typestr(cls):
+        return f'{cls.__module__}.{cls.__qualname__}'
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
+def _data_files(directory: str) -> dict[tuple[int, int], str]:
+    files = {}
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        match = _PROCESS_FILE.match(name)
+        if match:
+            files[int(match[1]), int(match[2])] = os.path.join(directory, name)
+    return files
+
+
+def merged_data_state(directory: str) -> dict:
+    """The data state saved in `directory` (checkpoints/<step>/data), every process's shards
+    together: {'num_shards': V, 'shards': {k: state}}."""
+    files = _data_files(directory)
+    if not files:
+        raise CheckpointError(f'{directory} holds no data iterator state (process_*.json)')
+    saved_by = {n for _, n in files}
+    if len(saved_by) != 1 or len(files) != next(iter(saved_by)):
+        raise CheckpointError(
+            f'{directory} holds data states of {sorted(files)}: not one complete set of '
+            'processes; delete this checkpoint step to resume from the one before'
+        )
+    states = {}
+    for (i, _), path in sorted(files.items()):
+        with open(path) as f:
+            states[i] = json.load(f)
+    if not all('shards' in s for s in states.values()):
+        # Written before data shards existed: one process reading its whole stream is one
+        # shard; several processes shared one seed, which no sharded pipeline reproduces.
+        if len(states) == 1:
+            return {'version': 1, 'num_shards': 1, 'shards': {'0': states[0]}}
+        raise CheckpointError(
+            f'{directory}: a multi-process data state from before data shards; start the run '
+            'again in a new workdir'
+        )
+    merged = {'version': 1, 'num_shards': states[0]['num_shards'], 'shards': {}}
+    for state in states.values():
+        merged['shards'].update(state['shards'])
+    return merged
+
+
+def saved_data_shards(workdir: str) -> int | None:
+    """The number of data shards of the run whose latest checkpoint is in `workdir` (None
+    without a checkpoint)."""
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    if not steps:
+        return None
+    return merged_data_state(os.path.join(directory, str(max(steps)), 'data'))['num_shards']
 
 
 class Checkpointer:
@@ -58,7 +162,7 @@ class Checkpointer:
             options=options,
             item_handlers={
                 'state': ocp.StandardCheckpointHandler(),
-                'data': grain.checkpoint.CheckpointHandler(),
+                'data': DataIteratorHandler(),
                 'config': ocp.JsonCheckpointHandler(),
             },
         )
@@ -77,7 +181,7 @@ class Checkpointer:
         `metrics`: the eval figures of this step, for best-checkpoint tracking."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            data=DataIteratorSave(data_iterator),
             config=ocp.args.JsonSave(config.to_dict()),
         )
         if metrics is not None and self.best_metric not in metrics:
@@ -93,7 +197,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                data=DataIteratorRestore(data_iterator),
             ),
         )
         return restored.state

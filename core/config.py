@@ -18,6 +18,7 @@ RESTART_SAFE_KEYS = (
     'checkpoint_every',
     'keep_checkpoints',
     'watchdog_secs',
+    'skip_nonfinite_steps',
     'overwrite',
     'parallelism',
     'mesh',
@@ -70,6 +71,12 @@ def check_common(config: ml_collections.ConfigDict) -> None:
     for key in POSITIVE:
         if key in config and get(config, key) <= 0:
             raise ConfigError(f'--config.{key}={get(config, key)} must be positive')
+    mesh = config.get('mesh')
+    if mesh is not None and config.get('parallelism') == 'pmap' and mesh.get('dcn_fsdp', 1) != 1:
+        raise ConfigError(
+            f'--config.mesh.dcn_fsdp={mesh.dcn_fsdp}: parallelism=pmap is data parallel only; '
+            'set mesh.dcn_fsdp=1, or use parallelism=jit for fsdp across slices'
+        )
     if config.warmup_steps < 0:
         raise ConfigError(f'--config.warmup_steps={config.warmup_steps} must be >= 0')
     if config.learning_rate < 0:

@@ -48,8 +48,14 @@ def train_step(
     schedule: optax.Schedule,
     accum_steps: int = 1,
     axis_name: str | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update. Under pmap `axis_name` names the device axis to sum over."""
+    """One optimizer update. Under pmap `axis_name` names the device axis to sum over.
+
+    `skip_nonfinite`: a step whose loss or gradients are NaN/Inf leaves the parameters and
+    optimizer state as they were (the step counter still advances); metrics['skipped'] is 1
+    for such a step.
+    """
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -84,6 +90,15 @@ def train_step(
         grad_norm=optax.global_norm(grads),
         learning_rate=schedule(state.step),
     )
+    if skip_nonfinite:
+        finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+
+        def keep(new, old):
+            return jnp.where(finite, new, old)
+
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -106,13 +121,27 @@ def eval_step(
 class JitStepper:
     """The steps as `jax.jit` over global arrays on a mesh, state donated."""
 
-    def __init__(self, mesh: Mesh, state_shardings, loss_fn: LossFn, tx, schedule, accum_steps):
+    def __init__(
+        self,
+        mesh: Mesh,
+        state_shardings,
+        loss_fn: LossFn,
+        tx,
+        schedule,
+        accum_steps,
+        skip_nonfinite: bool = False,
+    ):
         self.mesh = mesh
         self._param_shardings = state_shardings.params
         batch_sh = sharding_lib.batch_sharding(mesh)
         repl = sharding_lib.replicated(mesh)
         step = functools.partial(
-            train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, accum_steps=accum_steps
+            train_step,
+            loss_fn=loss_fn,
+            tx=tx,
+            schedule=schedule,
+            accum_steps=accum_steps,
+            skip_nonfinite=skip_nonfinite,
         )
         self._train = jax.jit(
             step,
@@ -174,7 +203,7 @@ class PmapStepper:
 
     axis = 'devices'
 
-    def __init__(self, loss_fn: LossFn, tx, schedule, accum_steps):
+    def __init__(self, loss_fn: LossFn, tx, schedule, accum_steps, skip_nonfinite: bool = False):
         self.devices = jax.local_devices()
         device_mesh = Mesh(np.array(self.devices), (self.axis,))
         self._sharding = NamedSharding(device_mesh, PartitionSpec(self.axis))
@@ -185,6 +214,7 @@ class PmapStepper:
             schedule=schedule,
             accum_steps=accum_steps,
             axis_name=self.axis,
+            skip_nonfinite=skip_nonfinite,
         )
         self._train = jax.pmap(step, axis_name=self.axis, in_axes=(0, 0, None), donate_argnums=0)
         self._eval = jax.pmap(

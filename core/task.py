@@ -26,6 +26,14 @@ class Runtime:
     per_host_batch: int
     process_index: int
     process_count: int
+    # The training stream's data shards (data/shards.py): how many, fixed for the run.
+    data_shards: int = 1
+
+    @property
+    def data_shard_ids(self) -> range:
+        """The data shards this process reads (the caller checked that they divide)."""
+        per = self.data_shards // self.process_count
+        return range(self.process_index * per, (self.process_index + 1) * per)
 
     @property
     def pmap_axis(self) -> str | None:

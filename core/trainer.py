@@ -5,16 +5,19 @@ One trainer serves every objective; a task module (`pretrain/mlm.py`, `pretrain/
 ..., `finetune/classify.py`) says what is learned from what, and how it is evaluated.
 """
 
+import dataclasses
 import importlib
 import json
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -83,6 +86,27 @@ def make_mesh(config) -> tuple[jax.sharding.Mesh, int]:
     return mesh, sharding_lib.batch_shards(mesh)
 
 
+def data_shards(config, workdir: str) -> int:
+    """How many shards the training stream is cut into: as the run's checkpoints were saved,
+    else `data.shards`, else one per process. Checks that this run's processes divide it."""
+    saved = ckpt_lib.saved_data_shards(workdir)
+    shards = saved or config.data.get('shards', 0) or jax.process_count()
+    if shards % jax.process_count():
+        origin = 'as its checkpoints were saved' if saved else 'data.shards'
+        raise config_lib.ConfigError(
+            f'the training data of this run is cut into {shards} shards ({origin}), which '
+            f'{jax.process_count()} processes cannot share evenly. Run on a number of processes '
+            f'that divides {shards}, or start runs with --config.data.shards=N, N a multiple '
+            'of every process count you will use (e.g. 8)'
+        )
+    if config.batch_size % shards:
+        raise config_lib.ConfigError(
+            f'batch_size {config.batch_size} is not divisible by the {shards} data shards; set '
+            '--config.batch_size to a multiple of data.shards'
+        )
+    return shards
+
+
 def restore_init_from(task: Task, state, abstract_params, init_from: str):
     """init_from: params only, all of them or the task's chosen subtrees (an encoder)."""
     if task.restore is not None:
@@ -102,11 +126,34 @@ def restore_init_from(task: Task, state, abstract_params, init_from: str):
     return state.replace(params=params)
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
-) -> dict:
-    """Runs (or resumes) `config.task` of `tasks` in `workdir`; returns the summary."""
-    started = time.time()
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What a run builds before it holds a state: mesh, task, optimizer and step."""
+
+    mesh: jax.sharding.Mesh
+    task: Task
+    tx: optax.GradientTransformation
+    init_rng: jax.Array
+    dropout_rng: jax.Array
+    shardings: Any  # the NamedSharding of every leaf of the train state
+    stepper: step_lib.JitStepper | step_lib.PmapStepper
+
+
+def set_up(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    tasks: dict[str, str],
+    stage: str,
+    *,
+    write_config: bool = True,
+    build_dir: str | None = None,
+) -> RunSetup:
+    """Config checks -> mesh -> workdir -> task -> optimizer -> state shardings -> step.
+
+    A dry run (core/memory_plan.py) passes write_config=False, so the workdir gets no
+    config.json (a later run there may have any config), and a `build_dir` where the task
+    writes what it derives from the data (vocab.txt, labels.json) instead of the workdir.
+    """
     module = task_module(config, tasks, stage)
     if config.get('init_from'):
         # The encoder's architecture is the one it was saved with (before config.json is
@@ -122,7 +169,10 @@ def train_and_evaluate(
     # Mesh and workdir.
     mesh, batch_shards = make_mesh(config)
     config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
-    config_lib.prepare_workdir(config, workdir, is_main)
+    if write_config:
+        config_lib.prepare_workdir(config, workdir, is_main)
+    if is_main:
+        os.makedirs(build_dir or workdir, exist_ok=True)
     _sync('workdir')
 
     # Task: data, model, loss, evaluators.
@@ -132,20 +182,36 @@ def train_and_evaluate(
         per_host_batch=config.batch_size // jax.process_count(),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        data_shards=data_shards(config, workdir),
     )
-    task = module.build(config, workdir, runtime)
-    train_iter = task.train_iter
+    task = module.build(config, build_dir or workdir, runtime)
 
     # Optimizer, state shardings and the step.
     tx, schedule = optim.make_optimizer(config)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     shardings = state_lib.state_shardings(task.init_params, tx, mesh, init_rng)
+    skip = config.get('skip_nonfinite_steps', 0) > 0
     if config.parallelism == 'pmap':
-        stepper = step_lib.PmapStepper(task.loss_fn, tx, schedule, config.grad_accum_steps)
+        stepper = step_lib.PmapStepper(
+            task.loss_fn, tx, schedule, config.grad_accum_steps, skip_nonfinite=skip
+        )
     else:
         stepper = step_lib.JitStepper(
-            mesh, shardings, task.loss_fn, tx, schedule, config.grad_accum_steps
+            mesh, shardings, task.loss_fn, tx, schedule, config.grad_accum_steps, skip
         )
+    return RunSetup(mesh, task, tx, init_rng, dropout_rng, shardings, stepper)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
+) -> dict:
+    """Runs (or resumes) `config.task` of `tasks` in `workdir`; returns the summary."""
+    started = time.time()
+    run = set_up(config, workdir, tasks, stage)
+    mesh, task, tx, shardings, stepper = run.mesh, run.task, run.tx, run.shardings, run.stepper
+    init_rng, dropout_rng = run.init_rng, run.dropout_rng
+    is_main = jax.process_index() == 0
+    train_iter = task.train_iter
 
     # How the run starts, in order: this workdir's own checkpoint (resume); else init_from
     # (params only); else from scratch.
@@ -217,26 +283,73 @@ def train_and_evaluate(
             return False
         return len(eval_history) - 1 - eval_history.index(best_so_far()) >= patience
 
-    # SIGTERM (preemption): finish the step, save, exit 0.
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    # SIGTERM (preemption): finish the step, save, exit 0. On several processes the signal
+    # may reach them at different steps: they agree at the next step where every process
+    # checks (a log, eval or save step), so all save the same step and none is left waiting
+    # in a collective.
+    sigterm: list[bool] = []
+    preempted = False
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
+
+    def agreed_preemption(check_point: bool) -> bool:
+        if jax.process_count() == 1:
+            return bool(sigterm)
+        if not check_point:
+            return False
+        flags = multihost_utils.process_allgather(np.array([len(sigterm) > 0], np.int32))
+        return bool(np.any(flags))
+
     watchdog = Watchdog(config.watchdog_secs)
     progress = metrics_lib.Progress(start_step, config.total_steps)
     pending: list[dict] = []  # device metrics of the steps since the last log row
     last_logged = start_step
     step = start_step
 
+    # skip_nonfinite_steps: how many updates were skipped, in all and in a row.
+    skipped = {'total': 0, 'streak': 0}
+    max_skipped = config.get('skip_nonfinite_steps', 0)
+
+    def last_good() -> str:
+        kept = checkpointer.latest_step()
+        return f'the last good checkpoint is step {kept}' if kept else 'there is no checkpoint yet'
+
+    def count_skipped(host: list[dict], step: int) -> list[dict]:
+        """Counts the skipped steps among `host` (the steps up to `step`); returns the others.
+        Raises once more than `skip_nonfinite_steps` were skipped in a row."""
+        for i, h in enumerate(host):
+            if not h['skipped']:
+                skipped['streak'] = 0
+                continue
+            skipped['total'] += 1
+            skipped['streak'] += 1
+            logging.warning('step %d: non-finite loss, update skipped', last_logged + i + 1)
+            if skipped['streak'] > max_skipped:
+                raise NonFiniteLossError(
+                    f'{skipped["streak"]} steps in a row up to step {last_logged + i + 1} had a '
+                    f'non-finite loss (skip_nonfinite_steps={max_skipped}); {last_good()}. '
+                    'Lower learning_rate, '
+                    'raise warmup_steps or check the data'
+                )
+        return [h for h in host if not h['skipped']]
+
     def flush_metrics(step: int) -> None:
         nonlocal pending, last_logged
         if not pending:
             return
         host = jax.device_get(pending)
+        if max_skipped:
+            host = count_skipped(host, step) or [
+                {k: v for k, v in host[-1].items() if k in ('learning_rate', 'skipped')}
+            ]
         rows = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-        if not all(np.isfinite(h['loss']) for h in host):
+        if max_skipped:
+            rows.pop('skipped')
+            rows['skipped_steps'] = float(skipped['total'])  # by this start of the run
+        if not all(np.isfinite(h.get('loss', 0.0)) for h in host):
             bad = last_logged + next(i for i, h in enumerate(host) if not np.isfinite(h['loss']))
             raise NonFiniteLossError(
                 f'the loss became non-finite at step {bad + 1} (steps {last_logged + 1}-{step} '
-                f'checked); the last good checkpoint is step {checkpointer.latest_step()}. '
+                f'checked); {last_good()}. '
                 'Lower learning_rate, raise warmup_steps or check the data'
             )
         per_step, eta = progress.update(step)
@@ -262,6 +375,7 @@ def train_and_evaluate(
             watchdog.ping()
             due_eval = step % config.eval_every == 0 or step == config.total_steps
             due_save = step % config.checkpoint_every == 0 or step == config.total_steps
+            preempted = agreed_preemption(step % config.log_every == 0 or due_save or due_eval)
             if step % config.log_every == 0 or due_save or due_eval or preempted:
                 flush_metrics(step)  # also guards checkpoints against a non-finite state
             if due_eval:
@@ -274,7 +388,9 @@ def train_and_evaluate(
                     train_iter,
                     config,
                     force=bool(preempted) or early_stopped or step == config.total_steps,
-                    metrics=eval_history[-1] if eval_history[-1]['step'] == step else None,
+                    metrics=eval_history[-1]
+                    if eval_history and eval_history[-1]['step'] == step
+                    else None,
                 )
             if early_stopped:
                 best = best_so_far()
@@ -367,6 +483,7 @@ def evaluate_checkpoint(
         per_host_batch=config.batch_size // jax.process_count(),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        data_shards=jax.process_count(),  # the training stream is built but not read
     )
     task = module.build(config, workdir, runtime)
     tx, schedule = optim.make_optimizer(config)

@@ -19,6 +19,7 @@ from core import checkpoint as ckpt_lib
 from core import evaluators
 from core.errors import CheckpointError, UserError
 from core.task import Runtime
+from data import shards
 from data.labelled import LabelMap, select_train_examples
 from data.pipeline import shuffle_forever
 from finetune import metrics as metrics_lib
@@ -151,16 +152,31 @@ def subset(labels: np.ndarray, config, label_map: LabelMap) -> np.ndarray:
     return picked
 
 
-def train_dataset(examples: list[dict], *, batch_size: int, seed: int, runtime: Runtime):
-    """Shuffled, repeated batches of in-memory encoded examples, this host's shard."""
-    ds = grain.MapDataset.source(examples)[runtime.process_index :: runtime.process_count]
-    if len(ds) == 0:
-        raise UserError(
-            f'process {runtime.process_index} has no training examples; use fewer processes '
-            'or more train_examples'
-        )
-    ds = shuffle_forever(ds, seed).to_iter_dataset()
-    return ds.batch(batch_size, drop_remainder=True)
+def train_dataset(
+    examples: list[dict], *, batch_size: int, seed: int, runtime: Runtime, prefetch: int = 2
+):
+    """Shuffled, repeated batches of in-memory encoded examples: this host's data shards
+    (`batch_size` is the global batch)."""
+
+    def make_shard(shard_index, shard_count, batch_size, seed, prefetch):
+        del prefetch  # in memory: the stream's prefetch is enough
+        ds = grain.MapDataset.source(examples)[shard_index::shard_count]
+        if len(ds) == 0:
+            raise UserError(
+                f'data shard {shard_index} of {shard_count} has no training examples (of '
+                f'{len(examples)}); use fewer data shards or processes, or more train_examples'
+            )
+        ds = shuffle_forever(ds, seed).to_iter_dataset()
+        return ds.batch(batch_size, drop_remainder=True)
+
+    return shards.sharded_stream(
+        make_shard,
+        batch_size=batch_size,
+        seed=seed,
+        num_shards=runtime.data_shards,
+        shards=runtime.data_shard_ids,
+        prefetch=prefetch,
+    )
 
 
 def eval_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]:

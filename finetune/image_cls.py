@@ -2,6 +2,7 @@
 class-per-folder directory or an .npz (data/images.py). A checkpoint pretrained at another
 image size restores with its position table resized to this model's patch grid."""
 
+import functools
 import math
 import os
 
@@ -18,6 +19,7 @@ from core import flops as flops_lib
 from core.errors import DataError
 from core.task import Runtime, Task
 from data import images as images_lib
+from data import shards
 from data.labelled import LabelMap
 from data.text import Subset
 from finetune import classify
@@ -105,13 +107,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             f'split has {num_classes} classes; every eval label must occur in training'
         )
     picked = classify.subset(train_labels, config, label_map)
-    train_ds = images_lib.image_dataset(
-        Subset(train_source, picked),
-        batch_size=runtime.per_host_batch,
+    train_ds = shards.sharded_stream(
+        functools.partial(images_lib.image_dataset, Subset(train_source, picked), train=True),
+        batch_size=config.batch_size,
         seed=config.seed,
-        train=True,
-        shard_index=runtime.process_index,
-        shard_count=runtime.process_count,
+        num_shards=runtime.data_shards,
+        shards=runtime.data_shard_ids,
         prefetch=config.data.prefetch,
     )
     logging.info(

@@ -184,9 +184,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_iter=iter(
             classify.train_dataset(
                 train_examples,
-                batch_size=runtime.per_host_batch,
+                batch_size=config.batch_size,
                 seed=config.seed,
                 runtime=runtime,
+                prefetch=config.data.prefetch,
             )
         ),
         evaluate=evaluate,

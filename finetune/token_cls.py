@@ -160,7 +160,11 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         loss_fn=loss_fn,
         train_iter=iter(
             classify.train_dataset(
-                train_rows, batch_size=runtime.per_host_batch, seed=config.seed, runtime=runtime
+                train_rows,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                runtime=runtime,
+                prefetch=config.data.prefetch,
             )
         ),
         evaluate=evaluate,

@@ -3,6 +3,8 @@ tower and a text tower trained on image-caption pairs, with the softmax (CLIP) o
 sigmoid (SigLIP) loss over the global batch; evaluated by image<->text retrieval on the
 held-out pairs."""
 
+import functools
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -13,6 +15,7 @@ from core import evaluators
 from core import flops as flops_lib
 from core.task import Runtime, Task
 from data import images as images_lib
+from data import shards
 from data.tokenizer import make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import TwoTower
@@ -151,14 +154,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     captions = caption_corpus(train_source)
     tokenizer = make_tokenizer(config, workdir, captions, 'model.text.vocab_size')
     tokenize = images_lib.caption_tokenizer(tokenizer, config.data.seq_len)
-    train_ds = images_lib.pair_dataset(
-        train_source,
-        tokenize,
-        batch_size=runtime.per_host_batch,
+    train_ds = shards.sharded_stream(
+        functools.partial(images_lib.pair_dataset, train_source, tokenize, train=True),
+        batch_size=config.batch_size,
         seed=config.seed,
-        train=True,
-        shard_index=runtime.process_index,
-        shard_count=runtime.process_count,
+        num_shards=runtime.data_shards,
+        shards=runtime.data_shard_ids,
         prefetch=config.data.prefetch,
     )
     model = make_model(config)

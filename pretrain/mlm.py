@@ -1,6 +1,8 @@
 """BERT masked-language modelling as a pretraining task: the corpus, the WordPiece
 vocabulary, masking, `BertForMlm` and its masked-token evaluation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,7 +13,7 @@ from jax.experimental import multihost_utils
 from core import config as config_lib
 from core import flops as flops_lib
 from core.task import Runtime, Task
-from data import pipeline, text
+from data import pipeline, shards, text
 from data.tokenizer import make_tokenizer
 from models.bert import BertConfig, BertForMlm
 from pretrain.losses import mlm_loss_fn
@@ -103,15 +105,13 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     train_docs, eval_docs = text.load_corpus(config.data)
     tokenizer = make_tokenizer(config, workdir, train_docs)
     spec = pipeline.masking_spec(tokenizer, config.data)
-    train_ds = pipeline.mlm_dataset(
-        train_docs,
-        tokenizer,
-        spec,
-        batch_size=runtime.per_host_batch,
+    train_ds = shards.sharded_stream(
+        functools.partial(pipeline.mlm_dataset, train_docs, tokenizer, spec),
+        batch_size=config.batch_size,
         seed=config.seed,
+        num_shards=runtime.data_shards,
+        shards=runtime.data_shard_ids,
         prefetch=config.data.prefetch,
-        shard_index=runtime.process_index,
-        shard_count=runtime.process_count,
     )
     baseline_token = pipeline.most_frequent_token(train_docs, tokenizer)
     evals = eval_batches(config, eval_docs, tokenizer, spec, runtime.per_host_batch)

@@ -2,6 +2,8 @@
 a ViT + projection MLP, NT-Xent over the global batch; evaluated by k-NN and a linear
 probe on the frozen backbone features of a labelled split."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +15,7 @@ from core import flops as flops_lib
 from core.task import Runtime, Task
 from data import augment as augment_lib
 from data import images as images_lib
+from data import shards
 from models.contrastive import SimClrModel
 from models.vit import VitConfig
 from pretrain import contrastive
@@ -93,13 +96,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     m = config.model
     vit = vit_config(config)
     train_source, eval_source = images_lib.image_splits(config.data, m.image_size, m.channels)
-    train_ds = images_lib.image_dataset(
-        train_source,
-        batch_size=runtime.per_host_batch,
+    train_ds = shards.sharded_stream(
+        functools.partial(images_lib.image_dataset, train_source, train=True),
+        batch_size=config.batch_size,
         seed=config.seed,
-        train=True,
-        shard_index=runtime.process_index,
-        shard_count=runtime.process_count,
+        num_shards=runtime.data_shards,
+        shards=runtime.data_shard_ids,
         prefetch=config.data.prefetch,
     )
     model = SimClrModel(vit, m.proj_hidden, m.proj_dim, m.proj_layers)

@@ -8,6 +8,8 @@ Evaluated by k-NN and a linear probe on frozen features of a labelled text task 
 the same embedded source: which CPython documentation topic a paragraph comes from
 (`data.text.pydoc_topic_paragraphs`, 13 topics)."""
 
+import functools
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -17,7 +19,7 @@ from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.task import Runtime, Task
-from data import pipeline, text
+from data import pipeline, shards, text
 from data.text import heldout_indices
 from data.tokenizer import FixedLengthEncoder, make_tokenizer
 from models.bert import BertConfig
@@ -115,13 +117,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     train_sents, eval_sents = text.sentences(train_docs), text.sentences(eval_docs)
     tokenizer = make_tokenizer(config, workdir, train_docs)
     tokenize = FixedLengthEncoder(tokenizer, config.data.seq_len)
-    train_ds = pipeline.sentence_dataset(
-        train_sents,
-        tokenize,
-        batch_size=runtime.per_host_batch,
+    train_ds = shards.sharded_stream(
+        functools.partial(pipeline.sentence_dataset, train_sents, tokenize),
+        batch_size=config.batch_size,
         seed=config.seed,
-        shard_index=runtime.process_index,
-        shard_count=runtime.process_count,
+        num_shards=runtime.data_shards,
+        shards=runtime.data_shard_ids,
         prefetch=config.data.prefetch,
     )
     model = make_model(config)

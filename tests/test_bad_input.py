@@ -122,3 +122,43 @@ def test_init_from_checkpoint_of_another_size(tmp_path, finished_run, pydoc_voca
     assert 'does not match the model' in r.stderr
     differs = 'shape differs: backbone/embeddings/token/embedding checkpoint (1024, 32)'
     assert differs + ' vs model (1024, 64)' in r.stderr
+
+
+def test_missing_init_from_checkpoint(tmp_path):
+    r = run(tmp_path / 'w', '--config.init_from=/no/such/run')
+    assert r.returncode == 1
+    assert 'no checkpoint found at /no/such/run' in r.stderr
+    assert 'check --config.init_from' in r.stderr
+
+
+def test_mesh_that_does_not_fit_the_devices(tmp_path):
+    r = run(
+        tmp_path / 'w',
+        '--config.mesh.fsdp=3',
+        env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
+    )
+    assert r.returncode == 1
+    assert "'fsdp': 3, 'tensor': 1} does not divide the 8 devices" in r.stderr
+
+
+@pytest.mark.parametrize(
+    'flags,message',
+    [
+        (
+            ['--coordinator_address', '127.0.0.1:1234'],
+            '--coordinator_address needs --num_processes',
+        ),
+        (['--local_processes', 'two'], "argument --local_processes: invalid int value: 'two'"),
+    ],
+)
+def test_bad_launch_flags(tmp_path, flags, message):
+    """launch.py's own flags: argparse's usage error, exit code 2."""
+    r = run(tmp_path / 'w', *flags)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert message in r.stderr
+
+
+def test_unknown_stage():
+    r = launch('pretrian', '--config', 'configs/bert_mlm.py:tiny', '--workdir', '/tmp/x')
+    assert r.returncode == 2
+    assert "invalid choice: 'pretrian'" in r.stderr

@@ -1,9 +1,11 @@
-"""Kill -9 a run after a checkpoint and start it again: the curve continues and the final
-parameters equal those of an uninterrupted run with the same seed."""
+"""Kill -9 a run in the middle of an asynchronous checkpoint save and start it again: the
+half-written step is ignored, the run resumes from the last complete one with its data
+iterator, and the curve and final parameters equal those of an uninterrupted run."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,10 +13,13 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from tests.conftest import ROOT, SMALL_RUN, launch
 
-STEPS, EVERY = 120, 20
+STEPS, EVERY = 60, 20
+# A state of ~20 MB: its save stays in flight for a few hundred milliseconds.
+WIDER = ['--config.model.hidden_size=256', '--config.model.mlp_dim=1024']
 
 
 def command(workdir: str, vocab: str) -> list[str]:
@@ -25,6 +30,7 @@ def command(workdir: str, vocab: str) -> list[str]:
         '--workdir',
         workdir,
         *SMALL_RUN,
+        *WIDER,
         f'--config.data.vocab_file={vocab}',
         f'--config.total_steps={STEPS}',
         f'--config.checkpoint_every={EVERY}',
@@ -45,8 +51,8 @@ def train_rows(workdir: str) -> list[dict]:
     return [r for r in rows if r['split'] == 'train']
 
 
-def start_until_first_checkpoint(workdir: str, vocab: str) -> subprocess.Popen:
-    """Starts the run in the background; returns once its first checkpoint is complete.
+def start_until(workdir: str, vocab: str, path: str) -> subprocess.Popen:
+    """Starts the run in the background; returns as soon as WORKDIR/checkpoints/PATH exists.
     Its log goes to WORKDIR.log (a pipe nobody reads could fill up and stall the run)."""
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
     with open(workdir + '.log', 'w') as log:
@@ -57,28 +63,35 @@ def start_until_first_checkpoint(workdir: str, vocab: str) -> subprocess.Popen:
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
-    first_ckpt = os.path.join(workdir, 'checkpoints', str(EVERY), 'state')
+    target = os.path.join(workdir, 'checkpoints', path)
     deadline = time.time() + 300
-    while not os.path.isdir(first_ckpt) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    while not os.path.exists(target) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.001)
     return proc
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, pydoc_vocab):
+def start_until_first_checkpoint(workdir: str, vocab: str) -> subprocess.Popen:
+    return start_until(workdir, vocab, os.path.join(str(EVERY), 'state'))
+
+
+def test_kill_during_async_save_resumes_from_last_complete_step(tmp_path, pydoc_vocab):
     straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
     r = launch(*command(straight, pydoc_vocab))
     assert r.returncode == 0, r.stderr[-3000:]
 
-    proc = start_until_first_checkpoint(killed, pydoc_vocab)
+    # Orbax writes step 40 into 40.orbax-checkpoint-tmp and renames it when complete.
+    in_flight = f'{2 * EVERY}.orbax-checkpoint-tmp'
+    proc = start_until(killed, pydoc_vocab, in_flight)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
-    done = [int(d) for d in os.listdir(os.path.join(killed, 'checkpoints')) if d.isdigit()]
-    assert max(done) < STEPS, done
+    left = sorted(os.listdir(os.path.join(killed, 'checkpoints')))
+    assert left == [str(EVERY), in_flight], f'not killed mid-save: {left}'
 
     r = launch(*command(killed, pydoc_vocab))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'resumed from' in r.stderr
+    assert f'resumed from {killed}/checkpoints/{EVERY}' in r.stderr
+    assert in_flight not in os.listdir(os.path.join(killed, 'checkpoints'))
 
     a, b = final_params(straight), final_params(killed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -119,3 +132,45 @@ def test_watchdog_exits_124_when_no_step_finishes(tmp_path, pydoc_vocab):
     r = launch(*command(str(tmp_path / 'hung'), pydoc_vocab), '--config.watchdog_secs=1')
     assert r.returncode == 124, r.stderr[-2000:]
     assert 'watchdog: no step finished in' in r.stderr
+
+
+@pytest.mark.slow  # a minute: two processes of the wider model, then a resume
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, pydoc_vocab):
+    """A preemption notice that reaches one host only: both save the same step, exit 0."""
+    workdir = str(tmp_path / 'two')
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        address = f'127.0.0.1:{sock.getsockname()[1]}'
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    logs = [workdir + f'.{i}.log' for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(logs[i], 'w') as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, 'launch.py', *command(workdir, pydoc_vocab)]
+                    + ['--coordinator_address', address, '--num_processes', '2']
+                    + ['--process_id', str(i)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
+            )
+    first = os.path.join(workdir, 'checkpoints', str(EVERY), 'state')
+    deadline = time.time() + 300
+    while not os.path.isdir(first) and time.time() < deadline and procs[1].poll() is None:
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    stderr = [open(log).read() for log in logs]
+    assert codes == [0, 0], [s[-2000:] for s in stderr]
+    saved = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+    assert EVERY < saved < STEPS
+    for s in stderr:
+        assert f'SIGTERM: saved step {saved}' in s
+
+    r = launch(*command(workdir, pydoc_vocab), '--local_processes', '2')
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(workdir, 'summary.json')) as f:
+        assert json.load(f)['steps'] == STEPS

@@ -1,0 +1,109 @@
+"""A NaN/Inf loss: by default the run stops with the step and the last good checkpoint
+intact; with skip_nonfinite_steps=N the update is skipped (params and optimizer state
+unchanged) and the run stops only after more than N such steps in a row."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from core import checkpoint as ckpt_lib
+from core.step import train_step
+from core.train_state import TrainState
+from tests.conftest import SMALL_RUN, launch
+
+
+def loss_fn(params, batch, rng, train):
+    del rng, train
+    error = batch['x'] @ params['w'] - batch['y']
+    return jnp.sum(error**2), {'denominator': jnp.float32(batch['x'].shape[0])}
+
+
+def test_a_nonfinite_step_leaves_params_and_optimizer_state_unchanged():
+    tx = optax.adam(0.1)
+    params = {'w': jnp.ones((3,))}
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    step = jax.jit(
+        lambda s, b: train_step(
+            s,
+            b,
+            jax.random.key(0),
+            loss_fn=loss_fn,
+            tx=tx,
+            schedule=lambda _: 0.1,
+            skip_nonfinite=True,
+        )
+    )
+    good = {'x': np.eye(3, dtype=np.float32), 'y': np.zeros(3, np.float32)}
+    bad = {'x': np.full((3, 3), np.inf, np.float32), 'y': np.zeros(3, np.float32)}
+
+    after_good, metrics = step(state, good)
+    assert float(metrics['skipped']) == 0.0
+    assert not np.allclose(after_good.params['w'], 1.0)
+
+    after_bad, metrics = step(after_good, bad)
+    assert float(metrics['skipped']) == 1.0
+    assert not np.isfinite(float(metrics['loss']))
+    assert int(after_bad.step) == 2  # the step still counts (data and schedule move on)
+    for a, b in zip(
+        jax.tree.leaves((after_bad.params, after_bad.opt_state)),
+        jax.tree.leaves((after_good.params, after_good.opt_state)),
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    # Without skipping, the same batch poisons the parameters.
+    poisoned, _ = jax.jit(
+        lambda s, b: train_step(
+            s, b, jax.random.key(0), loss_fn=loss_fn, tx=tx, schedule=lambda _: 0.1
+        )
+    )(after_good, bad)
+    assert not np.isfinite(np.asarray(poisoned.params['w'])).all()
+
+
+def diverging_run(workdir: str, vocab: str, *extra: str):
+    """A learning rate of 1e30: the loss is NaN within a few steps."""
+    return launch(
+        'pretrain',
+        '--config',
+        'configs/bert_mlm.py:tiny',
+        '--workdir',
+        workdir,
+        *SMALL_RUN,
+        f'--config.data.vocab_file={vocab}',
+        '--config.total_steps=40',
+        '--config.warmup_steps=0',
+        '--config.checkpoint_every=1',
+        '--config.log_every=1',
+        '--config.eval_every=40',
+        '--config.learning_rate=1e30',
+        *extra,
+    )
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, pydoc_vocab):
+    workdir = str(tmp_path / 'nan')
+    r = diverging_run(workdir, pydoc_vocab)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert 'the loss became non-finite at step' in r.stderr
+    bad = int(r.stderr.split('non-finite at step ')[1].split()[0])
+    kept = int(r.stderr.split('the last good checkpoint is step ')[1].split('.')[0])
+    assert kept == bad - 1, r.stderr[-1000:]  # checkpoint_every=1: the step just before
+    saved = ckpt_lib.saved_params_metadata(workdir)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    params, step = ckpt_lib.restore_params(workdir, target)
+    assert step == kept
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints', str(bad)))
+
+
+@pytest.mark.slow  # the skip itself is checked step by step above
+def test_skip_nonfinite_steps_stops_after_too_many_in_a_row(tmp_path, pydoc_vocab):
+    workdir = str(tmp_path / 'skip')
+    r = diverging_run(workdir, pydoc_vocab, '--config.skip_nonfinite_steps=3')
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert 'non-finite loss, update skipped' in r.stderr
+    assert '4 steps in a row up to step' in r.stderr
+    assert '(skip_nonfinite_steps=3)' in r.stderr
