@@ -143,3 +143,46 @@ def test_shards_that_processes_cannot_share_are_refused(tmp_path, pydoc_vocab):
     )
     assert r.returncode == 1
     assert 'cut into 1 shards (data.shards), which 2 processes cannot share evenly' in r.stderr
+
+
+def simclr_run(workdir: str, devices: int = 1, processes: int = 1, *extra: str) -> None:
+    """SimCLR (ViT on digits, augmentations on device) on `processes` x `devices`."""
+    args = [
+        'pretrain',
+        '--config',
+        'configs/vit_simclr.py:tiny',
+        '--workdir',
+        workdir,
+        '--config.model.hidden_size=32',
+        '--config.model.num_layers=1',
+        '--config.model.num_heads=2',
+        '--config.model.mlp_dim=64',
+        '--config.model.proj_hidden=64',
+        '--config.model.proj_dim=16',
+        '--config.batch_size=32',
+        '--config.data.shards=2',
+        f'--config.total_steps={STEPS}',
+        f'--config.checkpoint_every={STEPS}',
+        f'--config.eval_every={STEPS}',
+        '--config.log_every=1',
+        '--config.eval_steps=1',
+        '--config.eval.probe_train_examples=200',
+        *extra,
+    ]
+    if processes > 1:
+        args += ['--local_processes', str(processes)]
+    r = launch(*args, env={'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'{devices * processes} devices, {processes} processes' in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow  # three SimCLR runs, about a minute
+def test_contrastive_loss_is_the_same_on_two_processes_eight_devices_and_one(tmp_path):
+    """The contrastive loss reduces over the global batch (negatives from every host); its
+    augmentations are drawn per example, so the layout does not change them."""
+    one, eight, two = (str(tmp_path / name) for name in ('one', 'eight', 'two'))
+    simclr_run(one)
+    simclr_run(eight, 8, 1, '--config.mesh.data=2', '--config.mesh.fsdp=4')
+    simclr_run(two, 4, 2)
+    for workdir in (eight, two):
+        assert_same_run(workdir, one)
