@@ -313,9 +313,9 @@ def train_and_evaluate(
         kept = checkpointer.latest_step()
         return f'the last good checkpoint is step {kept}' if kept else 'there is no checkpoint yet'
 
-    def count_skipped(host: list[dict], step: int) -> list[dict]:
-        """Counts the skipped steps among `host` (the steps up to `step`); returns the others.
-        Raises once more than `skip_nonfinite_steps` were skipped in a row."""
+    def count_skipped(host: list[dict]) -> list[dict]:
+        """Counts the skipped steps among `host` (the steps since the last log row); returns
+        the others. Raises once more than `skip_nonfinite_steps` were skipped in a row."""
         for i, h in enumerate(host):
             if not h['skipped']:
                 skipped['streak'] = 0
@@ -327,8 +327,7 @@ def train_and_evaluate(
                 raise NonFiniteLossError(
                     f'{skipped["streak"]} steps in a row up to step {last_logged + i + 1} had a '
                     f'non-finite loss (skip_nonfinite_steps={max_skipped}); {last_good()}. '
-                    'Lower learning_rate, '
-                    'raise warmup_steps or check the data'
+                    'Lower learning_rate, raise warmup_steps or check the data'
                 )
         return [h for h in host if not h['skipped']]
 
@@ -338,7 +337,7 @@ def train_and_evaluate(
             return
         host = jax.device_get(pending)
         if max_skipped:
-            host = count_skipped(host, step) or [
+            host = count_skipped(host) or [
                 {k: v for k, v in host[-1].items() if k in ('learning_rate', 'skipped')}
             ]
         rows = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
@@ -375,8 +374,9 @@ def train_and_evaluate(
             watchdog.ping()
             due_eval = step % config.eval_every == 0 or step == config.total_steps
             due_save = step % config.checkpoint_every == 0 or step == config.total_steps
-            preempted = agreed_preemption(step % config.log_every == 0 or due_save or due_eval)
-            if step % config.log_every == 0 or due_save or due_eval or preempted:
+            boundary = step % config.log_every == 0 or due_save or due_eval
+            preempted = agreed_preemption(boundary)
+            if boundary or preempted:
                 flush_metrics(step)  # also guards checkpoints against a non-finite state
             if due_eval:
                 run_eval(step)
