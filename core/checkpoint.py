@@ -14,10 +14,13 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from core.errors import CheckpointError
+from models.encoder import match_layout
 
 # The data iterator: each process writes its own file, process_<i>-of-<n>.json, holding
 # the states of the data shards it reads (data/shards.py). A restore gathers every file of
@@ -251,10 +254,14 @@ def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
 
     `subtree` selects a part of the saved params (e.g. ('backbone',)) to restore into
     `abstract_params`. Differing paths or shapes raise a CheckpointError listing them.
+    An encoder saved in the other layer layout (`model.scan_layers`) is restored as saved
+    and converted to the model's.
     """
     directory, step = resolve_checkpoint(path)
     state_dir = os.path.join(directory, str(step), 'state')
     saved_params = saved_params_metadata(path, *subtree)
+    model_params = abstract_params
+    abstract_params = match_layout(abstract_params, saved_params, _stack_abstract, _split_abstract)
     check_same_structure(saved_params, abstract_params, state_dir)
 
     target = {'params': abstract_params}
@@ -278,7 +285,43 @@ def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
     params = restored['params']
     for key in subtree:
         params = params[key]
+    if _paths(abstract_params) != _paths(model_params):
+        params = _to_layout(params, model_params)
     return params, step
+
+
+def _relayout_sharding(sharding, spec: tuple):
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+    return sharding
+
+
+def _stack_abstract(parts: list) -> jax.ShapeDtypeStruct:
+    """Per-layer ShapeDtypeStructs -> the stacked one (its layer axis not sharded)."""
+    s = parts[0]
+    sharding = getattr(s, 'sharding', None)
+    spec = (None, *sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    return jax.ShapeDtypeStruct(
+        (len(parts), *s.shape), s.dtype, sharding=_relayout_sharding(sharding, spec)
+    )
+
+
+def _split_abstract(s: jax.ShapeDtypeStruct) -> list:
+    """A stacked ShapeDtypeStruct -> one per layer (the leading axis dropped)."""
+    sharding = getattr(s, 'sharding', None)
+    spec = tuple(sharding.spec)[1:] if isinstance(sharding, NamedSharding) else ()
+    part = jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=_relayout_sharding(sharding, spec))
+    return [part] * s.shape[0]
+
+
+def _to_layout(params, abstract_params):
+    """Restored params -> the layer layout (and shardings, when given) of abstract_params."""
+    shardings = [getattr(s, 'sharding', None) for s in jax.tree.leaves(abstract_params)]
+    convert = lambda p: match_layout(p, abstract_params, jnp.stack, list)
+    if None in shardings:
+        return convert(params)
+    out = jax.tree.map(lambda s: s.sharding, abstract_params)
+    return jax.jit(convert, out_shardings=out)(params)
 
 
 def _paths(tree) -> dict[str, tuple]:

@@ -87,6 +87,14 @@ def check_common(config: ml_collections.ConfigDict) -> None:
             f'{config.grad_accum_steps}; each micro-batch must be a whole number of examples'
         )
     m = config.model
+    scanned = m.get('scan_layers') or m.get('text', {}).get('scan_layers')
+    optimizer = config.get('optimizer', {}).get('name')
+    if scanned and optimizer in ('lamb', 'lars'):
+        raise ConfigError(
+            f'optimizer.name={optimizer} takes a trust ratio per parameter array, '
+            'and with model.scan_layers=true one array holds every layer (the ratio would be '
+            'shared across layers); set --config.model.scan_layers=false'
+        )
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             f'model.hidden_size {m.hidden_size} is not divisible by model.num_heads '

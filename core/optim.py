@@ -5,6 +5,7 @@ import re
 from collections.abc import Callable
 
 import jax
+import numpy as np
 import optax
 
 
@@ -28,9 +29,17 @@ def learning_rate_schedule(config) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def is_stacked(path: str) -> bool:
+    """A scanned encoder's parameter (model.scan_layers): its leading axis is the layers."""
+    return '/encoder/layers/' in f'/{path}'
+
+
 def decay_mask(params):
-    """Weight decay on matrices only: biases and LayerNorm parameters (1-D) are exempt."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Weight decay on matrices only: biases and LayerNorm parameters (1-D per layer) are
+    exempt."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim - is_stacked(_path(path)) > 1, params
+    )
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -80,7 +89,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     if scale is not None:
         # Frozen parameters' gradients are zeroed before clipping (they must not count in
         # the global norm), and every update is scaled by its layer's factor after.
-        parts = [scale_by_path(lambda path: float(scale(path) > 0)), *parts, scale_by_path(scale)]
+        trainable = lambda path: (np.asarray(scale(path)) > 0).astype(np.float32)
+        parts = [scale_by_path(trainable), *parts, scale_by_path(scale)]
     if len(parts) == 1:
         return core, schedule
     return optax.chain(*parts), schedule
@@ -90,24 +100,32 @@ def _path(keys) -> str:
     return '/'.join(str(getattr(k, 'key', k)) for k in keys)
 
 
-def scale_by_path(scale: Callable[[str], float]) -> optax.GradientTransformation:
+def scale_by_path(scale: Callable[[str], float | np.ndarray]) -> optax.GradientTransformation:
     """Multiplies each update by `scale('backbone/encoder/layer_3/...')`, a constant per
-    parameter (0 freezes it)."""
+    parameter (0 freezes it), or per layer along the leading axis of a scanned encoder's
+    stacked parameter (an array of num_layers factors)."""
+
+    def scaled(path, u):
+        factor = np.asarray(scale(_path(path)), np.float32)
+        return u * factor.reshape(factor.shape + (1,) * (u.ndim - factor.ndim)).astype(u.dtype)
 
     def update(updates, state, params=None):
         del params
-        scaled = jax.tree_util.tree_map_with_path(lambda p, u: u * scale(_path(p)), updates)
-        return scaled, state
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 _LAYER = re.compile(r'^backbone/encoder/layer_(\d+)/')
+_STACKED = 'backbone/encoder/layers/'  # model.scan_layers: every layer's leaf in one array
 
 
 def layer_depth(path: str, num_layers: int) -> int:
     """0 for the backbone's embeddings, i + 1 for its encoder layer i, num_layers + 1 for
-    everything above them (final LayerNorm, pooler, heads)."""
+    everything above them (final LayerNorm, pooler, heads). A scanned encoder's stacked
+    parameters hold every layer: see `transfer_scale_fn`."""
+    if path.startswith(_STACKED):
+        raise ValueError(f'{path} holds all {num_layers} layers; it has no single depth')
     if not path.startswith('backbone/'):
         return num_layers + 1
     match = _LAYER.match(path)
@@ -118,9 +136,10 @@ def layer_depth(path: str, num_layers: int) -> int:
     return 0
 
 
-def transfer_scale_fn(config) -> Callable[[str], float] | None:
+def transfer_scale_fn(config) -> Callable[[str], float | np.ndarray] | None:
     """The per-parameter learning-rate factor of `config.transfer` (None: no transfer
-    keys, or plain full fine-tuning):
+    keys, or plain full fine-tuning), an array of one factor per layer for a scanned
+    encoder's stacked parameters (`backbone/encoder/layers/...`):
 
       freeze_backbone  the encoder is frozen (linear probe): factor 0 under backbone/
       freeze_layers=k  the embeddings and the first k encoder layers are frozen
@@ -134,11 +153,15 @@ def transfer_scale_fn(config) -> Callable[[str], float] | None:
     if not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0:
         return None
 
-    def scale(path: str) -> float:
-        depth = layer_depth(path, num_layers)
+    def factor(path: str, depth: int) -> float:
         frozen = t.freeze_backbone or (t.freeze_layers > 0 and depth <= t.freeze_layers)
         if path.startswith('backbone/') and frozen:
             return 0.0
         return float(t.layer_decay ** (num_layers + 1 - depth))
+
+    def scale(path: str) -> float | np.ndarray:
+        if path.startswith(_STACKED):  # one factor per layer, along the stacked axis
+            return np.array([factor(path, i + 1) for i in range(num_layers)], np.float32)
+        return factor(path, layer_depth(path, num_layers))
 
     return scale

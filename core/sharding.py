@@ -38,6 +38,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('qkv', None),
     ('vocab', 'tensor'),
     ('norm', None),
+    ('layers', None),  # the stacked layer axis of a scanned encoder (model.scan_layers)
 )
 
 

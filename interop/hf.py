@@ -37,6 +37,7 @@ from interop import hf_bert, hf_vit
 from interop import rules as r
 from interop import workdir as wd
 from models.bert import BertConfig, MlmHead
+from models.encoder import unstack_layers
 
 FAMILIES = {'bert': hf_bert, 'vit': hf_vit}
 WEIGHTS = 'model.safetensors'
@@ -425,7 +426,7 @@ def export_hf(
     checkpoint has a trained MLM head, else BertModel; images: ViTModel."""
     config = wd.read_config(workdir)
     params = wd.saved_params(wd.checkpoint_path(workdir, step))
-    encoder = wd.encoder_subtree(params, subtree)
+    encoder = unstack_layers(wd.encoder_subtree(params, subtree))  # HF's layout: layer by layer
     kind = wd.encoder_kind(encoder, subtree)
     model = dict(wd.model_section(config, subtree))
     model['pooler'] = 'pooler' in encoder

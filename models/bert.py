@@ -43,6 +43,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pooler: bool = False  # backbone/pooler (Dense + tanh on [CLS]), as BERT checkpoints have
     remat: str = 'none'
+    scan_layers: bool = False  # nn.scan over the layers: params stacked under encoder/layers
     dtype: str = 'float32'
 
     @classmethod
@@ -118,6 +119,7 @@ class TextEncoder(nn.Module):
             layer_norm=cfg.layer_norm,
             layer_norm_eps=cfg.layer_norm_eps,
             remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
             dtype=cfg.dtype,
         )
         if cfg.pooler:

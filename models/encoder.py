@@ -3,13 +3,19 @@
 Every parameter is created with logical axis names (`embed`, `mlp`, `heads`, `kv`, ...);
 `core/sharding.py` maps them to mesh axes. Activations are constrained at a few chosen
 points with logical names (`batch`, `length`, `act_embed`, `act_mlp`, `act_heads`).
+
+Two layouts of an encoder's layer parameters, the same numbers either way:
+  unscanned  encoder/layer_0/..., ..., encoder/layer_{L-1}/...   (checkpoints, imports)
+  scanned    encoder/layers/...  every leaf stacked: [L, ...], leading axis named `layers`
+`stack_layers` / `unstack_layers` convert a parameter tree between them.
 """
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype | str
@@ -200,6 +206,80 @@ class Pooler(nn.Module):
         return jnp.tanh(y)
 
 
+LAYERS = 'layers'  # the scanned Encoder's layer subtree, and the logical name of its axis
+
+
+def _layer_keys(encoder: Mapping) -> list[str]:
+    """layer_0 ... layer_{L-1} of an unscanned encoder's params (checked contiguous)."""
+    found = sorted(int(k[len('layer_') :]) for k in encoder if k.startswith('layer_'))
+    if found != list(range(len(found))):
+        raise ValueError(f'encoder layers {found} are not layer_0 ... layer_{len(found) - 1}')
+    return [f'layer_{i}' for i in found]
+
+
+def _stack(encoder: Mapping, stack: Callable[[list], Any]) -> dict:
+    keys = _layer_keys(encoder)
+    if not keys:
+        return dict(encoder)
+    rest = {k: v for k, v in encoder.items() if k not in keys}
+    stacked = jax.tree.map(lambda *xs: stack(list(xs)), *(encoder[k] for k in keys))
+    return {**rest, LAYERS: stacked}
+
+
+def _unstack(encoder: Mapping, split: Callable[[Any], list]) -> dict:
+    if LAYERS not in encoder:
+        return dict(encoder)
+    rest = {k: v for k, v in encoder.items() if k != LAYERS}
+    leaves, treedef = jax.tree.flatten(encoder[LAYERS])
+    columns = [split(x) for x in leaves]  # per leaf, its value in each layer
+    layers = {
+        f'layer_{i}': treedef.unflatten([c[i] for c in columns]) for i in range(len(columns[0]))
+    }
+    return {**rest, **layers}
+
+
+def _map_encoders(tree, convert: Callable[[Mapping], dict], like=None):
+    """`convert` applied to every `encoder` subtree of a nested dict (at any depth); with
+    `like`, only to those whose layout differs from the encoder at the same place there."""
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        other = like.get(key) if isinstance(like, Mapping) else None
+        if key == 'encoder' and isinstance(value, Mapping):
+            differs = isinstance(other, Mapping) and (LAYERS in value) != (LAYERS in other)
+            if like is None or differs:
+                value = convert(value)
+            out[key] = value
+        else:
+            out[key] = _map_encoders(value, convert, other if like is not None else None)
+    return out
+
+
+def stack_layers(tree, stack: Callable[[list], Any] = np.stack):
+    """Unscanned -> scanned layout: in every `encoder` subtree, layer_0 ... layer_{L-1}
+    become one `layers` subtree whose leaves are the per-layer leaves stacked on a new
+    leading axis of size L. `stack` joins one leaf's per-layer values (jnp.stack under jit;
+    core/checkpoint.py passes one for sharded ShapeDtypeStructs)."""
+    return _map_encoders(tree, lambda e: _stack(e, stack))
+
+
+def unstack_layers(tree, split: Callable[[Any], list] = list):
+    """Scanned -> unscanned layout, the inverse of `stack_layers`. `split` cuts one leaf
+    into its per-layer values (default: iterate over the leading axis)."""
+    return _map_encoders(tree, lambda e: _unstack(e, split))
+
+
+def match_layout(tree, like, stack: Callable = np.stack, split: Callable = list):
+    """`tree` with each encoder converted to the layout of the encoder at the same place
+    in `like` (a tree of the same model, or its checkpoint's metadata); the rest as is."""
+
+    def convert(encoder: Mapping) -> dict:
+        return _unstack(encoder, split) if LAYERS in encoder else _stack(encoder, stack)
+
+    return _map_encoders(tree, convert, like)
+
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -207,11 +287,18 @@ REMAT_POLICIES = {
 }
 
 
+def _scan_body(layer: nn.Module, x: jax.Array, mask, deterministic: bool):
+    return layer(x, mask, deterministic), None  # nn.scan's (carry, output)
+
+
 class Encoder(nn.Module):
     """A stack of `num_layers` EncoderLayers (+ a final LayerNorm for pre-LN).
 
     `remat` trades compute for memory: 'none' keeps every activation, 'dots' keeps only
     matmul outputs, 'full' recomputes each layer in the backward pass.
+    `scan_layers` runs one traced layer `num_layers` times (nn.scan) instead of unrolling
+    them: XLA compiles one layer, not num_layers. Its params are the stacked layout
+    (`encoder/layers/`, see the module docstring); dropout masks still differ per layer.
     """
 
     num_layers: int
@@ -223,6 +310,7 @@ class Encoder(nn.Module):
     layer_norm: Literal['post', 'pre'] = 'post'
     layer_norm_eps: float = 1e-12
     remat: str = 'none'
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -238,20 +326,34 @@ class Encoder(nn.Module):
         layer_cls = EncoderLayer
         if self.remat != 'none':
             layer_cls = nn.remat(
-                EncoderLayer, policy=REMAT_POLICIES[self.remat], static_argnums=(3,)
+                EncoderLayer,
+                policy=REMAT_POLICIES[self.remat],
+                static_argnums=(3,),  # deterministic
+                prevent_cse=not self.scan_layers,  # scan already keeps XLA from merging
             )
-        for i in range(self.num_layers):
-            x = layer_cls(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate,
-                activation=self.activation,
-                layer_norm=self.layer_norm,
-                layer_norm_eps=self.layer_norm_eps,
-                dtype=self.dtype,
-                name=f'layer_{i}',
-            )(x, mask, deterministic)
+        layer_args = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            activation=self.activation,
+            layer_norm=self.layer_norm,
+            layer_norm_eps=self.layer_norm_eps,
+            dtype=self.dtype,
+        )
+        if self.scan_layers:
+            scan = nn.scan(
+                _scan_body,
+                variable_axes={'params': 0},
+                split_rngs={'params': True, 'dropout': True},  # per-layer init and masks
+                in_axes=(nn.broadcast, nn.broadcast),  # mask, deterministic
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: LAYERS},
+            )
+            x, _ = scan(layer_cls(**layer_args, name=LAYERS), x, mask, deterministic)
+        else:
+            for i in range(self.num_layers):
+                x = layer_cls(**layer_args, name=f'layer_{i}')(x, mask, deterministic)
         if self.layer_norm == 'pre':
             x = layer_norm(self.layer_norm_eps, self.dtype, 'ln_final')(x)
         return x

@@ -47,6 +47,7 @@ class VitConfig:
     pooling: str = 'cls'  # cls | gap (mean over patches)
     pooler: bool = False  # pooler/ (Dense + tanh on the cls token), as HF ViTModel has
     remat: str = 'none'
+    scan_layers: bool = False  # nn.scan over the layers: params stacked under encoder/layers
     dtype: str = 'float32'
 
     @classmethod
@@ -128,6 +129,7 @@ class VisionEncoder(nn.Module):
             layer_norm='pre',
             layer_norm_eps=cfg.layer_norm_eps,
             remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
             dtype=cfg.dtype,
             name='encoder',
         )(x, None, deterministic)

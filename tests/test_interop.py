@@ -28,6 +28,7 @@ from interop import embed as embed_lib
 from interop import hf
 from interop import workdir as wd
 from models.bert import BertConfig, BertForMlm, TextEncoder
+from models.encoder import stack_layers
 from models.vit import VisionEncoder, VitConfig
 from tests.conftest import launch
 from tests.test_contract import CHECKER, check_contract
@@ -223,6 +224,24 @@ def test_imported_workdir_restores_into_the_stage_models(minilm_workdir):
     target = wd.abstract_params(encoder, wd.example_input('bert', encoder))
     with pytest.raises(ckpt_lib.CheckpointError, match='not in model: pooler/dense/kernel'):
         ckpt_lib.restore_params(minilm_workdir, target, subtree=('backbone',))
+
+
+def test_imported_workdir_restores_into_a_scanned_model(minilm_workdir):
+    """Imports are saved layer by layer (encoder/layer_<i>); a model.scan_layers encoder
+    restores them stacked (encoder/layers) and computes the same function."""
+    from core import checkpoint as ckpt_lib
+
+    cfg = BertConfig.from_config(wd.read_config(minilm_workdir)['model'])
+    batch = random_batch(cfg.vocab_size, 16, 2)
+    hidden = {}
+    for scan in (False, True):
+        encoder = TextEncoder(dataclasses.replace(cfg, scan_layers=scan))
+        target = wd.abstract_params(encoder, wd.example_input('bert', encoder))
+        params, _ = ckpt_lib.restore_params(minilm_workdir, target, subtree=('backbone',))
+        assert ('layers' in params['encoder']) == scan
+        args = (batch['input_ids'], batch['input_mask'], batch['segment_ids'])
+        hidden[scan] = jax.jit(encoder.apply)({'params': params}, *args)
+    assert max_err(hidden[True], hidden[False]) < 1e-5
 
 
 def test_embed_cli_writes_the_forward_pass(tmp_path, minilm_workdir, minilm_hf):
@@ -484,6 +503,26 @@ def test_export_of_an_mlm_workdir_loads_in_transformers(tmp_path, mlm_workdir):
     text = 'The models tokenizing text, in images.'
     ours = encoder.tokenize([text], 16)['input_ids'][0]
     assert tokenizer(text, padding='max_length', max_length=16)['input_ids'] == ours.tolist()
+
+
+def test_export_of_a_scanned_workdir_writes_the_same_tensors(tmp_path, mlm_workdir):
+    """A run with model.scan_layers saves its layers stacked; export writes them layer by
+    layer, the same file as the unscanned run's."""
+    scanned = str(tmp_path / 'scanned')
+    os.makedirs(scanned)
+    shutil.copy(os.path.join(mlm_workdir, 'vocab.txt'), scanned)
+    config = text_config(activation='gelu_tanh', layer_norm_eps=1e-6, scan_layers=True)
+    params = stack_layers(wd.saved_params(mlm_workdir))
+    assert 'layers' in params['backbone']['encoder']
+    with open(os.path.join(scanned, 'config.json'), 'w') as f:
+        f.write(config.to_json())
+    hf.save_checkpoint(scanned, params, config)
+    hf.export_hf(mlm_workdir, str(tmp_path / 'a'))
+    hf.export_hf(scanned, str(tmp_path / 'b'))
+    a, b = (safetensors.numpy.load_file(str(tmp_path / d / 'model.safetensors')) for d in 'ab')
+    assert sorted(a) == sorted(b) and any('encoder.layer.1.' in k for k in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_export_of_an_encoder_with_a_pooler_and_no_token_types(tmp_path):

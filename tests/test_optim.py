@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from core.optim import make_optimizer
+from core.errors import ConfigError
+from core.optim import decay_mask, make_optimizer
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -98,6 +99,31 @@ def test_weight_decay_on_matrices_only():
     # ... while matrices (of any rank > 1) shrink by lr * weight_decay.
     for leaf in (new['dense']['kernel'], new['qkv']['kernel']):
         np.testing.assert_allclose(leaf, 1.0 - 1e-3 * 0.1, rtol=1e-6)
+
+
+def test_decay_mask_counts_a_scanned_encoder_per_layer():
+    """model.scan_layers stacks the layers: a [layers, hidden] bias is still a bias."""
+    stacked = {'encoder': {'layers': {'bias': jnp.ones((2, 4)), 'kernel': jnp.ones((2, 4, 4))}}}
+    mask = decay_mask({'backbone': stacked, 'head': {'kernel': jnp.ones((4, 3))}})
+    assert mask == {
+        'backbone': {'encoder': {'layers': {'bias': False, 'kernel': True}}},
+        'head': {'kernel': True},
+    }
+
+
+def test_lamb_and_lars_refuse_scanned_layers():
+    """Their trust ratio is per parameter array, and a scanned array holds every layer."""
+    from configs import bert_mlm
+    from core import config as config_lib
+
+    for name in ('lamb', 'lars'):
+        c = bert_mlm.get_config('tiny')
+        c.optimizer.name = name
+        c.model.scan_layers = True
+        with pytest.raises(ConfigError, match='scan_layers=false'):
+            config_lib.check_common(c)
+        c.model.scan_layers = False
+        config_lib.check_common(c)
 
 
 def test_no_weight_decay_when_zero():

@@ -13,6 +13,7 @@ from configs import image_cls, text_cls
 from core.optim import _path, layer_depth, make_optimizer, transfer_scale_fn
 from finetune.text_cls import make_model
 from models.classifier import ImageClassifier
+from models.encoder import stack_layers
 from models.vit import VitConfig
 
 TINY = {'hidden_size': 32, 'num_heads': 2, 'mlp_dim': 64}
@@ -225,3 +226,29 @@ def test_frozen_gradients_do_not_count_in_the_clipped_global_norm():
     unfrozen = first_update(plain, small)
     key = 'backbone/encoder/layer_1/mlp/wi/kernel'
     assert np.abs(unfrozen[key]).max() < 0.01 * np.abs(with_frozen[key]).max()
+
+
+def test_a_scanned_encoder_gets_the_same_per_layer_updates():
+    """model.scan_layers stacks the layers into one array per parameter: layer decay and
+    freezing act per layer along its leading axis, and biases / LayerNorm stay without
+    weight decay, so an update is the stacked update of the unscanned model."""
+    config = optimizer_config(freeze_layers=1, layer_decay=0.5)
+    assert config.optimizer.weight_decay > 0
+    params = text_params(config, init=True)
+    grads = random_grads(params, 5)
+    scanned_config = optimizer_config(freeze_layers=1, layer_decay=0.5)
+    scanned_config.model.scan_layers = True
+    assert 'layers' in text_params(scanned_config)['backbone']['encoder']  # shapes only
+    scale = transfer_scale_fn(scanned_config)
+    np.testing.assert_array_equal(scale('backbone/encoder/layers/mlp/wi/kernel'), [0.0, 0.5])
+
+    def first_update(cfg, params, grads):
+        tx, _ = make_optimizer(cfg)
+        return jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])(params, grads)
+
+    expected = stack_layers(first_update(config, params, grads))
+    got = first_update(scanned_config, stack_layers(params), stack_layers(grads))
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for path, a, b in zip(paths(got), jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=path)
+    assert not np.any(got['backbone']['encoder']['layers']['mlp']['wi']['kernel'][0])

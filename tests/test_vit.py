@@ -1,5 +1,7 @@
 """The ViT (models/vit.py) and the contrastive model wrappers (models/contrastive.py)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from models.contrastive import SimClrModel
+from models.encoder import stack_layers, unstack_layers
 from models.vit import PatchEmbed, VisionEncoder, VitConfig, interpolate_pos_embedding, pool
 
 CFG = VitConfig(
@@ -75,6 +78,29 @@ def test_simclr_features_are_the_backbone_without_the_projection():
     tokens = VisionEncoder(CFG).apply({'params': variables['params']['backbone']}, images())
     np.testing.assert_allclose(feats, tokens[:, 0], rtol=1e-6)
     assert model.apply(variables, images()).shape == (2, 16)
+
+
+def test_scanned_vit_matches_unscanned_outputs_and_gradients():
+    """Pre-LN (the ViT's layout, with the final LayerNorm): model.scan_layers computes the
+    same function of the same (stacked) params."""
+    x = images()
+    model = VisionEncoder(CFG)
+    scanned = VisionEncoder(dataclasses.replace(CFG, scan_layers=True))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x)['params'])
+    stacked = stack_layers(params)
+
+    w = jax.random.normal(jax.random.key(1), (2, CFG.num_tokens, CFG.hidden_size))
+
+    def loss_and_grads(m, p):
+        return jax.jit(jax.value_and_grad(lambda p: (m.apply({'params': p}, x) * w).sum()))(p)
+
+    loss, g_plain = loss_and_grads(model, params)
+    loss_scanned, g_scanned = loss_and_grads(scanned, stacked)
+    np.testing.assert_allclose(loss_scanned, loss, rtol=1e-5)
+    g_scanned = unstack_layers(g_scanned)
+    assert jax.tree.structure(g_scanned) == jax.tree.structure(g_plain)
+    for a, b in zip(jax.tree.leaves(g_scanned), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_pos_embedding_interpolation_keeps_cls_and_a_smooth_grid():
