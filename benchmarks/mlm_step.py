@@ -1,35 +1,44 @@
-"""One MLM training step: pretrax (JAX/XLA, CPU) vs Hugging Face BertForMaskedLM (PyTorch, CPU).
+"""One MLM training step: pretrax (JAX/XLA) vs Hugging Face BertForMaskedLM (PyTorch).
 
-    PYTHONPATH=. python benchmarks/mlm_step.py [--sizes tiny,small] [--steps 20] [--warmup 3]
-        [--threads N]
+    PYTHONPATH=. python benchmarks/mlm_step.py [--sizes tiny,small] [--batch 32] [--steps 20]
+        [--warmup 3] [--precision float32|bfloat16] [--remat none|dots|full] [--scan_layers]
+        [--threads N] [--peak_tflops T] [--no-breakdown] [--no-profile]
 
-Needs `pip install torch==2.13.0 transformers` (benchmark only; measured with jax 0.10.2,
-flax 0.12.8, torch 2.13.0+cpu, transformers 5.23.0: the script prints the versions it ran).
+Needs `pip install -r benchmarks/requirements.txt` (torch 2.13.0, transformers 5.23.0:
+benchmark only; the script prints the versions it ran). On a GPU host both sides run on the
+GPU: pretrax through jax[cuda], the reference through torch's CUDA build.
 
-Both sides run the same step on the same numpy-generated batch: BERT post-LN encoder, fp32,
-training mode with hidden dropout 0.1 (attention-probability dropout is pretrax's default 0.0,
-mirrored on the reference so both compute the same thing), AdamW (eps 1e-6, weight decay 0.01
-on matrices only) after clipping to global norm 1.0. A timed step is forward, backward, clip
-and optimizer update, finished (pretrax: `jax.block_until_ready` on the new state and metrics
-every step; PyTorch on CPU is synchronous). The two sides' steps alternate (one of each per
-round), so background load on the machine hits both alike.
+Both sides run the same step on the same numpy-generated batch: BERT post-LN encoder,
+training mode with hidden dropout 0.1 (attention-probability dropout is pretrax's default
+0.0, mirrored on the reference so both compute the same thing), AdamW (eps 1e-6, weight
+decay 0.01 on matrices only) after clipping to global norm 1.0. Precision is float32 by
+default on CPU and bfloat16 on GPU: pretrax computes in bf16 with f32 params, optimizer
+state, softmax, LayerNorm statistics and loss; the reference runs under
+`torch.autocast(bfloat16)` with SDPA attention (flash / memory-efficient kernels on CUDA)
+and the fused CUDA AdamW. A timed step is forward, backward, clip and optimizer update,
+finished (pretrax: `jax.block_until_ready` on the new state and metrics; the reference:
+`torch.cuda.synchronize` on GPU, synchronous on CPU). The two sides' steps alternate (one
+of each per round), so background load hits both alike.
 
 The one designed difference is the MLM output layer: pretrax gathers the 20 masked positions
 per sequence first and scores only those against the vocabulary; the reference, like Hugging
 Face MLM training, scores every token and ignores the unmasked ones (labels -100) in the loss.
+Each side's MFU counts its own matmul FLOPs (`core/flops.py`), so the reference's MFU
+includes its full-vocabulary output layer; throughput (seq/s) is the like-for-like figure.
+
+Peak memory: pretrax's is XLA's buffer assignment of the compiled step (arguments +
+outputs + temporaries, less donated buffers reused); the reference's is the CUDA caching
+allocator's peak over its timed steps (PyTorch does not track it on CPU: n/a).
 """
 
 import argparse
-import contextlib
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from benchmarks import common
 from core import flops, optim, sharding, train_state
 from core import step as step_lib
 from models.bert import BertConfig, BertForMlm
@@ -38,34 +47,35 @@ from pretrain.losses import mlm_loss_fn
 SIZES = {
     'tiny': dict(hidden_size=128, num_layers=2, num_heads=2, mlp_dim=512),
     'small': dict(hidden_size=512, num_layers=4, num_heads=8, mlp_dim=2048),
+    'base': dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    'large': dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
 }
-VOCAB, BATCH, LENGTH, PREDICTIONS, MAX_LEN, DROPOUT = 30522, 32, 128, 20, 512, 0.1
-LEARNING_RATE, WEIGHT_DECAY, EPS, CLIP = 1e-4, 0.01, 1e-6, 1.0
+VOCAB, LENGTH, PREDICTIONS, MAX_LEN, DROPOUT = 30522, 128, 20, 512, 0.1
 
 
-def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random tokens, two segments, no padding, `PREDICTIONS` distinct masked positions."""
     rs = np.random.RandomState(seed)
     positions = np.stack(
-        [np.sort(rs.choice(LENGTH, PREDICTIONS, replace=False)) for _ in range(BATCH)]
+        [np.sort(rs.choice(LENGTH, PREDICTIONS, replace=False)) for _ in range(batch)]
     )
-    segment_ids = np.zeros((BATCH, LENGTH), np.int32)
+    segment_ids = np.zeros((batch, LENGTH), np.int32)
     segment_ids[:, LENGTH // 2 :] = 1
     return dict(
-        input_ids=rs.randint(0, VOCAB, (BATCH, LENGTH)).astype(np.int32),
-        input_mask=np.ones((BATCH, LENGTH), np.int32),
+        input_ids=rs.randint(0, VOCAB, (batch, LENGTH)).astype(np.int32),
+        input_mask=np.ones((batch, LENGTH), np.int32),
         segment_ids=segment_ids,
         masked_positions=positions.astype(np.int32),
-        masked_ids=rs.randint(0, VOCAB, (BATCH, PREDICTIONS)).astype(np.int32),
-        masked_weights=np.ones((BATCH, PREDICTIONS), np.float32),
+        masked_ids=rs.randint(0, VOCAB, (batch, PREDICTIONS)).astype(np.int32),
+        masked_weights=np.ones((batch, PREDICTIONS), np.float32),
     )
 
 
-def analytic_flops(size: dict, predictions: int) -> float:
+def analytic_flops(size: dict, batch: int, predictions: int) -> float:
     """Matmul FLOPs of one training step with the MLM head at `predictions` positions per
     sequence (the reference's head runs at all LENGTH of them)."""
     return flops.mlm_train_flops(
-        BATCH,
+        batch,
         LENGTH,
         predictions,
         size['hidden_size'],
@@ -75,44 +85,8 @@ def analytic_flops(size: dict, predictions: int) -> float:
     )
 
 
-def timed_rounds(steps_by_name: dict, steps: int, warmup: int) -> dict[str, np.ndarray]:
-    """Milliseconds of each timed step of every contender, their steps interleaved (one step
-    of each per round) so that any background load on the machine hits all of them alike.
-    Each step function must return only once its update is complete."""
-    for _ in range(warmup):
-        for step in steps_by_name.values():
-            step()
-    times = {name: [] for name in steps_by_name}
-    for _ in range(steps):
-        for name, step in steps_by_name.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: np.array(ms) for name, ms in times.items()}
-
-
 # --------------------------------------------------------------------------------------
 # pretrax
-
-
-def optimizer_config(steps: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            learning_rate=LEARNING_RATE,
-            warmup_steps=0,
-            total_steps=steps,
-            optimizer=dict(
-                name='adamw',
-                b1=0.9,
-                b2=0.999,
-                eps=EPS,
-                weight_decay=WEIGHT_DECAY,
-                grad_clip_norm=CLIP,
-                schedule='constant',
-                end_learning_rate=LEARNING_RATE,
-            ),
-        )
-    )
 
 
 def encoder_only_loss_fn(model):
@@ -126,17 +100,27 @@ def encoder_only_loss_fn(model):
             rngs={'dropout': rng},
             method=lambda m, b, d: m.backbone(b['input_ids'], b['input_mask'], b['segment_ids'], d),
         )
+        hidden = hidden.astype(jnp.float32)
         return jnp.sum(jnp.square(hidden)), {'denominator': jnp.float32(hidden.size)}
 
     return loss_fn
 
 
 class Pretrax:
-    """pretrax's MLM train step (`JitStepper` on a one-device mesh), ready to time."""
+    """pretrax's MLM train step (`JitStepper` on a one-device mesh, state donated)."""
 
-    def __init__(self, size: dict, batch: dict[str, np.ndarray], steps: int, encoder_only=False):
-        self.model = BertForMlm(BertConfig(VOCAB, max_len=MAX_LEN, dropout_rate=DROPOUT, **size))
-        tx, schedule = optim.make_optimizer(optimizer_config(steps))
+    def __init__(self, size: dict, batch: dict[str, np.ndarray], args, encoder_only=False):
+        config = BertConfig(
+            VOCAB,
+            max_len=MAX_LEN,
+            dropout_rate=DROPOUT,
+            remat=args.remat,
+            scan_layers=args.scan_layers,
+            dtype=args.precision,
+            **size,
+        )
+        self.model = BertForMlm(config)
+        tx, schedule = optim.make_optimizer(common.optimizer_config(args.steps + args.warmup))
         mesh = sharding.make_mesh()
         example = jax.tree.map(jnp.asarray, batch)
         init_params = lambda rng: self.model.init(rng, example)['params']
@@ -153,12 +137,8 @@ class Pretrax:
     def num_params(self) -> int:
         return train_state.count_params(self.state.params)
 
-    def cost_flops(self) -> float:
-        compiled = self.stepper.lower_train(self.state, self.batch, self.rng).compile()
-        cost = compiled.cost_analysis()
-        if isinstance(cost, list | tuple):  # older jax returns one dict per device program
-            cost = cost[0]
-        return float(cost['flops'])
+    def xla_cost(self) -> tuple[float, int]:
+        return common.xla_cost(self.stepper.lower_train(self.state, self.batch, self.rng).compile())
 
     def step(self):
         self.state, metrics = self.stepper.train(self.state, self.batch, self.rng)
@@ -172,7 +152,7 @@ class Pretrax:
 class Reference:
     """`BertForMaskedLM` + `torch.optim.AdamW`, SDPA attention, training mode."""
 
-    def __init__(self, size: dict, batch: dict[str, np.ndarray]):
+    def __init__(self, size: dict, batch: dict[str, np.ndarray], runtime: common.TorchRuntime):
         import torch
         import transformers
 
@@ -189,121 +169,69 @@ class Reference:
             attention_probs_dropout_prob=0.0,  # pretrax's attention_dropout_rate default
             attn_implementation='sdpa',
         )
-        self.torch = torch
-        self.model = transformers.BertForMaskedLM(config).train()
-        params = list(self.model.parameters())
-        groups = [
-            dict(params=[p for p in params if p.ndim > 1], weight_decay=WEIGHT_DECAY),
-            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0),
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, eps=EPS)
-        labels = np.full((BATCH, LENGTH), -100, np.int64)
+        self.runtime = runtime
+        self.model = transformers.BertForMaskedLM(config).to(runtime.device).train()
+        self.optimizer = runtime.adamw(self.model)
+        labels = np.full(batch['input_ids'].shape, -100, np.int64)
         np.put_along_axis(labels, batch['masked_positions'], batch['masked_ids'], axis=1)
+        tensor = lambda x: torch.from_numpy(x.astype(np.int64)).to(runtime.device)
         self.inputs = dict(
-            input_ids=torch.from_numpy(batch['input_ids'].astype(np.int64)),
-            attention_mask=torch.from_numpy(batch['input_mask'].astype(np.int64)),
-            token_type_ids=torch.from_numpy(batch['segment_ids'].astype(np.int64)),
-            labels=torch.from_numpy(labels),
+            input_ids=tensor(batch['input_ids']),
+            attention_mask=tensor(batch['input_mask']),
+            token_type_ids=tensor(batch['segment_ids']),
+            labels=tensor(labels),
         )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def step(self):
-        loss = self.model(**self.inputs).loss
+        with self.runtime.autocast():
+            loss = self.model(**self.inputs).loss
         loss.backward()
-        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.runtime.torch.nn.utils.clip_grad_norm_(self.model.parameters(), common.CLIP)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def top_ops(self, count: int = 8) -> list[tuple[str, float, int]]:
-        """(op, self CPU ms, calls) of the `count` ops with the most self time in one step."""
-        from torch.profiler import ProfilerActivity, profile
-
-        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            self.step()
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:count]]
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """Hides what native code writes to stderr (the profiler's start/stop log lines)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, 'w') as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        self.runtime.sync()
 
 
 # --------------------------------------------------------------------------------------
 
 
-def print_versions(threads: int):
-    import flax
-    import torch
-    import transformers
-
-    print('## Environment\n')
-    print(f'- jax {jax.__version__}, jaxlib {jax.lib.__version__}, flax {flax.__version__}')
-    print(f'- torch {torch.__version__}, transformers {transformers.__version__}')
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
-    print(
-        f'- CPU: os.cpu_count() = {os.cpu_count()}, usable by this process = {affinity}, '
-        f'1-minute load average at start {os.getloadavg()[0]:.2f} (other work skews timings)'
-    )
-    print(
-        f'- threads: torch intra-op {torch.get_num_threads()} (--threads {threads}), '
-        f'inter-op {torch.get_num_interop_threads()}; JAX devices {jax.devices()} '
-        '(XLA CPU uses its own pool over all cores)'
-    )
-    print(
-        f'- shapes: vocab {VOCAB}, batch {BATCH}, seq {LENGTH}, {PREDICTIONS} predictions/seq, '
-        f'max_len {MAX_LEN}, dropout {DROPOUT}, fp32, AdamW + clip {CLIP}\n'
-    )
-
-
-def run_size(name: str, args) -> dict:
+def run_size(name: str, args, runtime: common.TorchRuntime, peak: float) -> dict:
     size = SIZES[name]
-    batch = make_batch()
+    batch = make_batch(args.batch)
     print(
         f'## {name}: hidden {size["hidden_size"]}, {size["num_layers"]} layers, '
-        f'{size["num_heads"]} heads, mlp {size["mlp_dim"]}\n'
+        f'{size["num_heads"]} heads, mlp {size["mlp_dim"]}, batch {args.batch}\n'
     )
-
-    total_steps = args.steps + args.warmup
-    pretrax = Pretrax(size, batch, total_steps)
-    reference = Reference(size, batch)
+    pretrax = Pretrax(size, batch, args)
+    reference = Reference(size, batch, runtime)
     contenders = {'pretrax': pretrax.step, 'reference': reference.step}
     if args.breakdown:
-        contenders['pretrax_no_head'] = Pretrax(size, batch, total_steps, encoder_only=True).step
-    xla_flops = pretrax.cost_flops()
-    times = timed_rounds(contenders, args.steps, args.warmup)
-    pretrax_ms, reference_ms = times['pretrax'], times['reference']
+        contenders['pretrax_no_head'] = Pretrax(size, batch, args, encoder_only=True).step
+    xla_flops, pretrax_bytes = pretrax.xla_cost()
+    runtime.reset_peak_memory()
+    times = common.timed_rounds(contenders, args.steps, args.warmup)
+    ref_bytes = runtime.peak_memory()
+    top_ops = common.profile_top_ops(reference.step) if args.profile else []
     params, ref_params = pretrax.num_params(), reference.num_params()
-    top_ops = reference.top_ops()
     del pretrax, reference, contenders
 
-    tokens, masked = BATCH * LENGTH, BATCH * PREDICTIONS
-    h = size['hidden_size']
-    pretrax_flops = analytic_flops(size, PREDICTIONS)
-    ref_flops = analytic_flops(size, LENGTH)
-    p_med, r_med = np.median(pretrax_ms), np.median(reference_ms)
+    p_ms, r_ms = times['pretrax'], times['reference']
+    p_med, r_med = float(np.median(p_ms)), float(np.median(r_ms))
+    p_flops = analytic_flops(size, args.batch, PREDICTIONS)
+    r_flops = analytic_flops(size, args.batch, LENGTH)
+    h, tokens, masked = size['hidden_size'], args.batch * LENGTH, args.batch * PREDICTIONS
     print(f'- params: pretrax {params:,}, reference {ref_params:,}')
     print(
-        f'- pretrax ms/step: median {p_med:.1f}, min {pretrax_ms.min():.1f}, '
-        f'max {pretrax_ms.max():.1f}; reference: median {r_med:.1f}, '
-        f'min {reference_ms.min():.1f}, max {reference_ms.max():.1f}'
+        f'- ms/step: pretrax median {p_med:.1f} (min {p_ms.min():.1f}, max {p_ms.max():.1f}); '
+        f'reference median {r_med:.1f} (min {r_ms.min():.1f}, max {r_ms.max():.1f})'
     )
-    print(f'- pretrax step, XLA cost analysis: {xla_flops / 1e9:.1f} GFLOP')
     print(
-        f'- analytic matmul GFLOP/step: pretrax {pretrax_flops / 1e9:.1f} '
-        f'({pretrax_flops / p_med / 1e6:.0f} GFLOP/s), reference {ref_flops / 1e9:.1f} '
-        f'({ref_flops / r_med / 1e6:.0f} GFLOP/s)'
+        f'- pretrax step, XLA cost analysis: {xla_flops / 1e9:.1f} GFLOP; analytic matmul '
+        f'GFLOP/step: pretrax {p_flops / 1e9:.1f} ({p_flops / p_med / 1e9:.2f} TFLOP/s), '
+        f'reference {r_flops / 1e9:.1f} ({r_flops / r_med / 1e9:.2f} TFLOP/s)'
     )
     print(
         f'- output layer GFLOP/step: reference, every token 2*3*B*L*H*V = '
@@ -311,57 +239,103 @@ def run_size(name: str, args) -> dict:
         f'{6 * masked * h * VOCAB / 1e9:.1f}'
     )
     if args.breakdown:
-        e_med = np.median(times['pretrax_no_head'])
+        e_med = float(np.median(times['pretrax_no_head']))
         print(
             f'- pretrax breakdown: step without the MLM head (embeddings + encoder fwd/bwd '
             f'+ optimizer) {e_med:.1f} ms, so the MLM head costs ~{p_med - e_med:.1f} ms '
             f'({100 * (p_med - e_med) / p_med:.0f}%)'
         )
-    print('- reference, top ops by self CPU time in one profiled step:\n')
-    print('  | op | self CPU ms | calls |')
-    print('  | --- | ---: | ---: |')
-    for op, ms, calls in top_ops:
-        print(f'  | {op} | {ms:.1f} | {calls} |')
+    if top_ops:
+        print('- reference, top ops by self time in one profiled step:\n')
+        common.print_table(
+            ['op', 'self ms', 'calls'], [[op, f'{ms:.1f}', str(n)] for op, ms, n in top_ops]
+        )
     print()
-    return dict(name=name, params=params, pretrax=p_med, reference=r_med)
+    return dict(
+        name=name,
+        params=params,
+        pretrax=p_med,
+        reference=r_med,
+        pretrax_mfu=p_flops / (p_med / 1e3) / peak,
+        reference_mfu=r_flops / (r_med / 1e3) / peak,
+        pretrax_bytes=pretrax_bytes,
+        reference_bytes=ref_bytes,
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--sizes', default='tiny,small', help='comma-separated: tiny, small')
+    parser.add_argument('--sizes', default='tiny,small', help=f'comma-separated: {list(SIZES)}')
+    parser.add_argument('--batch', type=int, default=0, help='sequences (0: 32 CPU, 256 GPU)')
     parser.add_argument('--steps', type=int, default=20, help='timed steps per side')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
-    parser.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads')
+    parser.add_argument('--precision', default='', help='float32 | bfloat16 (default: f32 CPU)')
+    parser.add_argument('--remat', default='none', choices=['none', 'dots', 'full'])
+    parser.add_argument('--scan_layers', action='store_true', help="pretrax's layers in nn.scan")
+    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all)')
+    parser.add_argument('--peak_tflops', type=float, default=0.0, help='per device, for MFU')
     parser.add_argument(
         '--no-breakdown',
         dest='breakdown',
         action='store_false',
         help='skip timing the pretrax step without the MLM head',
     )
+    parser.add_argument(
+        '--no-profile', dest='profile', action='store_false', help='skip the torch profile'
+    )
     args = parser.parse_args()
     sizes = [s for s in args.sizes.split(',') if s]
     unknown = sorted(set(sizes) - set(SIZES))
     if unknown:
         parser.error(f'unknown sizes {unknown}; choose from {list(SIZES)}')
+    args.batch = args.batch or (256 if common.on_gpu() else 32)
+    args.precision = args.precision or ('bfloat16' if common.on_gpu() else 'float32')
+    if args.precision not in ('float32', 'bfloat16'):
+        parser.error(f'--precision {args.precision}; expected float32 or bfloat16')
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    print_versions(args.threads)
-    rows = [run_size(name, args) for name in sizes]
+    runtime = common.TorchRuntime(args.precision, args.threads or os.cpu_count())
+    peak, peak_source = common.mfu_peak(args.peak_tflops, args.precision)
+    common.print_environment(
+        args.threads or os.cpu_count(),
+        f'shapes: vocab {VOCAB}, batch {args.batch}, seq {LENGTH}, {PREDICTIONS} '
+        f'predictions/seq, max_len {MAX_LEN}, dropout {DROPOUT}, {args.precision}, '
+        f'remat {args.remat}, scan_layers {args.scan_layers}, AdamW + clip {common.CLIP}',
+    )
+    print(f'MFU peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_source})\n')
+    rows = [run_size(name, args, runtime, peak) for name in sizes]
 
     print(f'## Results (median of {args.steps} interleaved steps after {args.warmup} warmup)\n')
-    print(
-        '| size | params | pretrax ms/step | reference ms/step | speedup (ref/pretrax) '
-        '| pretrax seq/s |'
+    common.print_table(
+        [
+            'size',
+            'params',
+            'pretrax ms/step',
+            'reference ms/step',
+            'speedup',
+            'pretrax seq/s',
+            'pretrax tokens/s',
+            'pretrax MFU',
+            'reference MFU',
+            'pretrax peak mem',
+            'reference peak mem',
+        ],
+        [
+            [
+                r['name'],
+                f'{r["params"] / 1e6:.2f}M',
+                f'{r["pretrax"]:.1f}',
+                f'{r["reference"]:.1f}',
+                f'{r["reference"] / r["pretrax"]:.2f}x',
+                f'{1e3 * args.batch / r["pretrax"]:.1f}',
+                f'{1e3 * args.batch * LENGTH / r["pretrax"]:,.0f}',
+                f'{100 * r["pretrax_mfu"]:.1f}%',
+                f'{100 * r["reference_mfu"]:.1f}%',
+                common.mib(r['pretrax_bytes']),
+                common.mib(r['reference_bytes']),
+            ]
+            for r in rows
+        ],
     )
-    print('| --- | ---: | ---: | ---: | ---: | ---: |')
-    for row in rows:
-        print(
-            f'| {row["name"]} | {row["params"] / 1e6:.2f}M | {row["pretrax"]:.1f} '
-            f'| {row["reference"]:.1f} | {row["reference"] / row["pretrax"]:.2f}x '
-            f'| {1e3 * BATCH / row["pretrax"]:.0f} |'
-        )
 
 
 if __name__ == '__main__':

@@ -1,0 +1,229 @@
+"""What the train-step benchmarks share: the interleaved timing loop, the optimizer both
+sides run, MFU and peak-memory accounting, and the environment header.
+
+Importing it turns off JAX's up-front reservation of 75% of GPU memory (read when the
+backend starts, at the first device use), so that PyTorch can run beside it.
+"""
+
+import contextlib
+import datetime
+import os
+import sys
+import time
+
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from core import flops  # noqa: E402
+
+# The optimizer of both sides: AdamW (BERT's eps, weight decay on matrices only) after
+# clipping to global norm 1.0, at a constant learning rate.
+LEARNING_RATE, WEIGHT_DECAY, EPS, CLIP = 1e-4, 0.01, 1e-6, 1.0
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == 'gpu'
+
+
+def timed_rounds(steps_by_name: dict, steps: int, warmup: int) -> dict[str, np.ndarray]:
+    """Milliseconds of each timed step of every contender, their steps interleaved (one step
+    of each per round) so that any background load on the machine hits all of them alike.
+    Each step function must return only once its update is complete."""
+    for _ in range(warmup):
+        for step in steps_by_name.values():
+            step()
+    times = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: np.array(ms) for name, ms in times.items()}
+
+
+def optimizer_config(steps: int) -> ml_collections.ConfigDict:
+    """pretrax's optimizer settings (`core/optim.py`) for the shared recipe."""
+    return ml_collections.ConfigDict(
+        dict(
+            learning_rate=LEARNING_RATE,
+            warmup_steps=0,
+            total_steps=steps,
+            optimizer=dict(
+                name='adamw',
+                b1=0.9,
+                b2=0.999,
+                eps=EPS,
+                weight_decay=WEIGHT_DECAY,
+                grad_clip_norm=CLIP,
+                schedule='constant',
+                end_learning_rate=LEARNING_RATE,
+            ),
+        )
+    )
+
+
+def xla_cost(compiled) -> tuple[float, int]:
+    """(FLOPs, peak bytes) of one compiled step from XLA's own analyses. The bytes are the
+    step's live set: arguments + outputs + temporaries, less outputs written in place of
+    donated arguments."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per device program
+        cost = cost[0]
+    m = compiled.memory_analysis()
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return float(cost['flops']), int(peak)
+
+
+def measured_matmul_flops(dtype: str, size: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of one large square matmul in JAX on the default device: what this device
+    actually sustains on the work MFU counts (best of `repeats`)."""
+    size = size or (8192 if on_gpu() else 2048)
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def mfu_peak(peak_tflops: float, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where that figure comes from) for MFU: --peak_tflops,
+    else the vendor's dense bf16 peak of a known accelerator, else (CPU) a measured matmul."""
+    if peak_tflops:
+        return peak_tflops * 1e12, f'--peak_tflops {peak_tflops}'
+    vendor = flops.peak_flops_per_device()
+    if vendor is not None:
+        return vendor, f'vendor dense bf16 peak of {jax.devices()[0].device_kind}'
+    measured = measured_matmul_flops(precision)
+    return measured, f'measured {precision} 2048^3 matmul in JAX on this CPU (no vendor peak)'
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch side
+
+
+class TorchRuntime:
+    """Device, autocast and synchronisation for a PyTorch reference."""
+
+    def __init__(self, precision: str, threads: int):
+        import torch
+
+        self.torch = torch
+        self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if self.device == 'cpu':
+            torch.set_num_threads(threads)
+        self.precision = precision
+
+    def autocast(self):
+        if self.precision == 'float32':
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device, dtype=self.torch.bfloat16)
+
+    def adamw(self, model):
+        """AdamW with decay on matrices only; the fused CUDA kernel where there is one."""
+        params = list(model.parameters())
+        groups = [
+            dict(params=[p for p in params if p.ndim > 1], weight_decay=WEIGHT_DECAY),
+            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0),
+        ]
+        fused = self.device == 'cuda'
+        return self.torch.optim.AdamW(groups, lr=LEARNING_RATE, eps=EPS, fused=fused)
+
+    def sync(self):
+        if self.device == 'cuda':
+            self.torch.cuda.synchronize()
+
+    def reset_peak_memory(self):
+        if self.device == 'cuda':
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory(self) -> int | None:
+        """Peak bytes the CUDA caching allocator handed out; None on CPU (not tracked)."""
+        if self.device == 'cuda':
+            return int(self.torch.cuda.max_memory_allocated())
+        return None
+
+
+def profile_top_ops(step, count: int = 8) -> list[tuple[str, float, int]]:
+    """(op, self ms, calls) of the `count` ops with the most self time in one step of a
+    PyTorch reference (device time on CUDA, CPU time otherwise)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    with _stderr_silenced(), profile(activities=activities) as prof:
+        step()
+    key = 'self_device_time_total' if cuda else 'self_cpu_time_total'
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    return [(e.key, getattr(e, key) / 1e3, e.count) for e in events[:count]]
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Hides what native code writes to stderr (the profiler's start/stop log lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, 'w') as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+# --------------------------------------------------------------------------------------
+# Output
+
+
+def print_environment(threads: int, shapes: str):
+    import flax
+    import torch
+    import transformers
+
+    print('## Environment\n')
+    print(f'- date {datetime.date.today().isoformat()}')
+    print(f'- jax {jax.__version__}, jaxlib {jax.lib.__version__}, flax {flax.__version__}')
+    print(f'- torch {torch.__version__}, transformers {transformers.__version__}')
+    devices = ', '.join(sorted({d.device_kind for d in jax.devices()}))
+    print(f'- JAX backend {jax.default_backend()}: {len(jax.devices())} x {devices}')
+    if torch.cuda.is_available():
+        print(f'- torch device cuda: {torch.cuda.get_device_name()}')
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
+    print(
+        f'- CPU: os.cpu_count() = {os.cpu_count()}, usable by this process = {affinity}, '
+        f'1-minute load average at start {os.getloadavg()[0]:.2f} (other work skews timings)'
+    )
+    if not torch.cuda.is_available():
+        print(
+            f'- threads: torch intra-op {torch.get_num_threads()} (--threads {threads}); '
+            'XLA CPU uses its own pool over all cores'
+        )
+    print(f'- {shapes}\n')
+
+
+def mib(nbytes: int | None) -> str:
+    return 'n/a' if nbytes is None else f'{nbytes / 2**20:,.0f} MiB'
+
+
+def print_table(headers: list[str], rows: list[list[str]]):
+    print('| ' + ' | '.join(headers) + ' |')
+    print('|' + '|'.join(['---'] + ['---:'] * (len(headers) - 1)) + '|')
+    for row in rows:
+        print('| ' + ' | '.join(row) + ' |')
+    print()
