@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, DataError
-from data.pipeline import shuffle_forever
+from data.pipeline import read_options, shuffle_forever
 from data.text import Subset, heldout_indices, jsonl_records
 from data.tokenizer import FixedLengthEncoder, WordPiece
 
@@ -191,6 +191,11 @@ def _check_shape_args(image_size: int | None, channels: int | None) -> None:
 # --- random-access sources ----------------------------------------------------------------
 
 
+# Threads that read and decode image files ahead of the batcher: enough to keep a GPU step
+# fed from JPEGs on a many-core host, without Grain's default 16 threads x 500 items.
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+
 class _Conformed(Sequence):
     """A sequence of dict items whose 'image' is conformed when read.
 
@@ -198,6 +203,9 @@ class _Conformed(Sequence):
     (how an error names item i: its file, or its index)."""
 
     classes: list[str] | None = None
+    # Threads that read items ahead of the batcher (data.pipeline.read_options): 0 for
+    # arrays in memory; sources that decode files set more (Pillow decodes outside the GIL).
+    read_threads: int = 0
 
     def __init__(self, image_size: int | None, channels: int | None, resize: bool):
         _check_shape_args(image_size, channels)
@@ -356,6 +364,8 @@ class FolderImages(_Conformed):
     `classes` fixes the class list (an eval folder takes the training folder's, so that
     the same name has the same label even when the eval folder lacks a class)."""
 
+    read_threads = DECODE_THREADS
+
     def __init__(
         self,
         root: str,
@@ -440,6 +450,8 @@ def _require_field(name: str, first: dict, field: str, key: str) -> None:
 class _TfdsSource(_Conformed):
     """A TFDS split read with `tfds.data_source`: images come back decoded as numpy
     (TFDS decodes them with Pillow, no TensorFlow); encoded bytes are decoded here."""
+
+    read_threads = DECODE_THREADS
 
     def __init__(self, name, split, data_dir, image_field, image_size, channels, resize):
         super().__init__(image_size, channels, resize)
@@ -959,7 +971,8 @@ def _batches(
                 f'only {len(source)}; give more data or run on fewer processes'
             )
         ds = shuffle_forever(ds, seed)  # a new order every epoch
-    ds = ds.map(example).to_iter_dataset()  # items are read (decoded) in parallel threads
+    threads = getattr(source, 'read_threads', 0)  # a plain sequence: in memory
+    ds = ds.map(example).to_iter_dataset(read_options(threads))
     ds = ds.batch(batch_size, drop_remainder=train)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)

@@ -64,6 +64,21 @@ def shuffle_forever(ds: grain.MapDataset, seed: int) -> grain.MapDataset:
     return grain.MapDataset.source(_EpochShuffled(ds, seed))
 
 
+def read_options(threads: int) -> grain.ReadOptions:
+    """How `to_iter_dataset` reads (and maps) items: with `threads` worker threads, each a
+    few items ahead, or in the consumer's own thread with 0.
+
+    Grain's default (16 threads, 500 items ahead) is for sources that wait on I/O or decode
+    outside the GIL. Pure-Python work (tokenization) and in-memory arrays hold the GIL, so
+    threads only add hand-offs there: reading them in one thread was 1.5x (text) to 4-6x
+    (in-memory images) faster on a 2-core host (`benchmarks/input_pipeline.py`,
+    BENCHMARKS.md). The order of the items, and so the iterator's checkpointed state, is
+    the same either way."""
+    if threads < 0:
+        raise ValueError(f'read threads must be >= 0, found {threads}')
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+
+
 class Tokenize(grain.transforms.Map):
     """A document -> {'tokens': its ids followed by [SEP]}."""
 
@@ -121,7 +136,7 @@ def mlm_dataset(
     ds = grain.MapDataset.source(docs)[shard_index::shard_count]
     if train:
         ds = shuffle_forever(ds, seed)
-    ds = ds.map(Tokenize(tokenizer)).to_iter_dataset()
+    ds = ds.map(Tokenize(tokenizer)).to_iter_dataset(read_options(0))  # pure Python: GIL-bound
     ds = grain.experimental.ConcatThenSplitIterDataset(
         ds, length_struct={'tokens': spec.seq_len - 2}
     )
@@ -176,7 +191,8 @@ def sentence_dataset(
         ids = tokenize(text)
         return {'input_ids': ids, 'input_mask': (ids != 0).astype(np.int32)}
 
-    ds = ds.map(encode).to_iter_dataset().batch(batch_size, drop_remainder=train)
+    ds = ds.map(encode).to_iter_dataset(read_options(0))  # pure Python: GIL-bound
+    ds = ds.batch(batch_size, drop_remainder=train)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds

@@ -21,7 +21,7 @@ from core.errors import CheckpointError, UserError
 from core.task import Runtime
 from data import shards
 from data.labelled import LabelMap, select_train_examples
-from data.pipeline import shuffle_forever
+from data.pipeline import read_options, shuffle_forever
 from finetune import metrics as metrics_lib
 
 
@@ -166,7 +166,7 @@ def train_dataset(
                 f'data shard {shard_index} of {shard_count} has no training examples (of '
                 f'{len(examples)}); use fewer data shards or processes, or more train_examples'
             )
-        ds = shuffle_forever(ds, seed).to_iter_dataset()
+        ds = shuffle_forever(ds, seed).to_iter_dataset(read_options(0))  # in memory
         return ds.batch(batch_size, drop_remainder=True)
 
     return shards.sharded_stream(

@@ -364,6 +364,26 @@ def test_resumed_iterator_gives_the_same_following_batches():
     resumed.close()
 
 
+def test_decoded_files_read_ahead_in_threads_in_the_same_order(folder):
+    """A folder is decoded by worker threads, arrays in memory in the consumer's thread; the
+    batches, and the iterator state a checkpoint saves, do not depend on the thread count."""
+    threaded = images.FolderImages(folder, 8, 3, resize=True)
+    assert threaded.read_threads >= 1 and images.digits_images(8, 1).read_threads == 0
+    single = images.FolderImages(folder, 8, 3, resize=True)
+    single.read_threads = 0
+
+    def stream(source):
+        return iter(images.image_dataset(source, batch_size=2, seed=3, train=True, prefetch=0))
+
+    a, b = stream(threaded), stream(single)
+    assert_batches_equal(take(a, 4), take(b, 4))
+    resumed = stream(single)
+    resumed.set_state(a.get_state())  # saved by a threaded reader, resumed by a single one
+    assert_batches_equal(take(resumed, 3), take(a, 3))
+    for it in (a, b, resumed):
+        it.close()
+
+
 # --- image-text pairs ---------------------------------------------------------------------
 
 
