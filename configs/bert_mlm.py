@@ -73,6 +73,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-12
     c.model.pooler = False  # BERT's Dense + tanh on [CLS] (backbone/pooler): imported BERTs
     c.model.remat = 'none'  # none | dots | full
+    c.model.attention_impl = 'auto'  # auto: cuDNN flash attention on GPU in bf16, else xla
     c.model.scan_layers = False  # nn.scan over the layers: faster compiles of deep models
     c.model.patch_size = 0  # image models only
     c.model.image_size = 0

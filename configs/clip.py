@@ -75,6 +75,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-6
     c.model.pooling = 'cls'
     c.model.remat = 'none'
+    c.model.attention_impl = 'auto'  # auto: cuDNN flash attention on GPU in bf16, else xla
     c.model.scan_layers = False  # the image tower's layers under nn.scan: faster compiles
     c.model.embed_dim = 64 if tiny else 512
     c.model.vocab_size = 0  # the text tower's is model.text.vocab_size
@@ -93,6 +94,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.text.layer_norm_eps = 1e-6
     c.model.text.pooling = 'cls'  # cls | mean
     c.model.text.scan_layers = False  # the text tower's, likewise
+    c.model.text.attention_impl = 'auto'
 
     # Loss over the global batch. softmax: all-gathered, [n, N] logits per device;
     # sigmoid: a ring of [n, n] blocks, per-device memory independent of the device count.

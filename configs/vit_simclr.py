@@ -69,6 +69,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.pooling = 'cls'  # cls | gap
     c.model.pooler = False  # Dense + tanh on the cls token (backbone/pooler): imported HF ViTs
     c.model.remat = 'none'
+    c.model.attention_impl = 'auto'  # auto: cuDNN flash attention on GPU in bf16, else xla
     c.model.scan_layers = False  # nn.scan over the layers: faster compiles of deep models
     c.model.proj_hidden = 2048 if imagenet else 512
     c.model.proj_dim = 128

@@ -36,6 +36,8 @@ CHOICES = {
     'model.layer_norm': ('post', 'pre'),
     'model.activation': ('gelu', 'gelu_tanh', 'relu'),
     'model.remat': ('none', 'dots', 'full'),
+    'model.attention_impl': ('auto', 'xla', 'cudnn'),
+    'model.text.attention_impl': ('auto', 'xla', 'cudnn'),
     'task_type': ('classification', 'regression'),
 }
 

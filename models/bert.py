@@ -45,6 +45,7 @@ class BertConfig:
     remat: str = 'none'
     scan_layers: bool = False  # nn.scan over the layers: params stacked under encoder/layers
     dtype: str = 'float32'
+    attention_impl: str = 'auto'  # auto | xla | cudnn (models/encoder.py attention_impl)
 
     @classmethod
     def from_config(cls, model_config) -> 'BertConfig':
@@ -120,6 +121,7 @@ class TextEncoder(nn.Module):
             layer_norm_eps=cfg.layer_norm_eps,
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
+            attention_impl=cfg.attention_impl,
             dtype=cfg.dtype,
         )
         if cfg.pooler:

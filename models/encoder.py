@@ -16,6 +16,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import linen as nn
 
 Dtype = jnp.dtype | str
@@ -100,17 +101,48 @@ class Projection(nn.Module):
         return jnp.einsum(self.equation, x, kernel) + bias
 
 
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+
+
+def attention_impl(choice: str, dtype, head_dim: int, backend: str | None = None) -> str:
+    """The `implementation` that `jax.nn.dot_product_attention` is called with.
+
+    That op's own default (None) is XLA's unfused softmax(QK^T)V on every backend; cuDNN's
+    fused flash attention must be asked for. 'auto' asks for it where it applies: a GPU,
+    bf16 or fp16 compute, and a head size that is a multiple of 8 up to 128 (BERT and ViT
+    use 64); everywhere else it is 'xla'. 'cudnn' insists (an error off a GPU)."""
+    if choice not in ATTENTION_IMPLS:
+        raise ValueError(f'model.attention_impl={choice!r}; expected one of {ATTENTION_IMPLS}')
+    backend = backend or jax.default_backend()
+    if choice == 'cudnn' and backend != 'gpu':
+        raise ValueError(
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU, and this run's backend is "
+            f'{backend!r}; use --config.model.attention_impl=auto (or xla)'
+        )
+    if choice != 'auto':
+        return choice
+    fused = (
+        backend == 'gpu'
+        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
+    return 'cudnn' if fused else 'xla'
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection.
 
-    Attention runs through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU
-    where shapes allow). That op has no attention-probability dropout, so a non-zero
-    `attention_dropout_rate` switches to the explicit einsum path during training.
+    Attention runs through `jax.nn.dot_product_attention`, as cuDNN's fused flash attention
+    on a GPU in bf16/fp16 (`attention_impl`, see `attention_impl()`). That op has no
+    attention-probability dropout, so a non-zero `attention_dropout_rate` switches to the
+    explicit einsum path during training.
     """
 
     num_heads: int
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attention_impl: str = 'auto'  # auto | xla | cudnn
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -136,7 +168,7 @@ class SelfAttention(nn.Module):
         if self.attention_dropout_rate > 0.0 and not deterministic:
             out = self._attention_with_dropout(q, k, v, mask)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = self._fused_attention(q, k, v, mask, head_dim)
         out = nn.with_logical_constraint(out, ('batch', 'length', 'act_heads', 'act_kv'))
         return Projection(
             (self.num_heads, head_dim, hidden),
@@ -146,6 +178,24 @@ class SelfAttention(nn.Module):
             self.dtype,
             name='out',
         )(out)
+
+    def _fused_attention(self, q, k, v, mask, head_dim: int):
+        if attention_impl(self.attention_impl, self.dtype, head_dim) == 'xla':
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+        # cuDNN takes padding as lengths, not a mask (a [B, 1, 1, S] mask is refused): the
+        # number of real tokens, which come first (every pretrax pipeline and HF tokenizer
+        # pads at the end). Queries keep their full length, so padded positions attend to
+        # the real tokens, as on the XLA path.
+        lengths = None if mask is None else jnp.sum(mask[:, 0, 0, :], -1, dtype=jnp.int32)
+        try:
+            return jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=lengths, implementation='cudnn'
+            )
+        except (NotImplementedError, ValueError, RuntimeError) as e:  # jax's trace-time checks
+            if self.attention_impl == 'cudnn':
+                raise
+            logging.warning('cuDNN flash attention does not apply (%s); using XLA attention', e)
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
 
     def _attention_with_dropout(self, q, k, v, mask):
         scale = q.shape[-1] ** -0.5
@@ -168,11 +218,16 @@ class EncoderLayer(nn.Module):
     layer_norm: Literal['post', 'pre'] = 'post'
     layer_norm_eps: float = 1e-12
     dtype: Dtype = jnp.float32
+    attention_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
         attention = SelfAttention(
-            self.num_heads, self.attention_dropout_rate, self.dtype, name='attention'
+            self.num_heads,
+            self.attention_dropout_rate,
+            self.dtype,
+            self.attention_impl,
+            name='attention',
         )
         mlp = MlpBlock(self.mlp_dim, self.activation, self.dtype, name='mlp')
         drop = nn.Dropout(self.dropout_rate)
@@ -312,12 +367,14 @@ class Encoder(nn.Module):
     remat: str = 'none'
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = 'auto'
 
     @nn.compact
     def __call__(
         self, x: jax.Array, padding_mask: jax.Array | None = None, deterministic: bool = True
     ) -> jax.Array:
-        """x: [batch, length, hidden]; padding_mask: [batch, length] (1 = real token)."""
+        """x: [batch, length, hidden]; padding_mask: [batch, length] (1 = real token; the
+        real tokens first, padding after, wherever cuDNN attention runs)."""
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f'model.remat={self.remat!r}; expected one of {list(REMAT_POLICIES)}')
         mask = None
@@ -340,6 +397,7 @@ class Encoder(nn.Module):
             layer_norm=self.layer_norm,
             layer_norm_eps=self.layer_norm_eps,
             dtype=self.dtype,
+            attention_impl=self.attention_impl,
         )
         if self.scan_layers:
             scan = nn.scan(

@@ -49,6 +49,7 @@ class VitConfig:
     remat: str = 'none'
     scan_layers: bool = False  # nn.scan over the layers: params stacked under encoder/layers
     dtype: str = 'float32'
+    attention_impl: str = 'auto'  # auto | xla | cudnn (models/encoder.py attention_impl)
 
     @classmethod
     def from_config(cls, model_config, **overrides) -> 'VitConfig':
@@ -130,6 +131,7 @@ class VisionEncoder(nn.Module):
             layer_norm_eps=cfg.layer_norm_eps,
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
+            attention_impl=cfg.attention_impl,
             dtype=cfg.dtype,
             name='encoder',
         )(x, None, deterministic)

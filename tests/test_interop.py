@@ -179,7 +179,8 @@ def test_minilm_import_is_exact_in_float64(minilm_workdir, minilm_hf, monkeypatc
     mapping is exact. Attention is written out here because jax.nn.dot_product_attention
     takes its softmax in float32 whatever the input dtype."""
 
-    def attention(q, k, v, mask=None):
+    def attention(q, k, v, mask=None, implementation=None):
+        assert implementation == 'xla'  # what pretrax asks for off a GPU
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
         probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
         return jnp.einsum('bhqk,bkhd->bqhd', probs, v)

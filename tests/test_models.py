@@ -14,7 +14,7 @@ import pytest
 from flax import linen as nn
 
 from models.bert import BertConfig, BertForMlm
-from models.encoder import Encoder, SelfAttention, stack_layers, unstack_layers
+from models.encoder import Encoder, SelfAttention, attention_impl, stack_layers, unstack_layers
 
 VOCAB, HIDDEN, LAYERS, HEADS, MLP, MAX_LEN = 101, 32, 2, 4, 48, 24
 BATCH, LENGTH, P = 2, 16, 4
@@ -261,6 +261,80 @@ def test_attention_rejects_indivisible_heads():
     x = jnp.zeros((1, 4, 30))
     with pytest.raises(ValueError, match='num_heads'):
         SelfAttention(num_heads=4).init(jax.random.key(0), x, None, True)
+
+
+@pytest.mark.parametrize(
+    'choice, dtype, head_dim, backend, expected',
+    [
+        ('auto', jnp.bfloat16, 64, 'gpu', 'cudnn'),  # BERT's and ViT's heads, bf16, a GPU
+        ('auto', jnp.float16, 128, 'gpu', 'cudnn'),
+        ('auto', jnp.float32, 64, 'gpu', 'xla'),  # cuDNN's flash attention: bf16/fp16 only
+        ('auto', jnp.bfloat16, 60, 'gpu', 'xla'),  # not a multiple of 8
+        ('auto', jnp.bfloat16, 256, 'gpu', 'xla'),  # above 128
+        ('auto', jnp.bfloat16, 64, 'cpu', 'xla'),
+        ('auto', jnp.bfloat16, 64, 'tpu', 'xla'),
+        ('xla', jnp.bfloat16, 64, 'gpu', 'xla'),
+        ('cudnn', jnp.float32, 64, 'gpu', 'cudnn'),  # asked for: cuDNN itself says if not
+    ],
+)
+def test_attention_asks_for_cudnn_flash_attention_where_it_applies(
+    choice, dtype, head_dim, backend, expected
+):
+    # jax.nn.dot_product_attention's own default is XLA's attention on every backend.
+    assert attention_impl(choice, dtype, head_dim, backend) == expected
+
+
+def test_cudnn_attention_off_a_gpu_and_unknown_choices_are_refused():
+    x, _, mask = attention_inputs()
+    attention = SelfAttention(num_heads=HEADS, attention_impl='cudnn')
+    with pytest.raises(ValueError, match='attention_impl=auto'):
+        attention.init(jax.random.key(1), x, mask, True)
+    with pytest.raises(ValueError, match='expected one of'):
+        attention_impl('flash', jnp.bfloat16, 64)
+
+
+def test_cudnn_path_passes_padding_as_lengths_and_matches_xla(monkeypatch):
+    """What SelfAttention hands cuDNN (no GPU here): jax's XLA attention, which takes the
+    same key lengths, stands in for it; the outputs must equal the masked XLA path's."""
+    x, padding, mask = attention_inputs()
+    attention = SelfAttention(num_heads=HEADS)
+    variables = attention.init(jax.random.key(1), x, mask, True)
+    expected = attention.apply(variables, x, mask, True)  # CPU: the XLA path
+    real_attention, calls = jax.nn.dot_product_attention, []
+
+    def fake_cudnn(q, k, v, *, key_value_seq_lengths=None, implementation=None, **kw):
+        calls.append((implementation, kw, key_value_seq_lengths))
+        return real_attention(
+            q, k, v, key_value_seq_lengths=key_value_seq_lengths, implementation='xla'
+        )
+
+    monkeypatch.setattr('models.encoder.attention_impl', lambda *a: 'cudnn')
+    monkeypatch.setattr(jax.nn, 'dot_product_attention', fake_cudnn)
+    fused = attention.apply(variables, x, mask, True)
+    implementation, kwargs, lengths = calls[0]
+    assert implementation == 'cudnn' and 'mask' not in kwargs  # cuDNN refuses [B, 1, 1, S]
+    np.testing.assert_array_equal(lengths, np.asarray(padding).sum(-1))
+    np.testing.assert_allclose(fused, expected, atol=1e-5, rtol=1e-5)  # padded rows too
+
+
+def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+    x, _, mask = attention_inputs()
+    real_attention = jax.nn.dot_product_attention
+
+    def refusing_cudnn(q, k, v, *, implementation=None, **kw):
+        if implementation == 'cudnn':
+            raise NotImplementedError('The head dim must be <= 128 and a multiple of 8')
+        return real_attention(q, k, v, implementation=implementation, **kw)
+
+    auto = SelfAttention(num_heads=HEADS)
+    variables = auto.init(jax.random.key(1), x, mask, True)
+    expected = auto.apply(variables, x, mask, True)
+    monkeypatch.setattr('models.encoder.attention_impl', lambda *a: 'cudnn')
+    monkeypatch.setattr(jax.nn, 'dot_product_attention', refusing_cudnn)
+    np.testing.assert_allclose(auto.apply(variables, x, mask, True), expected, atol=1e-6)
+    insisted = SelfAttention(num_heads=HEADS, attention_impl='cudnn')
+    with pytest.raises(NotImplementedError, match='head dim'):
+        insisted.apply(variables, x, mask, True)
 
 
 def test_bfloat16_computes_in_bfloat16_with_float32_params(batch, post_ln):
