@@ -5,6 +5,8 @@ image once, so the step-0 figures equal a single-process run's."""
 import json
 import os
 
+import pytest
+
 from tests.conftest import launch
 
 TINY_VIT = [
@@ -30,6 +32,7 @@ def step0_eval(workdir: str) -> dict:
     return next(r for r in rows if r['split'] == 'eval' and r['step'] == 0)
 
 
+@pytest.mark.slow  # ~45 s: two launches, one of them 2 processes
 def test_two_processes_probe_every_image_like_one(tmp_path):
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     common = ['--config', 'configs/vit_simclr.py:tiny', *TINY_VIT]
