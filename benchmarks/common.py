@@ -5,7 +5,9 @@ Importing it turns off JAX's up-front reservation of 75% of GPU memory (read whe
 backend starts, at the first device use), so that PyTorch can run beside it.
 """
 
+import argparse
 import contextlib
+import dataclasses
 import datetime
 import os
 import sys
@@ -43,6 +45,88 @@ def timed_rounds(steps_by_name: dict, steps: int, warmup: int) -> dict[str, np.n
             step()
             times[name].append(1e3 * (time.perf_counter() - start))
     return {name: np.array(ms) for name, ms in times.items()}
+
+
+def step_arguments(
+    doc: str, sizes: list[str], default_sizes: str, unit: str, batches: tuple[int, int], rounds
+) -> argparse.ArgumentParser:
+    """The options every train-step benchmark takes; `batches` the default (CPU, GPU) batch,
+    `rounds` the default (timed, warm-up) rounds."""
+    parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+    parser.add_argument('--sizes', default=default_sizes, help=f'comma-separated: {sizes}')
+    parser.add_argument(
+        '--batch', type=int, default=0, help=f'{unit} (0: {batches[0]} CPU, {batches[1]} GPU)'
+    )
+    parser.add_argument('--steps', type=int, default=rounds[0], help='timed steps per side')
+    parser.add_argument('--warmup', type=int, default=rounds[1], help='untimed steps first')
+    parser.add_argument('--precision', default='', help='float32 | bfloat16 (default: f32 CPU)')
+    parser.add_argument('--remat', default='none', choices=['none', 'dots', 'full'])
+    parser.add_argument('--scan_layers', action='store_true', help="pretrax's layers in nn.scan")
+    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all)')
+    parser.add_argument('--peak_tflops', type=float, default=0.0, help='per device, for MFU')
+    parser.add_argument(
+        '--no-profile', dest='profile', action='store_false', help='skip the torch profile'
+    )
+    parser.set_defaults(known_sizes=sizes, batches=batches)
+    return parser
+
+
+def parse_step_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parsed and completed: `sizes` a list, `batch`, `precision` and `threads` resolved for
+    this device."""
+    args = parser.parse_args()
+    args.sizes = [s for s in args.sizes.split(',') if s]
+    unknown = sorted(set(args.sizes) - set(args.known_sizes))
+    if unknown:
+        parser.error(f'unknown sizes {unknown}; choose from {args.known_sizes}')
+    args.batch = args.batch or args.batches[on_gpu()]
+    args.precision = args.precision or ('bfloat16' if on_gpu() else 'float32')
+    if args.precision not in ('float32', 'bfloat16'):
+        parser.error(f'--precision {args.precision}; expected float32 or bfloat16')
+    args.threads = args.threads or os.cpu_count()
+    return args
+
+
+@dataclasses.dataclass
+class Measured:
+    """What one size's run gives: ms of every timed step of each contender, and the rest."""
+
+    ms: dict[str, np.ndarray]
+    xla_flops: float  # pretrax's step, XLA cost analysis
+    pretrax_bytes: int
+    reference_bytes: int | None
+    top_ops: list[tuple[str, float, int]]
+    params: int
+    reference_params: int
+
+    def median(self, name: str) -> float:
+        return float(np.median(self.ms[name]))
+
+
+def measure(pretrax, reference, args, runtime: 'TorchRuntime', **others) -> Measured:
+    """Times `pretrax`, `reference` and `others` (name -> step) interleaved, then profiles
+    the reference; prints the parameter counts and the step times."""
+    contenders = {'pretrax': pretrax.step, 'reference': reference.step, **others}
+    xla_flops, pretrax_bytes = pretrax.xla_cost()
+    runtime.reset_peak_memory()
+    ms = timed_rounds(contenders, args.steps, args.warmup)
+    m = Measured(
+        ms,
+        xla_flops,
+        pretrax_bytes,
+        runtime.peak_memory(),
+        profile_top_ops(reference.step) if args.profile else [],
+        pretrax.num_params(),
+        reference.num_params(),
+    )
+    p_ms, r_ms = ms['pretrax'], ms['reference']
+    print(f'- params: pretrax {m.params:,}, reference {m.reference_params:,}')
+    print(
+        f'- ms/step: pretrax median {m.median("pretrax"):.1f} (min {p_ms.min():.1f}, max '
+        f'{p_ms.max():.1f}); reference median {m.median("reference"):.1f} (min '
+        f'{r_ms.min():.1f}, max {r_ms.max():.1f})'
+    )
+    return m
 
 
 def optimizer_config(steps: int) -> ml_collections.ConfigDict:
@@ -215,6 +299,41 @@ def print_environment(threads: int, shapes: str):
             'XLA CPU uses its own pool over all cores'
         )
     print(f'- {shapes}\n')
+
+
+def print_top_ops(top_ops: list[tuple[str, float, int]]):
+    if top_ops:
+        print('- reference, top ops by self time in one profiled step:\n')
+        print_table(
+            ['op', 'self ms', 'calls'], [[op, f'{ms:.1f}', str(n)] for op, ms, n in top_ops]
+        )
+
+
+def print_results(args, rows: list[dict], first: str, rates: dict):
+    """The summary table: one row per size (`rows` of name, Measured m, pretrax_flops,
+    reference_flops, peak); `rates` maps a column header to examples per step (its value
+    is that many per second of pretrax's median step)."""
+    print(f'## Results (median of {args.steps} interleaved steps after {args.warmup} warmup)\n')
+    headers = [first, 'params', 'pretrax ms/step', 'reference ms/step', 'speedup', *rates]
+    headers += ['pretrax MFU', 'reference MFU', 'pretrax peak mem', 'reference peak mem']
+    table = []
+    for r in rows:
+        m, p_med, r_med = r['m'], r['m'].median('pretrax'), r['m'].median('reference')
+        table.append(
+            [
+                r['name'],
+                f'{m.params / 1e6:.2f}M',
+                f'{p_med:.1f}',
+                f'{r_med:.1f}',
+                f'{r_med / p_med:.2f}x',
+                *(f'{1e3 * n / p_med:,.1f}' for n in rates.values()),
+                f'{100 * r["pretrax_flops"] / (p_med / 1e3) / r["peak"]:.1f}%',
+                f'{100 * r["reference_flops"] / (r_med / 1e3) / r["peak"]:.1f}%',
+                mib(m.pretrax_bytes),
+                mib(m.reference_bytes),
+            ]
+        )
+    print_table(headers, table)
 
 
 def mib(nbytes: int | None) -> str:

@@ -31,9 +31,6 @@ outputs + temporaries, less donated buffers reused); the reference's is the CUDA
 allocator's peak over its timed steps (PyTorch does not track it on CPU: n/a).
 """
 
-import argparse
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,31 +202,19 @@ def run_size(name: str, args, runtime: common.TorchRuntime, peak: float) -> dict
         f'## {name}: hidden {size["hidden_size"]}, {size["num_layers"]} layers, '
         f'{size["num_heads"]} heads, mlp {size["mlp_dim"]}, batch {args.batch}\n'
     )
-    pretrax = Pretrax(size, batch, args)
-    reference = Reference(size, batch, runtime)
-    contenders = {'pretrax': pretrax.step, 'reference': reference.step}
+    others = {}
     if args.breakdown:
-        contenders['pretrax_no_head'] = Pretrax(size, batch, args, encoder_only=True).step
-    xla_flops, pretrax_bytes = pretrax.xla_cost()
-    runtime.reset_peak_memory()
-    times = common.timed_rounds(contenders, args.steps, args.warmup)
-    ref_bytes = runtime.peak_memory()
-    top_ops = common.profile_top_ops(reference.step) if args.profile else []
-    params, ref_params = pretrax.num_params(), reference.num_params()
-    del pretrax, reference, contenders
+        others['pretrax_no_head'] = Pretrax(size, batch, args, encoder_only=True).step
+    m = common.measure(
+        Pretrax(size, batch, args), Reference(size, batch, runtime), args, runtime, **others
+    )
 
-    p_ms, r_ms = times['pretrax'], times['reference']
-    p_med, r_med = float(np.median(p_ms)), float(np.median(r_ms))
+    p_med, r_med = m.median('pretrax'), m.median('reference')
     p_flops = analytic_flops(size, args.batch, PREDICTIONS)
     r_flops = analytic_flops(size, args.batch, LENGTH)
     h, tokens, masked = size['hidden_size'], args.batch * LENGTH, args.batch * PREDICTIONS
-    print(f'- params: pretrax {params:,}, reference {ref_params:,}')
     print(
-        f'- ms/step: pretrax median {p_med:.1f} (min {p_ms.min():.1f}, max {p_ms.max():.1f}); '
-        f'reference median {r_med:.1f} (min {r_ms.min():.1f}, max {r_ms.max():.1f})'
-    )
-    print(
-        f'- pretrax step, XLA cost analysis: {xla_flops / 1e9:.1f} GFLOP; analytic matmul '
+        f'- pretrax step, XLA cost analysis: {m.xla_flops / 1e9:.1f} GFLOP; analytic matmul '
         f'GFLOP/step: pretrax {p_flops / 1e9:.1f} ({p_flops / p_med / 1e9:.2f} TFLOP/s), '
         f'reference {r_flops / 1e9:.1f} ({r_flops / r_med / 1e9:.2f} TFLOP/s)'
     )
@@ -239,103 +224,40 @@ def run_size(name: str, args, runtime: common.TorchRuntime, peak: float) -> dict
         f'{6 * masked * h * VOCAB / 1e9:.1f}'
     )
     if args.breakdown:
-        e_med = float(np.median(times['pretrax_no_head']))
+        e_med = m.median('pretrax_no_head')
         print(
             f'- pretrax breakdown: step without the MLM head (embeddings + encoder fwd/bwd '
             f'+ optimizer) {e_med:.1f} ms, so the MLM head costs ~{p_med - e_med:.1f} ms '
             f'({100 * (p_med - e_med) / p_med:.0f}%)'
         )
-    if top_ops:
-        print('- reference, top ops by self time in one profiled step:\n')
-        common.print_table(
-            ['op', 'self ms', 'calls'], [[op, f'{ms:.1f}', str(n)] for op, ms, n in top_ops]
-        )
+    common.print_top_ops(m.top_ops)
     print()
-    return dict(
-        name=name,
-        params=params,
-        pretrax=p_med,
-        reference=r_med,
-        pretrax_mfu=p_flops / (p_med / 1e3) / peak,
-        reference_mfu=r_flops / (r_med / 1e3) / peak,
-        pretrax_bytes=pretrax_bytes,
-        reference_bytes=ref_bytes,
-    )
+    return dict(name=name, m=m, pretrax_flops=p_flops, reference_flops=r_flops, peak=peak)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--sizes', default='tiny,small', help=f'comma-separated: {list(SIZES)}')
-    parser.add_argument('--batch', type=int, default=0, help='sequences (0: 32 CPU, 256 GPU)')
-    parser.add_argument('--steps', type=int, default=20, help='timed steps per side')
-    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
-    parser.add_argument('--precision', default='', help='float32 | bfloat16 (default: f32 CPU)')
-    parser.add_argument('--remat', default='none', choices=['none', 'dots', 'full'])
-    parser.add_argument('--scan_layers', action='store_true', help="pretrax's layers in nn.scan")
-    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all)')
-    parser.add_argument('--peak_tflops', type=float, default=0.0, help='per device, for MFU')
+    parser = common.step_arguments(
+        __doc__, list(SIZES), 'tiny,small', 'sequences', (32, 256), (20, 3)
+    )
     parser.add_argument(
         '--no-breakdown',
         dest='breakdown',
         action='store_false',
         help='skip timing the pretrax step without the MLM head',
     )
-    parser.add_argument(
-        '--no-profile', dest='profile', action='store_false', help='skip the torch profile'
-    )
-    args = parser.parse_args()
-    sizes = [s for s in args.sizes.split(',') if s]
-    unknown = sorted(set(sizes) - set(SIZES))
-    if unknown:
-        parser.error(f'unknown sizes {unknown}; choose from {list(SIZES)}')
-    args.batch = args.batch or (256 if common.on_gpu() else 32)
-    args.precision = args.precision or ('bfloat16' if common.on_gpu() else 'float32')
-    if args.precision not in ('float32', 'bfloat16'):
-        parser.error(f'--precision {args.precision}; expected float32 or bfloat16')
-
-    runtime = common.TorchRuntime(args.precision, args.threads or os.cpu_count())
+    args = common.parse_step_arguments(parser)
+    runtime = common.TorchRuntime(args.precision, args.threads)
     peak, peak_source = common.mfu_peak(args.peak_tflops, args.precision)
     common.print_environment(
-        args.threads or os.cpu_count(),
+        args.threads,
         f'shapes: vocab {VOCAB}, batch {args.batch}, seq {LENGTH}, {PREDICTIONS} '
         f'predictions/seq, max_len {MAX_LEN}, dropout {DROPOUT}, {args.precision}, '
         f'remat {args.remat}, scan_layers {args.scan_layers}, AdamW + clip {common.CLIP}',
     )
     print(f'MFU peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_source})\n')
-    rows = [run_size(name, args, runtime, peak) for name in sizes]
-
-    print(f'## Results (median of {args.steps} interleaved steps after {args.warmup} warmup)\n')
-    common.print_table(
-        [
-            'size',
-            'params',
-            'pretrax ms/step',
-            'reference ms/step',
-            'speedup',
-            'pretrax seq/s',
-            'pretrax tokens/s',
-            'pretrax MFU',
-            'reference MFU',
-            'pretrax peak mem',
-            'reference peak mem',
-        ],
-        [
-            [
-                r['name'],
-                f'{r["params"] / 1e6:.2f}M',
-                f'{r["pretrax"]:.1f}',
-                f'{r["reference"]:.1f}',
-                f'{r["reference"] / r["pretrax"]:.2f}x',
-                f'{1e3 * args.batch / r["pretrax"]:.1f}',
-                f'{1e3 * args.batch * LENGTH / r["pretrax"]:,.0f}',
-                f'{100 * r["pretrax_mfu"]:.1f}%',
-                f'{100 * r["reference_mfu"]:.1f}%',
-                common.mib(r['pretrax_bytes']),
-                common.mib(r['reference_bytes']),
-            ]
-            for r in rows
-        ],
-    )
+    rows = [run_size(name, args, runtime, peak) for name in args.sizes]
+    rates = {'pretrax seq/s': args.batch, 'pretrax tokens/s': args.batch * LENGTH}
+    common.print_results(args, rows, 'size', rates)
 
 
 if __name__ == '__main__':

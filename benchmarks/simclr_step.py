@@ -24,9 +24,6 @@ MFU counts the ViT's and the projection head's matmul FLOPs (`core/flops.py`), t
 for both sides. Peak memory as in `benchmarks/mlm_step.py`.
 """
 
-import argparse
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,127 +200,51 @@ def run_size(size: str, args, runtime: common.TorchRuntime, peak: float) -> dict
         f'batch {args.batch} images (x2 views)\n'
     )
     batch = make_batch(args.batch)
-    pretrax = Pretrax(size, batch, args)
-    reference = Reference(size, batch, runtime)
-    contenders = {'pretrax': pretrax.step, 'reference': reference.step}
+    others = {}
     if args.augment_row:
-        contenders['pretrax_augment'] = Pretrax(size, batch, args, augment=True).step
-    xla_flops, pretrax_bytes = pretrax.xla_cost()
-    runtime.reset_peak_memory()
-    times = common.timed_rounds(contenders, args.steps, args.warmup)
-    ref_bytes = runtime.peak_memory()
-    top_ops = common.profile_top_ops(reference.step) if args.profile else []
-    params, ref_params = pretrax.num_params(), reference.num_params()
-    del pretrax, reference, contenders
-
-    p_ms, r_ms = times['pretrax'], times['reference']
-    p_med, r_med = float(np.median(p_ms)), float(np.median(r_ms))
-    work = train_flops(size, args.batch)
-    print(f'- params: pretrax {params:,}, reference {ref_params:,}')
-    print(
-        f'- ms/step: pretrax median {p_med:.1f} (min {p_ms.min():.1f}, max {p_ms.max():.1f}); '
-        f'reference median {r_med:.1f} (min {r_ms.min():.1f}, max {r_ms.max():.1f})'
+        others['pretrax_augment'] = Pretrax(size, batch, args, augment=True).step
+    m = common.measure(
+        Pretrax(size, batch, args), Reference(size, batch, runtime), args, runtime, **others
     )
+
+    p_med = m.median('pretrax')
+    work = train_flops(size, args.batch)
     print(
         f'- analytic matmul GFLOP/step {work / 1e9:.1f}; pretrax step, XLA cost analysis '
-        f'{xla_flops / 1e9:.1f} GFLOP'
+        f'{m.xla_flops / 1e9:.1f} GFLOP'
     )
     if args.augment_row:
-        a_med = float(np.median(times['pretrax_augment']))
+        a_med = m.median('pretrax_augment')
         print(
             f'- pretrax with on-device augmentation of both views: {a_med:.1f} ms/step, so '
             f'augmentation costs ~{a_med - p_med:.1f} ms ({100 * (a_med - p_med) / a_med:.0f}%)'
         )
-    if top_ops:
-        print('- reference, top ops by self time in one profiled step:\n')
-        common.print_table(
-            ['op', 'self ms', 'calls'], [[op, f'{ms:.1f}', str(n)] for op, ms, n in top_ops]
-        )
+    common.print_top_ops(m.top_ops)
     print()
-    return dict(
-        name=f'ViT-{size.upper()}/16',
-        params=params,
-        pretrax=p_med,
-        reference=r_med,
-        pretrax_mfu=work / (p_med / 1e3) / peak,
-        reference_mfu=work / (r_med / 1e3) / peak,
-        pretrax_bytes=pretrax_bytes,
-        reference_bytes=ref_bytes,
-    )
+    name = f'ViT-{size.upper()}/16'
+    return dict(name=name, m=m, pretrax_flops=work, reference_flops=work, peak=peak)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--sizes', default='s,b', help=f'comma-separated: {list(VIT_SIZES)}')
-    parser.add_argument('--batch', type=int, default=0, help='images (0: 8 CPU, 128 GPU)')
-    parser.add_argument('--steps', type=int, default=10, help='timed steps per side')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps first')
-    parser.add_argument('--precision', default='', help='float32 | bfloat16 (default: f32 CPU)')
-    parser.add_argument('--remat', default='none', choices=['none', 'dots', 'full'])
-    parser.add_argument('--scan_layers', action='store_true', help="pretrax's layers in nn.scan")
-    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all)')
-    parser.add_argument('--peak_tflops', type=float, default=0.0, help='per device, for MFU')
+    parser = common.step_arguments(__doc__, list(VIT_SIZES), 's,b', 'images', (8, 128), (10, 2))
     parser.add_argument(
         '--no-augment-row',
         dest='augment_row',
         action='store_false',
         help='skip timing pretrax with its on-device augmentation',
     )
-    parser.add_argument(
-        '--no-profile', dest='profile', action='store_false', help='skip the torch profile'
-    )
-    args = parser.parse_args()
-    sizes = [s for s in args.sizes.split(',') if s]
-    unknown = sorted(set(sizes) - set(VIT_SIZES))
-    if unknown:
-        parser.error(f'unknown sizes {unknown}; choose from {list(VIT_SIZES)}')
-    args.batch = args.batch or (128 if common.on_gpu() else 8)
-    args.precision = args.precision or ('bfloat16' if common.on_gpu() else 'float32')
-    if args.precision not in ('float32', 'bfloat16'):
-        parser.error(f'--precision {args.precision}; expected float32 or bfloat16')
-
-    threads = args.threads or os.cpu_count()
-    runtime = common.TorchRuntime(args.precision, threads)
+    args = common.parse_step_arguments(parser)
+    runtime = common.TorchRuntime(args.precision, args.threads)
     peak, peak_source = common.mfu_peak(args.peak_tflops, args.precision)
     common.print_environment(
-        threads,
+        args.threads,
         f'shapes: {IMAGE}x{IMAGE}x{CHANNELS} images, patch {PATCH}, batch {args.batch} x 2 '
         f'views, projection {PROJ_HIDDEN}-{PROJ_HIDDEN}-{PROJ_DIM}, {args.precision}, '
         f'remat {args.remat}, scan_layers {args.scan_layers}, AdamW + clip {common.CLIP}',
     )
     print(f'MFU peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_source})\n')
-    rows = [run_size(size, args, runtime, peak) for size in sizes]
-
-    print(f'## Results (median of {args.steps} interleaved steps after {args.warmup} warmup)\n')
-    common.print_table(
-        [
-            'model',
-            'params',
-            'pretrax ms/step',
-            'reference ms/step',
-            'speedup',
-            'pretrax images/s',
-            'pretrax MFU',
-            'reference MFU',
-            'pretrax peak mem',
-            'reference peak mem',
-        ],
-        [
-            [
-                r['name'],
-                f'{r["params"] / 1e6:.2f}M',
-                f'{r["pretrax"]:.1f}',
-                f'{r["reference"]:.1f}',
-                f'{r["reference"] / r["pretrax"]:.2f}x',
-                f'{1e3 * args.batch / r["pretrax"]:.1f}',
-                f'{100 * r["pretrax_mfu"]:.1f}%',
-                f'{100 * r["reference_mfu"]:.1f}%',
-                common.mib(r['pretrax_bytes']),
-                common.mib(r['reference_bytes']),
-            ]
-            for r in rows
-        ],
-    )
+    rows = [run_size(size, args, runtime, peak) for size in args.sizes]
+    common.print_results(args, rows, 'model', {'pretrax images/s': args.batch})
 
 
 if __name__ == '__main__':
