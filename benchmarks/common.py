@@ -20,7 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core import flops  # noqa: E402
+from core import flops, optim, train_state  # noqa: E402
+from core import step as step_lib  # noqa: E402
 
 # The optimizer of both sides: AdamW (BERT's eps, weight decay on matrices only) after
 # clipping to global norm 1.0, at a constant learning rate.
@@ -127,6 +128,30 @@ def measure(pretrax, reference, args, runtime: 'TorchRuntime', **others) -> Meas
         f'{r_ms.min():.1f}, max {r_ms.max():.1f})'
     )
     return m
+
+
+class PretraxStep:
+    """pretrax's train step as a run takes it: `JitStepper` over `mesh`, state donated, the
+    shared optimizer recipe, `batch` placed on the devices once."""
+
+    def __init__(self, init_params, loss_fn, batch: dict, args, mesh):
+        tx, schedule = optim.make_optimizer(optimizer_config(args.steps + args.warmup))
+        self.state, shardings = train_state.create_sharded_state(
+            init_params, tx, mesh, jax.random.key(0)
+        )
+        self.stepper = step_lib.JitStepper(mesh, shardings, loss_fn, tx, schedule, accum_steps=1)
+        self.batch = self.stepper.put_batch(batch)
+        self.rng = jax.random.key(1)
+
+    def num_params(self) -> int:
+        return train_state.count_params(self.state.params)
+
+    def xla_cost(self) -> tuple[float, int]:
+        return xla_cost(self.stepper.lower_train(self.state, self.batch, self.rng).compile())
+
+    def step(self):
+        self.state, metrics = self.stepper.train(self.state, self.batch, self.rng)
+        jax.block_until_ready((self.state, metrics))
 
 
 def optimizer_config(steps: int) -> ml_collections.ConfigDict:

@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from core import flops, optim, sharding, train_state
-from core import step as step_lib
+from core import flops, sharding
 from models.bert import BertConfig, BertForMlm
 from pretrain.losses import mlm_loss_fn
 
@@ -103,43 +102,22 @@ def encoder_only_loss_fn(model):
     return loss_fn
 
 
-class Pretrax:
-    """pretrax's MLM train step (`JitStepper` on a one-device mesh, state donated)."""
-
-    def __init__(self, size: dict, batch: dict[str, np.ndarray], args, encoder_only=False):
-        config = BertConfig(
-            VOCAB,
-            max_len=MAX_LEN,
-            dropout_rate=DROPOUT,
-            remat=args.remat,
-            scan_layers=args.scan_layers,
-            dtype=args.precision,
-            **size,
-        )
-        self.model = BertForMlm(config)
-        tx, schedule = optim.make_optimizer(common.optimizer_config(args.steps + args.warmup))
-        mesh = sharding.make_mesh()
-        example = jax.tree.map(jnp.asarray, batch)
-        init_params = lambda rng: self.model.init(rng, example)['params']
-        self.state, shardings = train_state.create_sharded_state(
-            init_params, tx, mesh, jax.random.key(0)
-        )
-        loss_fn = encoder_only_loss_fn if encoder_only else mlm_loss_fn
-        self.stepper = step_lib.JitStepper(
-            mesh, shardings, loss_fn(self.model), tx, schedule, accum_steps=1
-        )
-        self.batch = self.stepper.put_batch(batch)
-        self.rng = jax.random.key(1)
-
-    def num_params(self) -> int:
-        return train_state.count_params(self.state.params)
-
-    def xla_cost(self) -> tuple[float, int]:
-        return common.xla_cost(self.stepper.lower_train(self.state, self.batch, self.rng).compile())
-
-    def step(self):
-        self.state, metrics = self.stepper.train(self.state, self.batch, self.rng)
-        jax.block_until_ready((self.state, metrics))
+def pretrax_step(size: dict, batch: dict, args, encoder_only=False) -> common.PretraxStep:
+    """pretrax's MLM train step (or, `encoder_only`, the same without the MLM head)."""
+    config = BertConfig(
+        VOCAB,
+        max_len=MAX_LEN,
+        dropout_rate=DROPOUT,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        dtype=args.precision,
+        **size,
+    )
+    model = BertForMlm(config)
+    example = jax.tree.map(jnp.asarray, batch)
+    loss_fn = (encoder_only_loss_fn if encoder_only else mlm_loss_fn)(model)
+    init_params = lambda rng: model.init(rng, example)['params']
+    return common.PretraxStep(init_params, loss_fn, batch, args, sharding.make_mesh())
 
 
 # --------------------------------------------------------------------------------------
@@ -204,9 +182,9 @@ def run_size(name: str, args, runtime: common.TorchRuntime, peak: float) -> dict
     )
     others = {}
     if args.breakdown:
-        others['pretrax_no_head'] = Pretrax(size, batch, args, encoder_only=True).step
+        others['pretrax_no_head'] = pretrax_step(size, batch, args, encoder_only=True).step
     m = common.measure(
-        Pretrax(size, batch, args), Reference(size, batch, runtime), args, runtime, **others
+        pretrax_step(size, batch, args), Reference(size, batch, runtime), args, runtime, **others
     )
 
     p_med, r_med = m.median('pretrax'), m.median('reference')

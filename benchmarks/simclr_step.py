@@ -24,14 +24,12 @@ MFU counts the ViT's and the projection head's matmul FLOPs (`core/flops.py`), t
 for both sides. Peak memory as in `benchmarks/mlm_step.py`.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
 from configs import vit_simclr
-from core import flops, optim, sharding, train_state
-from core import step as step_lib
+from core import flops, sharding
 from core.task import Runtime
 from data import augment as augment_lib
 from models.contrastive import SimClrModel
@@ -91,39 +89,23 @@ def views_loss_fn(model: SimClrModel, mesh):
     return loss_fn
 
 
-class Pretrax:
-    """pretrax's SimCLR train step (`JitStepper` on a one-device mesh, state donated)."""
-
-    def __init__(self, size: str, batch: dict[str, np.ndarray], args, augment: bool = False):
-        vit = vit_config(size, args.precision, args.remat, args.scan_layers)
-        model = SimClrModel(vit, PROJ_HIDDEN, PROJ_DIM, PROJ_LAYERS)
-        tx, schedule = optim.make_optimizer(common.optimizer_config(args.steps + args.warmup))
-        mesh = sharding.make_mesh()
-        example = jnp.zeros((1, IMAGE, IMAGE, CHANNELS), jnp.float32)
-        self.state, shardings = train_state.create_sharded_state(
-            lambda rng: model.init(rng, example)['params'], tx, mesh, jax.random.key(0)
-        )
-        if augment:
-            runtime = Runtime(mesh, 'jit', len(batch['image']), 0, 1)
-            aug = augment_lib.AugmentConfig.from_config(vit_simclr.get_config('s,imagenet').augment)
-            loss_fn = simclr.simclr_loss_fn(model, aug, TEMPERATURE, runtime)
-            batch = {'image': batch['image']}
-        else:
-            loss_fn = views_loss_fn(model, mesh)
-            batch = {'view1': batch['view1'], 'view2': batch['view2']}
-        self.stepper = step_lib.JitStepper(mesh, shardings, loss_fn, tx, schedule, accum_steps=1)
-        self.batch = self.stepper.put_batch(batch)
-        self.rng = jax.random.key(1)
-
-    def num_params(self) -> int:
-        return train_state.count_params(self.state.params)
-
-    def xla_cost(self) -> tuple[float, int]:
-        return common.xla_cost(self.stepper.lower_train(self.state, self.batch, self.rng).compile())
-
-    def step(self):
-        self.state, metrics = self.stepper.train(self.state, self.batch, self.rng)
-        jax.block_until_ready((self.state, metrics))
+def pretrax_step(size: str, batch: dict, args, augment: bool = False) -> common.PretraxStep:
+    """pretrax's SimCLR train step on the two given views, or (`augment`) as a run takes it:
+    one batch of images, both views augmented on the device inside the step."""
+    vit = vit_config(size, args.precision, args.remat, args.scan_layers)
+    model = SimClrModel(vit, PROJ_HIDDEN, PROJ_DIM, PROJ_LAYERS)
+    mesh = sharding.make_mesh()
+    example = jnp.zeros((1, IMAGE, IMAGE, CHANNELS), jnp.float32)
+    if augment:
+        runtime = Runtime(mesh, 'jit', len(batch['image']), 0, 1)
+        aug = augment_lib.AugmentConfig.from_config(vit_simclr.get_config('s,imagenet').augment)
+        loss_fn = simclr.simclr_loss_fn(model, aug, TEMPERATURE, runtime)
+        batch = {'image': batch['image']}
+    else:
+        loss_fn = views_loss_fn(model, mesh)
+        batch = {'view1': batch['view1'], 'view2': batch['view2']}
+    init_params = lambda rng: model.init(rng, example)['params']
+    return common.PretraxStep(init_params, loss_fn, batch, args, mesh)
 
 
 # --------------------------------------------------------------------------------------
@@ -202,9 +184,9 @@ def run_size(size: str, args, runtime: common.TorchRuntime, peak: float) -> dict
     batch = make_batch(args.batch)
     others = {}
     if args.augment_row:
-        others['pretrax_augment'] = Pretrax(size, batch, args, augment=True).step
+        others['pretrax_augment'] = pretrax_step(size, batch, args, augment=True).step
     m = common.measure(
-        Pretrax(size, batch, args), Reference(size, batch, runtime), args, runtime, **others
+        pretrax_step(size, batch, args), Reference(size, batch, runtime), args, runtime, **others
     )
 
     p_med = m.median('pretrax')
