@@ -238,10 +238,10 @@ def _tokens(vocab_file: str) -> list[str]:
 
 def init_from_vocab(config: ml_collections.ConfigDict) -> str | None:
     """The vocab.txt of the `init_from` run of a text config (one with `data.vocab_file`),
-    from any form `run_directory` reads; None without one. The restored
-    token embeddings are rows of that vocabulary, so this refuses (ConfigError) a text run
-    whose init_from has no vocabulary unless `data.vocab_file` gives it, and a differing
-    `data.vocab_file`. An init_from that holds no checkpoint raises CheckpointError."""
+    from any form `run_directory` reads; None without one. The restored token embeddings
+    are rows of that vocabulary, so this refuses (ConfigError) a text run whose init_from
+    has no vocabulary unless `data.vocab_file` gives it, and a differing `data.vocab_file`.
+    An init_from that holds no checkpoint raises CheckpointError."""
     if not config.get('init_from') or 'vocab_file' not in config.get('data', {}):
         return None
     from core.checkpoint import resolve_checkpoint  # (orbax: not loaded for every config check)
