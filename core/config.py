@@ -138,8 +138,11 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, is_main: bo
     """Creates the workdir, or checks that it holds a run of this same config.
 
     A workdir with a different config is refused (a resume must continue the same run);
-    `overwrite=True` clears it and starts over.
+    `overwrite=True` clears it and starts over. A new text run's `init_from` vocabulary is
+    checked first (`init_from_vocab`), so a refused start leaves nothing behind.
     """
+    if not os.path.isfile(os.path.join(workdir, 'vocab.txt')):
+        init_from_vocab(config)
     path = os.path.join(workdir, 'config.json')
     if os.path.isfile(path):
         with open(path) as f:
@@ -200,16 +203,69 @@ ARCHITECTURE_KEYS = (
 COMMAND_LINE_KEYS: set[str] = set()
 
 
+def run_directory(path: str) -> str | None:
+    """The workdir of the run that `path` names (an `init_from`): the workdir itself, its
+    checkpoints/ directory or one checkpoints/<step> directory, as an absolute path; None
+    when no config.json marks one (a bare checkpoint). Where the run's config.json and
+    vocab.txt are found, whichever of the three forms `init_from` gives."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    candidates = [path]
+    if name == 'checkpoints':
+        candidates.append(parent)
+    elif name.isdigit() and os.path.basename(parent) == 'checkpoints':
+        candidates.append(os.path.dirname(parent))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, 'config.json')):
+            return candidate
+    return None
+
+
 def saved_run_config(path: str) -> dict:
     """The config.json of the run whose workdir, checkpoints/ or checkpoints/<step> is
     `path`; {} when there is none (a bare checkpoint)."""
-    path = os.path.abspath(path)
-    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        config_file = os.path.join(candidate, 'config.json')
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                return json.load(f)
-    return {}
+    run = run_directory(path)
+    if run is None:
+        return {}
+    with open(os.path.join(run, 'config.json')) as f:
+        return json.load(f)
+
+
+def _tokens(vocab_file: str) -> list[str]:
+    with open(vocab_file, encoding='utf-8') as f:
+        return f.read().splitlines()
+
+
+def init_from_vocab(config: ml_collections.ConfigDict) -> str | None:
+    """The vocab.txt of the `init_from` run of a text config (one with `data.vocab_file`),
+    from any form `run_directory` reads; None without one. The restored token embeddings
+    are rows of that vocabulary, so this refuses (ConfigError) a text run whose init_from
+    has no vocabulary unless `data.vocab_file` gives it, and a differing `data.vocab_file`.
+    An init_from that holds no checkpoint raises CheckpointError."""
+    if not config.get('init_from') or 'vocab_file' not in config.get('data', {}):
+        return None
+    from core.checkpoint import resolve_checkpoint  # (orbax: not loaded for every config check)
+
+    resolve_checkpoint(config.init_from)  # a path that holds no checkpoint: say so
+    run = run_directory(config.init_from)
+    vocab = os.path.join(run, 'vocab.txt') if run else None
+    given = config.data.vocab_file
+    if not (vocab and os.path.isfile(vocab)):
+        if given:
+            return None  # the user's word for the vocabulary of a run that does not keep one
+        where = f'no {vocab}' if run else 'a bare checkpoint, no run directory with config.json'
+        raise ConfigError(
+            f'init_from {config.init_from} has no vocabulary ({where}), and the token '
+            'embeddings it holds are read by token id: give the vocabulary that run was '
+            'trained with, --config.data.vocab_file=PATH/vocab.txt'
+        )
+    if given and os.path.isfile(given) and _tokens(given) != _tokens(vocab):
+        raise ConfigError(
+            f'--config.data.vocab_file={given} differs from {vocab}, the vocabulary of the '
+            f'init_from run {config.init_from}, whose token embeddings this run restores; '
+            "drop --config.data.vocab_file to use that run's"
+        )
+    return vocab
 
 
 def _encoder_kind(model) -> str | None:

@@ -29,17 +29,33 @@ def learning_rate_schedule(config) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def is_stacked(path: str) -> bool:
-    """A scanned encoder's parameter (model.scan_layers): its leading axis is the layers."""
-    return '/encoder/layers/' in f'/{path}'
+# Parameters exempt from weight decay (and from LAMB's / LARS's trust ratio) by role, read
+# from the parameter's path: never from its shape, which a scanned layer stack or the fused
+# QKV bias [3, heads, head_dim] changes. BERT's recipe (no decay on biases or LayerNorm)
+# decays its token, segment and position embeddings; a ViT's cls token and position table
+# are not decayed, as in big_vision and timm; CLIP's temperature is not a weight.
+NO_DECAY_LEAVES = ('bias', 'scale', 'cls', 'pos_embedding', 'logit_scale')
+
+
+def is_layer_norm(module: str) -> bool:
+    """models/encoder.py names every LayerNorm `ln` or `ln_<where>`."""
+    return module == 'ln' or module.startswith('ln_')
+
+
+def decays(path: str) -> bool:
+    """Whether the parameter at `path` ('backbone/encoder/layer_0/mlp/wi/kernel') gets
+    weight decay: every kernel and embedding table does; no bias (`bias`, `*_bias`), nothing
+    inside a LayerNorm, nor the other NO_DECAY_LEAVES. The same in either layer layout."""
+    *modules, leaf = path.split('/')
+    if leaf in NO_DECAY_LEAVES or leaf.endswith('_bias'):
+        return False
+    return not any(is_layer_norm(m) for m in modules)
 
 
 def decay_mask(params):
-    """Weight decay on matrices only: biases and LayerNorm parameters (1-D per layer) are
-    exempt."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim - is_stacked(_path(path)) > 1, params
-    )
+    """True where `decays`: the mask of weight decay and of LAMB's / LARS's trust ratio. The
+    params may be boxed (flax.linen.Partitioned, as at optimizer init): the mask then is too."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(_path(path)), params)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -60,13 +76,13 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
             mask=decay_mask,
         )
     elif opt.name == 'lamb':
-        core = optax.lamb(
-            schedule,
-            b1=opt.b1,
-            b2=opt.b2,
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-            mask=decay_mask,
+        # optax.lamb applies its trust ratio to every parameter; as in BERT's LAMB (You et
+        # al. 2020) biases and LayerNorm parameters take neither decay nor the trust ratio.
+        core = optax.chain(
+            optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+            optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
+            optax.masked(optax.scale_by_trust_ratio(), decay_mask),
+            optax.scale_by_learning_rate(schedule),
         )
     elif opt.name == 'lars':
         # SimCLR's large-batch recipe: momentum SGD with a per-layer trust ratio; biases and
@@ -97,7 +113,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 
 
 def _path(keys) -> str:
-    return '/'.join(str(getattr(k, 'key', k)) for k in keys)
+    """'backbone/encoder/layer_0/...' of a key path (a box's `.value` attribute left out)."""
+    return '/'.join(str(k.key) for k in keys if hasattr(k, 'key'))
 
 
 def scale_by_path(scale: Callable[[str], float | np.ndarray]) -> optax.GradientTransformation:

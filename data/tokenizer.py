@@ -14,6 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tokenizers import BertWordPieceTokenizer
 
+from core import config as config_lib
 from core.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -133,25 +134,28 @@ def make_tokenizer(
 ) -> WordPiece:
     """The run's vocabulary, saved as WORKDIR/vocab.txt. In order: the workdir's own (a
     resumed run), `data.vocab_file`, the `init_from` run's, or one trained on the corpus
-    (at most the config's `vocab_key` tokens)."""
+    (at most the config's `vocab_key` tokens). With `init_from`, `data.vocab_file` must be
+    that run's vocabulary, and a run without one needs `data.vocab_file`: a restored
+    embedding is never read under another vocabulary."""
     vocab_size = _dotted(config, vocab_key)
     target = os.path.join(workdir, 'vocab.txt')
     lowercase = config.data.lowercase
-    if jax.process_index() == 0 and not os.path.isfile(target):
-        init_vocab = os.path.join(config.init_from, 'vocab.txt') if config.init_from else ''
-        if config.data.vocab_file:
-            WordPiece(config.data.vocab_file, lowercase)  # fails clearly if unusable
-            shutil.copyfile(config.data.vocab_file, target)
-        elif init_vocab and os.path.isfile(init_vocab):
-            shutil.copyfile(init_vocab, target)
-        else:
-            logging.info('training a %d-token WordPiece vocabulary', vocab_size)
-            train_wordpiece(
-                (train_docs[i] for i in range(len(train_docs))),
-                vocab_size,
-                target,
-                lowercase,
-            )
+    if not os.path.isfile(target):
+        init_vocab = config_lib.init_from_vocab(config)  # on every process: all refuse alike
+        if jax.process_index() == 0:
+            if config.data.vocab_file:
+                WordPiece(config.data.vocab_file, lowercase)  # fails clearly if unusable
+                shutil.copyfile(config.data.vocab_file, target)
+            elif init_vocab:
+                shutil.copyfile(init_vocab, target)
+            else:
+                logging.info('training a %d-token WordPiece vocabulary', vocab_size)
+                train_wordpiece(
+                    (train_docs[i] for i in range(len(train_docs))),
+                    vocab_size,
+                    target,
+                    lowercase,
+                )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('vocab')
     tokenizer = WordPiece(target, lowercase)

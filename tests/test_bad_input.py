@@ -1,6 +1,8 @@
 """Bad input stops the run before compiling, with exit code 1 and a message naming the
 problem and the fix. The same table is in README.md."""
 
+import shutil
+
 import pytest
 
 from tests.conftest import SMALL_RUN, launch
@@ -122,6 +124,26 @@ def test_init_from_checkpoint_of_another_size(tmp_path, finished_run, pydoc_voca
     assert 'does not match the model' in r.stderr
     differs = 'shape differs: backbone/embeddings/token/embedding checkpoint (1024, 32)'
     assert differs + ' vs model (1024, 64)' in r.stderr
+
+
+def test_init_from_without_its_vocabulary(tmp_path, finished_run, pydoc_vocab):
+    """A text run never reads restored token embeddings under another vocabulary."""
+    bare = tmp_path / 'copied'  # a checkpoints/ directory copied without its run
+    shutil.copytree(finished_run / 'checkpoints', bare)
+    r = run(tmp_path / 'w', f'--config.init_from={bare}')
+    assert r.returncode == 1, r.stderr[-1500:]
+    assert f'init_from {bare} has no vocabulary' in r.stderr
+    assert '--config.data.vocab_file=PATH/vocab.txt' in r.stderr
+    assert not (tmp_path / 'w').exists()  # refused before the workdir is written
+    lines = open(pydoc_vocab).read().splitlines()
+    other = write(tmp_path / 'other.txt', '\n'.join(lines[:5] + lines[:4:-1]) + '\n')
+    r = run(
+        tmp_path / 'w',
+        f'--config.init_from={finished_run}/checkpoints/2',
+        f'--config.data.vocab_file={other}',
+    )
+    assert r.returncode == 1, r.stderr[-1500:]
+    assert f'--config.data.vocab_file={other} differs from {finished_run}/vocab.txt' in r.stderr
 
 
 def test_missing_init_from_checkpoint(tmp_path):

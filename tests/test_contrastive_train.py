@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +18,8 @@ from core import checkpoint
 from models.bert import BertConfig, TextEncoder
 from models.contrastive import SimClrModel, TwoTower
 from models.vit import VisionEncoder, VitConfig
-from tests.conftest import ROOT, SMALL_RUN, launch
-
-CHECKER = os.path.join(os.path.dirname(ROOT), 'shared', 'tools', 'check_contract.py')
-needs_checker = pytest.mark.skipif(
-    not os.path.isfile(CHECKER), reason='needs ../shared beside the checkout'
-)
+from tests.conftest import SMALL_RUN, launch
+from tests.contract import check_workdir
 
 SIZES = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
 TINY_VIT = [f'--config.model.{k}={v}' for k, v in SIZES.items()]
@@ -60,13 +55,6 @@ PROBE_KEYS = ('knn_accuracy', 'linear_probe_accuracy', 'linear_probe_5shot_accur
 # Adam moves a weight by at most about the learning rate per step; 4 warm-up steps add up
 # to far less than this, while any other initialisation differs by far more.
 TRAINED_TOLERANCE = 1e-2
-
-
-def check_contract(workdir: str, metric: str) -> None:
-    r = subprocess.run(
-        [sys.executable, CHECKER, workdir, '--metric', metric], capture_output=True, text=True
-    )
-    assert r.returncode == 0 and 'contract ok' in r.stdout, r.stdout + r.stderr
 
 
 def rows(workdir: str, split: str) -> list[dict]:
@@ -144,9 +132,8 @@ def simclr_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
     return workdir, r
 
 
-@needs_checker
 def test_simclr_workdir_meets_the_contract(simclr_run):
-    check_contract(simclr_run[0], 'linear_probe_accuracy')
+    check_workdir(simclr_run[0], 'linear_probe_accuracy')
 
 
 def test_simclr_on_digits_evaluates_with_probes(simclr_run):
@@ -219,8 +206,7 @@ def test_clip_and_siglip_runs_and_towers_restore(tmp_path, loss):
     preset = 'tiny' if loss == 'softmax' else 'tiny,sigmoid'
     r = launch('pretrain', '--config', f'configs/clip.py:{preset}', '--workdir', workdir, *CLIP)
     assert r.returncode == 0, r.stderr[-3000:]
-    if os.path.isfile(CHECKER):
-        check_contract(workdir, 'i2t_recall_at_1')
+    check_workdir(workdir, 'i2t_recall_at_1')
     assert read_json(workdir, 'summary.json')['task'] == f'clip_{loss}'
 
     evals = rows(workdir, 'eval')
@@ -343,8 +329,7 @@ def test_simcse_from_an_mlm_run(tmp_path, pydoc_vocab):
             assert key in row, (row['step'], key)
         assert 0.0 <= row['knn_accuracy'] <= 1.0 and 0.0 <= row['linear_probe_accuracy'] <= 1.0
     assert 'final_linear_probe_accuracy' in read_json(simcse_dir, 'summary.json')
-    if os.path.isfile(CHECKER):
-        check_contract(simcse_dir, 'linear_probe_accuracy')
+    check_workdir(simcse_dir, 'linear_probe_accuracy')
 
     # The SimCSE backbone is the MLM backbone plus a few warm-up steps, not a fresh init.
     cfg = BertConfig.from_config(read_json(mlm_dir, 'config.json')['model'])

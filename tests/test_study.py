@@ -15,7 +15,7 @@ from configs import study as study_config
 from core.errors import ConfigError, UserError
 from study import report, runner
 from tests.conftest import ROOT, launch
-from tests.test_contract import check_contract
+from tests.contract import check_workdir
 
 
 def test_plan_orders_budgets_first_and_covers_every_arm_and_seed():
@@ -160,7 +160,7 @@ def test_smoke_study_runs_resumes_after_a_kill_and_writes_the_table(tmp_path):
     assert 'reusing it' in r.stderr  # the pretraining
     assert 'run 1/4 runs/pretrained/frac_0.05/seed0 is complete' in r.stderr
     assert os.path.getmtime(summary) == done_at  # read, not redone
-    check_contract(first_run, 'accuracy')
+    check_workdir(first_run, 'accuracy')
 
     result = json.load(open(os.path.join(workdir, 'study.json')))
     assert len(result['runs']) == 4 and len(result['table']) == 4
