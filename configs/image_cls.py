@@ -42,8 +42,17 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.init_from = ''
     c.init_subtree = 'backbone'  # image_backbone for a CLIP checkpoint
     c.train_examples = ''
+    # Validation (eval rows, best checkpoint, early stopping): eval_files / eval_split, else
+    # this part of each class of the training images, chosen by seed. Test, scored once at
+    # the end on the checkpoint validation picked: an image folder / .npz or a TFDS split
+    # (the digits ship their own 389 images).
+    c.data.eval_fraction = 0.1
+    c.data.test_files = ''
+    c.data.test_split = ''
+
     c.eval = ml_collections.ConfigDict()
     c.eval.metric = ''  # '' = accuracy
+    c.eval.evaluate_split = 'test'  # what `launch.py evaluate` scores: test | validation
     c.early_stopping_patience = 0
 
     c.batch_size = 64 if not imagenet else 512

@@ -35,7 +35,13 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.text_pair_field = ''  # a second text column: sentence-pair tasks
     c.data.label_field = 'label'
     c.data.header = True  # tsv/csv: a header row names the columns (else 0-based indices)
-    c.data.eval_fraction = 0.1  # held out when there are no eval_files
+    # Validation (eval rows, best checkpoint, early stopping): eval_files / eval_split, else
+    # this part of each class of the training examples, chosen by seed.
+    c.data.eval_fraction = 0.1
+    # Test, scored once at the end on the checkpoint validation picked: local files or a
+    # TFDS split (pydoc_topics ships its own 268 paragraphs; '' and '': no test split).
+    c.data.test_files = ''
+    c.data.test_split = ''
     c.data.seq_len = 128
     for key in ('max_predictions', 'mask_prob', 'whole_word_masking'):
         del c.data[key]
@@ -56,6 +62,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.metric = ''  # picks the best checkpoint; '' = accuracy (pearson for regression)
+    c.eval.evaluate_split = 'test'  # what `launch.py evaluate` scores: test | validation
     c.early_stopping_patience = 0  # evals without a new best before stopping (0: off)
 
     # BERT fine-tuning: AdamW, lr 2e-5..5e-5 (small models take more), 10% warmup, linear.

@@ -345,7 +345,10 @@ def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):
     )
     r = launch('finetune', *args)
     ok(r)
-    assert f'data: {train_tsv}, 40 train (of 40) / 12 eval examples, 2 classes' in r.stderr
+    assert (
+        f'data: {train_tsv}, 40 train (of 40) / 12 validation examples, 2 classes; no test split'
+        in r.stderr
+    )
     assert read_json(workdir / 'labels.json')['classes'] == ['negative', 'positive']
     summary = read_json(workdir / 'summary.json')
     assert summary['completed'] and summary['steps'] == 3
@@ -356,6 +359,7 @@ def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):
     step = best_kept_step(str(workdir), 'accuracy')
     assert report['step'] == step and step in kept_steps(workdir)
     assert report['task'] == 'text_cls'
+    assert report['split'] == 'validation'  # no test split: the validation split, said so
     # The same eval data as in training: the same accuracy as that step's eval row.
     row = next(e for e in read_rows(workdir, 'eval') if e['step'] == step)
     assert report['accuracy'] == pytest.approx(row['accuracy'], abs=1e-6)
