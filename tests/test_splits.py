@@ -257,3 +257,25 @@ def test_split_config_errors(tmp_path, pydoc_vocab):
     config.eval.evaluate_split = 'dev'
     with pytest.raises(ConfigError, match='evaluate_split'):
         finetune_train.train_and_evaluate(config, workdir)
+
+
+def test_a_test_image_folder_is_opened_only_when_asked(tmp_path):
+    import ml_collections
+    from PIL import Image
+
+    def folder(root, per_class: int, shade: int) -> str:
+        for name in ('cat', 'dog'):
+            os.makedirs(root / name)
+            for i in range(per_class):
+                pixels = np.full((4, 4), shade + i, np.uint8)
+                Image.fromarray(pixels, mode='L').save(root / name / f'{i}.png')
+        return str(root)
+
+    c = ml_collections.ConfigDict(
+        {'files': folder(tmp_path / 'train', 5, 0), 'test_files': str(tmp_path / 'test')}
+    )
+    train, validation, open_test = images.labelled_image_splits(c, 4, 1)
+    assert len(train) == 10 and validation is None  # carved by the caller, by seed
+    folder(tmp_path / 'test', 2, 100)  # the test folder exists only from here on
+    test = open_test()
+    assert len(test) == 4 and test.classes == ['cat', 'dog'] and test[0]['image'].min() >= 100
