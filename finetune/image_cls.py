@@ -43,10 +43,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if m.pooling not in ('cls', 'gap'):
         raise config_lib.ConfigError(f'model.pooling={m.pooling!r}; expected cls or gap')
-    test_files = config.data.get('test_files')
-    if test_files and not os.path.exists(test_files):  # there (read at the end of training)
+    d = config.data
+    if d.get('test_files') or d.get('test_split'):
+        if not d.files and d.name in images_lib.EMBEDDED_IMAGES:
+            raise config_lib.ConfigError(
+                f'data.name={d.name!r} ships its own test split; leave data.test_files and '
+                'data.test_split empty, or give your own images with --config.data.files'
+            )
+        if d.files and d.get('test_split'):
+            raise config_lib.ConfigError(
+                f'data.test_split={d.test_split!r} names a TFDS split, and this run reads '
+                'local images; give the test images as --config.data.test_files'
+            )
+    if d.get('test_files') and not os.path.exists(d.test_files):  # read at the end only
         raise DataError(
-            f'{test_files} does not exist; --config.data.test_files must be an image folder '
+            f'{d.test_files} does not exist; --config.data.test_files must be an image folder '
             'or an .npz file'
         )
 

@@ -279,3 +279,19 @@ def test_a_test_image_folder_is_opened_only_when_asked(tmp_path):
     folder(tmp_path / 'test', 2, 100)  # the test folder exists only from here on
     test = open_test()
     assert len(test) == 4 and test.classes == ['cat', 'dog'] and test[0]['image'].min() >= 100
+
+
+def test_image_split_config_errors(tmp_path):
+    from configs import image_cls as image_config
+    from core.errors import ConfigError, DataError
+    from finetune import image_cls
+
+    def fails(error, match, **data):
+        c = image_config.get_config('tiny')
+        c.data.update(data)
+        with pytest.raises(error, match=match):
+            image_cls.check_config(c)
+
+    fails(ConfigError, 'ships its own test split', test_files=str(tmp_path))
+    fails(ConfigError, 'names a TFDS split', files=str(tmp_path), test_split='test')
+    fails(DataError, 'does not exist', files=str(tmp_path), test_files=str(tmp_path / 'none'))
