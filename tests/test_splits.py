@@ -295,3 +295,27 @@ def test_image_split_config_errors(tmp_path):
     fails(ConfigError, 'ships its own test split', test_files=str(tmp_path))
     fails(ConfigError, 'names a TFDS split', files=str(tmp_path), test_split='test')
     fails(DataError, 'does not exist', files=str(tmp_path), test_files=str(tmp_path / 'none'))
+
+
+def test_digits_test_images_are_read_once_at_the_end(tmp_path, monkeypatch):
+    from configs import image_cls as image_config
+    from finetune import train as finetune_train
+
+    workdir = str(tmp_path / 'digits')
+    read = images.digits_images
+    calls = []
+
+    def spy(*args, split='all', **kw):
+        calls.append((split, len(_rows(workdir))))
+        return read(*args, split=split, **kw)
+
+    monkeypatch.setattr(images, 'digits_images', spy)
+    c = image_config.get_config('tiny')
+    c.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+    c.update(batch_size=32, total_steps=2, warmup_steps=1, eval_every=1, checkpoint_every=1)
+    summary = finetune_train.train_and_evaluate(c, workdir)
+    rows = _rows(workdir)
+    assert [split for split, _ in calls] == ['train', 'test']
+    assert calls[1][1] == len(rows) - 1  # everything but the test row was written before
+    assert rows[-1]['split'] == 'test' and summary['test_step'] == rows[-1]['step']
+    assert summary['train_examples'] == 1408 - 140  # a tenth of each class validates
