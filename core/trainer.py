@@ -1,5 +1,9 @@
 """The trainer every stage runs, top to bottom: config -> mesh -> task (data, model, loss,
-evaluators) -> state -> restore -> loop (log, eval, checkpoint) -> summary.
+evaluators) -> state -> restore -> loop (log, eval, checkpoint) -> test -> summary.
+
+Eval rows score the validation split: they pick the best checkpoint, early stopping and
+steps-to-target. A task with a test split (`Task.test`) has it read and scored once, when
+the run completes, on the checkpoint validation selected (`score_test`).
 
 One trainer serves every objective; a task module (`pretrain/mlm.py`, `pretrain/simclr.py`,
 ..., `finetune/classify.py`) says what is learned from what, and how it is evaluated.
