@@ -181,6 +181,7 @@ def plot(path: str, table: list[dict], metric: str, target: float, title: str) -
     import matplotlib.pyplot as plt
 
     arms = list(dict.fromkeys(t['arm'] for t in table))
+    colour = {arm: f'C{i}' for i, arm in enumerate(arms)}  # an arm's colour in both panels
     compared = [a for a in arms if a != 'scratch' and 'scratch' in arms]
     fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(11 if compared else 6.4, 4.2))
     axes = np.atleast_1d(axes)
@@ -189,7 +190,8 @@ def plot(path: str, table: list[dict], metric: str, target: float, title: str) -
         rows = sorted((t for t in table if t['arm'] == arm), key=lambda t: t['budget'])
         x = [t['train_examples'] or t['budget'] for t in rows]
         yerr = _error_bars(rows, 'test_mean', 'test_ci_low', 'test_ci_high')
-        ax.errorbar(x, [t['test_mean'] for t in rows], yerr=yerr, marker='o', capsize=3, label=arm)
+        means = [t['test_mean'] for t in rows]
+        ax.errorbar(x, means, yerr=yerr, marker='o', capsize=3, label=arm, color=colour[arm])
     ax.axhline(target, color='gray', linestyle=':', linewidth=1, label=f'target {target:g}')
     ax.set_xscale('log')
     ax.set_xlabel('labelled training examples')
@@ -213,6 +215,7 @@ def plot(path: str, table: list[dict], metric: str, target: float, title: str) -
                 marker='o',
                 capsize=3,
                 label=f'{arm} - scratch',
+                color=colour[arm],
             )
         ax.axhline(0.0, color='gray', linewidth=1)
         ax.set_xscale('log')
