@@ -45,7 +45,8 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.loss.temperature = 0.05
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.topic_probe = True  # k-NN / linear probe on the pydoc-topic paragraphs
+    # k-NN / linear probe on the pydoc-topic task's training paragraphs (never its test split).
+    c.eval.topic_probe = True
     c.eval.knn_k = 20
     c.eval.knn_temperature = 0.07
     c.eval.probe_l2 = 0.0  # 0: chosen on a held-out part of the probe's train split

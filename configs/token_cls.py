@@ -3,7 +3,11 @@ fine-tuning a BERT encoder.
 
   python launch.py finetune --config configs/token_cls.py:tiny --workdir runs/ner \
       --config.data.files=train.conll --config.data.eval_files=dev.conll \
-      --config.init_from=runs/mlm
+      --config.data.test_files=test.conll --config.init_from=runs/mlm
+
+dev.conll (validation; without it, data.eval_fraction of the training sentences by seed)
+gives the eval rows and picks the checkpoint; test.conll is scored once, at the end, on
+that checkpoint (no test split without it).
 
 Files: CoNLL style (a token a line, its tag in the last whitespace-separated column, a
 blank line between sentences, -DOCSTART- lines skipped) or .jsonl with `data.tokens_field`

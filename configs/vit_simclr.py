@@ -1,9 +1,10 @@
 r"""SimCLR pretraining of a ViT.
 
 Run (the default: a small ViT on the embedded scikit-learn digits, 8x8 grayscale images
-resized to 16x16; 6.5 minutes on 2 CPU cores; on the frozen backbone, linear probe 0.979
-(0.951 for the same probe at random init), 5-labels-per-class probe 0.874 (0.591), 20-NN
-0.974 (0.563); README has the details):
+resized to 16x16: the 1408 images of their training split, 302 of them held out to score
+the probes; the 389 test images are left to image_cls; 6.5 minutes on 2 CPU cores; on the
+frozen backbone, linear probe 0.979 (0.951 for the same probe at random init),
+5-labels-per-class probe 0.874 (0.591), 20-NN 0.974 (0.563); README has the details):
 
   python launch.py pretrain --config configs/vit_simclr.py:tiny --workdir runs/simclr
 
@@ -38,10 +39,12 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
 
     # Input. Labels are not used for training, only by the k-NN / linear-probe evals.
     c.data = ml_collections.ConfigDict()
-    c.data.name = 'imagenet2012' if imagenet else 'digits'  # digits: embedded, 1797 images
+    # digits: embedded; pretraining reads its 1408-image training split, never the 389 test
+    # images that image_cls scores at the end.
+    c.data.name = 'imagenet2012' if imagenet else 'digits'
     c.data.files = ''  # a class-per-folder directory or an .npz; overrides name
     c.data.eval_files = ''
-    c.data.eval_fraction = 0.2  # held out when there is no eval split
+    c.data.eval_fraction = 0.2  # held out (probes score it) when there is no eval split
     c.data.train_split = 'train'
     c.data.eval_split = 'validation' if imagenet else ''
     c.data.data_dir = ''
@@ -97,7 +100,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.augment.blur_prob = 0.5 if imagenet else 0.0
     c.augment.blur_sigma = (0.1, 2.0)
 
-    # Online evaluation of frozen backbone features on the labelled splits.
+    # Online evaluation of frozen backbone features on the labelled splits: fitted on the
+    # training split, scored on the held-out one (never a downstream test split).
     c.eval = ml_collections.ConfigDict()
     c.eval.knn_k = 20
     c.eval.knn_temperature = 0.07

@@ -26,6 +26,7 @@ RESTART_SAFE_KEYS = (
     'data.prefetch',
     'init_from',
     'early_stopping_patience',
+    'eval.evaluate_split',  # what the evaluate stage scores; training never reads it
 )
 
 CHOICES = {
@@ -39,6 +40,7 @@ CHOICES = {
     'model.attention_impl': ('auto', 'xla', 'cudnn'),
     'model.text.attention_impl': ('auto', 'xla', 'cudnn'),
     'task_type': ('classification', 'regression'),
+    'eval.evaluate_split': ('test', 'validation'),
 }
 
 POSITIVE = (
@@ -78,6 +80,13 @@ def check_common(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f'--config.mesh.dcn_fsdp={mesh.dcn_fsdp}: parallelism=pmap is data parallel only; '
             'set mesh.dcn_fsdp=1, or use parallelism=jit for fsdp across slices'
+        )
+    data = config.get('data') or {}
+    if data.get('test_files') and data.get('test_split'):
+        raise ConfigError(
+            f'--config.data.test_files={data.test_files!r} and --config.data.test_split='
+            f'{data.test_split!r} both name a test split; give one (test_files for local '
+            'files, test_split for a TFDS dataset)'
         )
     if config.warmup_steps < 0:
         raise ConfigError(f'--config.warmup_steps={config.warmup_steps} must be >= 0')

@@ -1,5 +1,8 @@
 """Evaluators shared by the contrastive tasks: held-out contrastive loss, and k-NN / linear
-probe accuracy on frozen features of a labelled split."""
+probe accuracy on frozen features of a labelled split.
+
+These are a pretraining's eval rows, which pick its checkpoints: they read training and
+validation data only, never a downstream test split."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -109,15 +112,17 @@ def image_batches(source, runtime: Runtime) -> list[dict]:
 
 class FeatureProbe:
     """k-NN and linear-probe accuracy of frozen features: a labelled train split fits the
-    probe, a labelled test split scores it. `features_fn(params, batch) -> [batch, dim]`
-    runs sharded like a step; the features are gathered to every host, and every host
-    computes the same figures."""
+    probe, a labelled validation split scores it. Both must be training or validation data
+    of the pretraining, never a downstream test split: the figures pick checkpoints (SimCLR
+    on digits: the digits' training split; SimCSE: the pydoc_topics task's training
+    paragraphs). `features_fn(params, batch) -> [batch, dim]` runs sharded like a step; the
+    features are gathered to every host, and every host computes the same figures."""
 
     def __init__(
         self,
         features_fn: Callable[[Any, dict], jax.Array],
         train_batches: list[dict],
-        test_batches: list[dict],
+        val_batches: list[dict],
         *,
         num_classes: int,
         knn_k: int = 20,
@@ -126,7 +131,7 @@ class FeatureProbe:
         few_shot: int = 0,
         few_shot_draws: int = 5,
     ):
-        self.train_batches, self.test_batches = train_batches, test_batches
+        self.train_batches, self.val_batches = train_batches, val_batches
         self.num_classes = num_classes
         self.few_shot, self.few_shot_draws = few_shot, few_shot_draws
         self.knn_k, self.knn_temperature, self.probe_l2 = knn_k, knn_temperature, probe_l2
@@ -154,7 +159,7 @@ class FeatureProbe:
 
     def __call__(self, stepper, params) -> dict[str, float]:
         train_x, train_y = self.features(stepper, params, self.train_batches)
-        test_x, test_y = self.features(stepper, params, self.test_batches)
+        test_x, test_y = self.features(stepper, params, self.val_batches)
         result = {
             'knn_accuracy': probe.knn_accuracy(
                 train_x,

@@ -1,9 +1,14 @@
 """Online evaluation of frozen representations: weighted k-NN accuracy and a linear probe.
 
 During contrastive pretraining the loss says little about how useful the features are, so the
-trainer periodically embeds a labelled train split and a labelled test split, gathers the
+trainer periodically embeds a labelled train split and a labelled held-out split, gathers the
 features on the host (float32 [N, D], int labels [N]) and scores them here; the results go to
 the metrics as `knn_accuracy` and `linear_probe_accuracy`.
+
+These figures are eval rows: they pick a pretraining's best checkpoint. So both splits must
+be training or validation data, never a downstream task's test split (the callers,
+core/evaluators.py:FeatureProbe and the pretraining tasks, see to it); below, "test" names
+whichever split is scored, which is validation data when a probe runs during pretraining.
 
 - `knn_accuracy`: cosine-similarity k-NN with the temperature-weighted vote of Wu et al. 2018
   (InstDisc), as in the SimCLR/DINO evaluations. No training, no hyperparameter search: a

@@ -1,9 +1,11 @@
-"""What a pretraining objective hands the shared trainer (`pretrain/train.py`).
+"""What a task hands the shared trainer (`core/trainer.py`).
 
-A task module (`mlm`, `simclr`, `clip`, `simcse`) has `check_config(config)` (its own
-start-up checks) and `build(config, workdir, runtime) -> Task`: the data, the model, the
-pure loss function and the evaluators. The trainer owns everything else (mesh, state,
-restore order, loop, checkpoints, metrics), so every objective runs the same way.
+A task module (`mlm`, `simclr`, `clip`, `simcse`; the fine-tuning tasks) has
+`check_config(config)` (its own start-up checks) and `build(config, workdir, runtime) ->
+Task`: the data, the model, the pure loss function and the evaluators (of the validation
+split; a labelled task's test split is built only when the run ends, `Task.test`). The
+trainer owns everything else (mesh, state, restore order, loop, checkpoints, metrics), so
+every objective runs the same way.
 """
 
 import dataclasses
@@ -45,6 +47,15 @@ class Runtime:
 Evaluator = Callable[[Any, Any], dict[str, float]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """How a labelled split is scored: its metrics, and one row per example (for
+    WORKDIR/predictions.jsonl) where the task can."""
+
+    evaluate: Evaluator
+    predict: Callable[[Any, Any], list[dict]] | None = None
+
+
 @dataclasses.dataclass
 class Task:
     name: str
@@ -63,4 +74,9 @@ class Task:
     summary_extras: Callable[[dict], dict] = lambda final: {}
     # predict(stepper, params) -> one JSON-able row per eval example (the evaluate stage).
     predict: Callable[[Any, Any], list[dict]] | None = None
+    # test() -> the test split's Scorer, reading the test data only when called: the
+    # trainer calls it once, after training, for the validation-selected checkpoint (and
+    # the evaluate stage). None: the task has no test split. `evaluate` and `predict`
+    # above score the validation split.
+    test: Callable[[], Scorer] | None = None
     close: Callable[[], None] = lambda: None

@@ -1,5 +1,9 @@
 """The trainer every stage runs, top to bottom: config -> mesh -> task (data, model, loss,
-evaluators) -> state -> restore -> loop (log, eval, checkpoint) -> summary.
+evaluators) -> state -> restore -> loop (log, eval, checkpoint) -> test -> summary.
+
+Eval rows score the validation split: they pick the best checkpoint, early stopping and
+steps-to-target. A task with a test split (`Task.test`) has it read and scored once, when
+the run completes, on the checkpoint validation selected (`score_test`).
 
 One trainer serves every objective; a task module (`pretrain/mlm.py`, `pretrain/simclr.py`,
 ..., `finetune/classify.py`) says what is learned from what, and how it is evaluated.
@@ -30,7 +34,7 @@ from core import sharding as sharding_lib
 from core import step as step_lib
 from core import train_state as state_lib
 from core.errors import UserError
-from core.task import Runtime, Task
+from core.task import Runtime, Scorer, Task
 from core.watchdog import Watchdog
 
 
@@ -416,11 +420,18 @@ def train_and_evaluate(
             train_iter.close()
         task.close()
 
+    completed = not preempted and (step == config.total_steps or early_stopped)
+    # The test split, once, on the checkpoint validation selected (nothing read it before).
+    test_figures = {}
+    if completed and task.test is not None:
+        selected = best_checkpoint if best_checkpoint is not None else latest_kept_step(workdir)
+        test_figures = score_test(run, config, workdir, writer, selected)
+
     summary = {
         'stage': stage,
         'task': task.name,
         'steps': int(step),
-        'completed': not preempted and (step == config.total_steps or early_stopped),
+        'completed': completed,
         'early_stopped': early_stopped,
         'num_params': num_params,
         'flops_per_step': task.flops_per_step,
@@ -433,15 +444,14 @@ def train_and_evaluate(
         summary.update({f'best_{task.metric}': best.get(task.metric), 'best_step': best['step']})
         summary['best_checkpoint_step'] = best_checkpoint
         summary.update(task.summary_extras(final))
+    summary.update(test_figures)
     if not preempted:
         writer.write_summary(summary)
     writer.close()
     return summary
 
 
-def best_kept_step(workdir: str, metric: str) -> int:
-    """The kept checkpoint whose eval scored highest on `metric` (metrics.jsonl), or the
-    latest kept one when none of them has an eval row."""
+def _kept_steps(workdir: str) -> list[int]:
     directory = os.path.join(workdir, 'checkpoints')
     kept = (
         sorted(int(d) for d in os.listdir(directory) if d.isdigit())
@@ -452,6 +462,18 @@ def best_kept_step(workdir: str, metric: str) -> int:
         raise ckpt_lib.CheckpointError(
             f'no checkpoint in {directory}: train first (python launch.py finetune ...)'
         )
+    return kept
+
+
+def latest_kept_step(workdir: str) -> int:
+    return _kept_steps(workdir)[-1]
+
+
+def best_kept_step(workdir: str, metric: str) -> int:
+    """The kept checkpoint whose eval (validation) row scored highest on `metric`
+    (metrics.jsonl; the later one of a tie, as the Checkpointer keeps it), or the latest
+    kept one when none of them has an eval row."""
+    kept = _kept_steps(workdir)
     rows = [
         r
         for r in metrics_lib.read_metrics(workdir)
@@ -459,15 +481,46 @@ def best_kept_step(workdir: str, metric: str) -> int:
     ]
     if not rows:
         return kept[-1]
-    return max(rows, key=lambda r: r[metric])['step']
+    return max(rows, key=lambda r: (r[metric], r['step']))['step']
+
+
+def checkpoint_params(run: RunSetup, workdir: str, step: int, parallelism: str):
+    """The params of checkpoint `step` of `workdir`, placed for `run.stepper`."""
+    task = run.task
+    abstract = state_lib.abstract_state(
+        task.init_params, run.tx, run.mesh, run.init_rng, run.shardings
+    )
+    path = os.path.join(workdir, 'checkpoints', str(step))
+    params, _ = ckpt_lib.restore_params(path, abstract.params)
+    if parallelism == 'pmap':
+        params = run.stepper.put_state(state_lib.TrainState(jnp.zeros(()), params, None)).params
+    return params
+
+
+def score_test(run: RunSetup, config, workdir: str, writer, step: int) -> dict:
+    """The end of a run whose task has a test split: checkpoint `step`, the one validation
+    selected, scored once on the test split (built, and read, only now); writes the
+    `{"split": "test"}` row and returns the summary's `test_<metric>` and `test_step`."""
+    params = checkpoint_params(run, workdir, step, config.parallelism)
+    result = run.task.test().evaluate(run.stepper, params)
+    writer.write(step, 'test', result)
+    logging.info(
+        'test: checkpoint %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
+    )
+    return {**{f'test_{k}': v for k, v in result.items()}, 'test_step': step}
+
+
+EVALUATE_SPLITS = ('test', 'validation')
 
 
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
 ) -> dict:
-    """Scores the best checkpoint of the run in `workdir` on the eval split `config`
-    names (override data.eval_files / data.eval_split to score another), writes
-    WORKDIR/evaluation.json and, where the task can, WORKDIR/predictions.jsonl."""
+    """Scores the validation-selected checkpoint of the run in `workdir` (the kept one
+    best on its eval rows) on the test split, or on the validation split with
+    `eval.evaluate_split=validation` (or when the task has no test split); writes
+    WORKDIR/evaluation.json, naming the split, and, where the task can,
+    WORKDIR/predictions.jsonl of that split."""
     module = task_module(config, tasks, stage)
     config_lib.check_common(config)
     module.check_config(config)
@@ -489,22 +542,30 @@ def evaluate_checkpoint(
     tx, schedule = optim.make_optimizer(config)
     rng = jax.random.key(config.seed)
     shardings = state_lib.state_shardings(task.init_params, tx, mesh, rng)
-    abstract = state_lib.abstract_state(task.init_params, tx, mesh, rng, shardings)
-    step = best_kept_step(workdir, task.metric)
-    path = os.path.join(workdir, 'checkpoints', str(step))
-    params, _ = ckpt_lib.restore_params(path, abstract.params)
     if config.parallelism == 'pmap':
         stepper = step_lib.PmapStepper(task.loss_fn, tx, schedule, 1)
-        params = stepper.put_state(state_lib.TrainState(jnp.zeros(()), params, None)).params
     else:
         stepper = step_lib.JitStepper(mesh, shardings, task.loss_fn, tx, schedule, 1)
-    result = task.evaluate(stepper, params)
+    run = RunSetup(mesh, task, tx, rng, rng, shardings, stepper)
+    step = best_kept_step(workdir, task.metric)
+    params = checkpoint_params(run, workdir, step, config.parallelism)
+
+    split = config.get('eval', {}).get('evaluate_split', 'test')
+    if split == 'test' and task.test is None:
+        logging.warning('evaluate: the task has no test split; scoring the validation split')
+        split = 'validation'
+    scorer = task.test() if split == 'test' else Scorer(task.evaluate, task.predict)
+    result = scorer.evaluate(stepper, params)
     logging.info(
-        'evaluate: checkpoint %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
+        'evaluate: checkpoint %d on the %s split | %s',
+        step,
+        split,
+        ' | '.join(f'{k} {v:.4f}' for k, v in result.items()),
     )
-    report = {'step': step, 'checkpoint': path, 'task': task.name, **result}
+    path = os.path.join(workdir, 'checkpoints', str(step))
+    report = {'step': step, 'checkpoint': path, 'task': task.name, 'split': split, **result}
     # Every process predicts (the step and its gather are collectives); process 0 writes.
-    rows = task.predict(stepper, params) if task.predict is not None else None
+    rows = scorer.predict(stepper, params) if scorer.predict is not None else None
     if jax.process_index() == 0:
         if rows is not None:
             out = os.path.join(workdir, 'predictions.jsonl')

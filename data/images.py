@@ -315,18 +315,41 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+# The embedded digits' fixed test split: this part of the 1797 images (389 of them, by
+# `heldout_indices`, the same in every run), never read by pretraining (`digits`,
+# `digits_captions`) and scored once at the end of a fine-tuning run.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLITS = ('train', 'test', 'all')
+
+
+def digits_indices(split: str) -> np.ndarray:
+    """Indices into the 1797 digits of `split`: 'train' (1408), 'test' (389) or 'all'."""
+    if split not in DIGITS_SPLITS:
+        raise ConfigError(f'the embedded digits have splits {DIGITS_SPLITS}, not {split!r}')
+    n = len(_digits()[1])
+    if split == 'all':
+        return np.arange(n)
+    train, test = heldout_indices(n, DIGITS_TEST_FRACTION)
+    return train if split == 'train' else test
+
+
 def digits_images(
-    image_size: int | None = None, channels: int | None = None, resize: bool = False
+    image_size: int | None = None,
+    channels: int | None = None,
+    resize: bool = False,
+    split: str = 'all',
 ) -> ArrayImages:
-    """The embedded `digits`: 1797 handwritten digits, 8x8 grey, labels 0..9."""
+    """The embedded `digits`: handwritten digits, 8x8 grey, labels 0..9; `split` 'train'
+    (1408 images), 'test' (389, see DIGITS_TEST_FRACTION) or 'all' (1797)."""
     images, labels = _digits()
+    keep = digits_indices(split)
     return ArrayImages(
-        images,
-        labels,
+        images[keep],
+        labels[keep],
         image_size=image_size,
         channels=channels,
         resize=resize,
-        where='the embedded digits',
+        where='the embedded digits' + ('' if split == 'all' else f' ({split} split)'),
         classes=[str(d) for d in range(10)],
     )
 
@@ -723,17 +746,23 @@ def digits_captions() -> tuple[str, ...]:
 
 
 def digits_caption_pairs(
-    image_size: int | None = None, channels: int | None = None, resize: bool = False
+    image_size: int | None = None,
+    channels: int | None = None,
+    resize: bool = False,
+    split: str = 'all',
 ) -> ArrayPairs:
-    """The embedded `digits_captions`: every digits image with its generated caption."""
+    """The embedded `digits_captions`: the digits images of `split` (as in `digits_images`)
+    with their generated captions."""
     images, _ = _digits()
+    keep = digits_indices(split)
+    captions = digits_captions()
     return ArrayPairs(
-        images,
-        digits_captions(),
+        images[keep],
+        [captions[i] for i in keep],
         image_size=image_size,
         channels=channels,
         resize=resize,
-        where='the embedded digits_captions',
+        where='the embedded digits_captions' + ('' if split == 'all' else f' ({split} split)'),
     )
 
 
@@ -777,6 +806,15 @@ class _Subset(Subset):
     def labels(self) -> np.ndarray | None:
         labels = getattr(self._docs, 'labels', None)
         return None if labels is None else labels[self._indices]
+
+    @property
+    def read_threads(self) -> int:
+        return getattr(self._docs, 'read_threads', 0)
+
+
+def labelled_subset(source: Sequence, indices: np.ndarray) -> Sequence:
+    """The items `indices` of an image source, with its class names and labels."""
+    return _Subset(source, np.asarray(indices))
 
 
 def num_classes(source: Sequence) -> int:
@@ -844,16 +882,19 @@ def open_image_files(
 
 
 def image_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, Sequence]:
-    """(train images, eval images) as `config.data` describes: `files` (an image folder or
-    an .npz) overrides `name` (`digits` or a TFDS dataset); eval from `eval_files`, the TFDS
-    `eval_split`, or else a held-out `eval_fraction` fixed whatever the seed."""
+    """(train images, eval images) of a pretraining run, as `config.data` describes:
+    `files` (an image folder or an .npz) overrides `name` (`digits` or a TFDS dataset);
+    eval from `eval_files`, the TFDS `eval_split`, or else a held-out `eval_fraction` fixed
+    whatever the seed. Of the embedded digits both come from its training split (1408
+    images): the test split is left to fine-tuning (`labelled_image_splits`)."""
     c = data_config
     opts = {'image_size': image_size, 'channels': channels, 'resize': _get(c, 'resize', False)}
     files, name = _get(c, 'files', ''), _get(c, 'name', '')
     if files:
         train, where = open_image_files(files, **opts), files
     elif name in EMBEDDED_IMAGES:
-        train, where = digits_images(**opts), 'the embedded digits'
+        # The training split only: the digits test split is no pretraining's to read.
+        train, where = digits_images(**opts, split='train'), 'the embedded digits'
     elif name in EMBEDDED_PAIRS:
         raise ConfigError(
             f'data.name={name!r} is an image-text set, and this run reads labelled images; '
@@ -879,6 +920,71 @@ def image_splits(data_config, image_size: int, channels: int) -> tuple[Sequence,
     return _checked(*split, where)
 
 
+def labelled_image_splits(
+    data_config, image_size: int, channels: int
+) -> tuple[Sequence, Sequence | None, Callable[[], Sequence] | None]:
+    """(training images, validation images, test opener) of a labelled image task.
+
+    Training: `files` (an image folder or an .npz), the embedded `digits` (its 1408-image
+    training split) or a TFDS `train_split`. Validation: `eval_files` or the TFDS
+    `eval_split`; None when neither is given, for the caller to carve out of the training
+    images by seed (data/labelled.py:validation_split). Test: a function that opens
+    `test_files`, the TFDS `test_split` or the digits test split (389 images) when called,
+    so that nothing reads it before the end of training; None without a test split."""
+    c = data_config
+    opts = {'image_size': image_size, 'channels': channels, 'resize': _get(c, 'resize', False)}
+    files, name = _get(c, 'files', ''), _get(c, 'name', '')
+    eval_files, test_files = _get(c, 'eval_files', ''), _get(c, 'test_files', '')
+    eval_split, test_split = _get(c, 'eval_split', ''), _get(c, 'test_split', '')
+    tfds_opts = {
+        'data_dir': _get(c, 'data_dir', ''),
+        'label_field': _get(c, 'label_field', 'label'),
+        **opts,
+    }
+    embedded = not files and name in EMBEDDED_IMAGES
+    tfds = not files and not embedded
+    if embedded and (test_files or test_split):
+        raise ConfigError(
+            f'data.name={name!r} ships its own test split ({DIGITS_TEST_FRACTION:.0%} of the '
+            'images); leave data.test_files and data.test_split empty, or give your own data '
+            'with --config.data.files'
+        )
+    if files:
+        train, where = open_image_files(files, **opts), files
+    elif embedded:
+        train, where = digits_images(**opts, split='train'), 'the embedded digits'
+    elif name in EMBEDDED_PAIRS:
+        raise ConfigError(
+            f'data.name={name!r} is an image-text set, and this run reads labelled images; '
+            f'use one of {EMBEDDED_IMAGES}, a TFDS image dataset, or --config.data.files'
+        )
+    elif not name:
+        raise ConfigError('no image data: set --config.data.name or --config.data.files')
+    else:
+        train = TfdsImages(name, _get(c, 'train_split', 'train'), **tfds_opts)
+        where = f'TFDS {name}'
+    if len(train) == 0:
+        raise DataError(f'{where} holds no images; point --config.data.files at real images')
+    classes = getattr(train, 'classes', None) if isinstance(train, FolderImages) else None
+    if eval_files:
+        validation = open_image_files(eval_files, classes=classes, **opts)
+    elif tfds and eval_split:
+        validation = TfdsImages(name, eval_split, **tfds_opts)
+    else:
+        validation = None
+    _checked(train, validation if validation is not None else [], where)
+
+    def open_test() -> Sequence:
+        if test_files:
+            return open_image_files(test_files, classes=classes, **opts)
+        if embedded:
+            return digits_images(**opts, split='test')
+        return TfdsImages(name, test_split, **tfds_opts)
+
+    has_test = bool(test_files or embedded or (tfds and test_split))
+    return train, validation, open_test if has_test else None
+
+
 def pair_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, Sequence]:
     """(train pairs, eval pairs) as `config.data` describes: `files` (.jsonl / .tsv of image
     paths and captions) overrides `name` (`digits_captions` or a TFDS dataset); eval as in
@@ -893,7 +999,9 @@ def pair_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, 
     if files:
         train, where = CaptionFilePairs(files, **fields, **opts), files
     elif name in EMBEDDED_PAIRS:
-        train, where = digits_caption_pairs(**opts), 'the embedded digits_captions'
+        # The training split only: the digits test split is no pretraining's to read.
+        train = digits_caption_pairs(**opts, split='train')
+        where = 'the embedded digits_captions'
     elif name in EMBEDDED_IMAGES:
         raise ConfigError(
             f'data.name={name!r} has no captions; for image-text pairs use '

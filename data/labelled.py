@@ -2,7 +2,8 @@
 
 Sequence classification (and regression) examples are dicts
 `{'text': str, 'text_pair': str, 'label': str}`, read from local `.tsv` / `.csv` / `.jsonl`
-files (`read_labelled_text`) or built from the embedded pydoc topics (`pydoc_topics_task`).
+files (`read_labelled_text`) or built from the embedded pydoc topics (`pydoc_topics_task`,
+which ships a fixed test split).
 Labels stay strings until a `LabelMap`, fitted on the training labels and saved in the
 workdir, turns them into ids, so train, eval and a later `evaluate` run agree on the ids.
 
@@ -10,8 +11,11 @@ Token classification (NER-style) sentences are dicts `{'tokens': [str], 'tags': 
 read from CoNLL files or `.jsonl` (`read_token_files`); `align_tags` puts each word's tag on
 its first WordPiece and `entity_f1` scores predicted tags as entity chunks.
 
-`select_train_examples` picks the labelled subset a run trains on (`config.train_examples`):
-a count or a fraction per class, deterministic for a seed and nested across sizes.
+Three splits: training; validation (the periodic eval rows, the best checkpoint, early
+stopping), given or carved out of the training examples by `validation_split`; and test,
+scored once at the end. `select_train_examples` picks the labelled subset a run trains on
+(`config.train_examples`) from what validation left: a count or a fraction per class,
+deterministic for a seed and nested across sizes.
 """
 
 import csv
@@ -35,7 +39,7 @@ _MAX_LISTED = 5  # unknown or bad labels named in an error message
 _MAX_KNOWN_LISTED = 30  # training labels named in an error message
 
 
-def _match_files(pattern: str) -> list[str]:
+def match_files(pattern: str) -> list[str]:
     """Sorted paths matching `pattern` (comma-separated globs); DataError when none do."""
     paths = sorted(
         {
@@ -49,7 +53,7 @@ def _match_files(pattern: str) -> list[str]:
     if not paths:
         raise DataError(
             f'no files match {pattern!r}; check the path in --config.data.files (or '
-            '--config.data.eval_files)'
+            '--config.data.eval_files, --config.data.test_files)'
         )
     return paths
 
@@ -164,7 +168,7 @@ def read_labelled_text(
     if label_field:
         fields['label'] = ('label_field', label_field)
     examples = []
-    for path in _match_files(pattern):
+    for path in match_files(pattern):
         ext = os.path.splitext(path)[1].lower()
         if ext == '.jsonl':
             rows = _read_jsonl_labelled(path, fields)
@@ -190,20 +194,26 @@ def read_labelled_text(
     return examples
 
 
-def pydoc_topics_task(min_paragraphs: int = 20) -> tuple[list[dict], list[dict]]:
+PYDOC_TOPICS_TEST_FRACTION = 0.3
+
+
+def pydoc_topics_task(split: str, min_paragraphs: int = 20) -> list[dict]:
     """The embedded text classification task (no download): which CPython `help()` topic a
     documentation paragraph comes from (`data.text.pydoc_topic_paragraphs`: 13 topics,
-    899 paragraphs on Python 3.11, none of them under two topics).
+    899 paragraphs on Python 3.11, none of them under two topics); labels are the topic
+    names.
 
-    Returns (train examples, test examples), 70/30 by `heldout_indices`, so the test split
-    is the same in every run; labels are the topic names."""
+    `split`: 'train' (631 paragraphs; a run carves its validation split out of them by
+    seed) or 'test' (268 paragraphs), a fixed 70/30 cut by `heldout_indices`, the same in
+    every run. The embedded pretraining corpora hold none of these paragraphs."""
+    if split not in ('train', 'test'):
+        raise ConfigError(f'pydoc_topics has a train and a test split, not {split!r}')
     texts, labels, names = pydoc_topic_paragraphs(min_paragraphs)
-    train_idx, test_idx = heldout_indices(len(texts), 0.3)
-
-    def examples(indices: np.ndarray) -> list[dict]:
-        return [{'text': texts[i], 'text_pair': '', 'label': names[labels[i]]} for i in indices]
-
-    return examples(train_idx), examples(test_idx)
+    train_idx, test_idx = heldout_indices(len(texts), PYDOC_TOPICS_TEST_FRACTION)
+    return [
+        {'text': texts[i], 'text_pair': '', 'label': names[labels[i]]}
+        for i in (train_idx if split == 'train' else test_idx)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +459,43 @@ def select_train_examples(
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
 
 
+_VALIDATION_SALT = 0x7A11D
+
+
+def validation_split(
+    labels: np.ndarray, fraction: float, seed: int, per_class: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) sorted indices: `fraction` of each class held out for
+    validation (`data.eval_fraction`, when a task has no validation split of its own).
+
+    Per class, rounded half up, at least one example and at least one left for training
+    (a class of one stays in training). Each class is shuffled by a permutation drawn from
+    `seed` alone, so the validation split is fixed for a seed whatever `train_examples`
+    then takes from the rest: the label budgets of a study share one validation split per
+    seed and their training subsets stay nested. `per_class=False` (regression targets,
+    sentences) holds out `fraction` of all the examples."""
+    if not 0.0 < float(fraction) < 1.0:
+        raise ConfigError(
+            f'--config.data.eval_fraction={fraction}: the part of the training examples held '
+            'out for validation must lie strictly between 0 and 1 (e.g. 0.1); or give a '
+            'validation split (data.eval_files / data.eval_split)'
+        )
+    labels = np.asarray(labels)
+    if per_class:
+        _, groups = np.unique(labels, return_inverse=True)
+        groups = groups.reshape(-1)
+    else:
+        groups = np.zeros(len(labels), np.int64)
+    held = []
+    for g in range(int(groups.max()) + 1 if len(groups) else 0):
+        members = np.flatnonzero(groups == g)
+        rng = np.random.default_rng([_VALIDATION_SALT, int(seed) % 2**32, g])
+        take = min(max(1, int(np.floor(fraction * len(members) + 0.5))), len(members) - 1)
+        held.append(members[rng.permutation(len(members))][:take])
+    val = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(labels)), val).astype(np.int64), val
+
+
 # ---------------------------------------------------------------------------------------------
 # Token classification
 
@@ -482,7 +529,7 @@ def read_conll(pattern: str) -> list[dict]:
     (CoNLL-2003's 4 columns or plain `token tag`), a blank line between sentences,
     `-DOCSTART-` lines skipped."""
     sentences = []
-    for path in _match_files(pattern):
+    for path in match_files(pattern):
         found = _read_conll_file(path)
         if not found:
             raise DataError(f'{path} holds no sentences; expected CoNLL lines "token ... tag"')
@@ -517,7 +564,7 @@ def read_token_files(
     `.jsonl` (lists in `tokens_field` and `tags_field`, one sentence a line) or CoNLL text
     (any other extension, see `read_conll`). Integer tags in `.jsonl` become strings."""
     sentences = []
-    for path in _match_files(pattern):
+    for path in match_files(pattern):
         if os.path.splitext(path)[1].lower() == '.jsonl':
             found = _read_token_jsonl(path, tokens_field, tags_field)
         else:

@@ -3,7 +3,9 @@
 Sources, chosen by `config.data`:
   - embedded (no download): `pydoc` (CPython's own documentation topics, from
     `pydoc_data.topics`), `pydoc_stdlib` (those plus the docstrings of the standard
-    library's modules, read from source with `ast`, nothing imported);
+    library's modules, read from source with `ast`, nothing imported), both without any
+    paragraph of the embedded `pydoc_topics` classification task (`task_paragraphs`), so
+    pretraining on them never reads that task's validation or test text;
   - `files`: local glob of `.txt` (documents separated by blank lines), `.jsonl`
     (`text_field` of each object), `.tsv` / `.csv` (`text_field` column, header row);
   - any other `name`: a TFDS dataset read with `tfds.data_source` (array_record, no
@@ -13,12 +15,13 @@ Sources, chosen by `config.data`:
 import ast
 import collections
 import csv
+import functools
 import glob
 import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,13 +30,28 @@ from core.errors import DataError
 EMBEDDED = ('pydoc', 'pydoc_stdlib')
 
 
-def _paragraph_documents(text: str, target_chars: int = 2000) -> list[str]:
-    """Splits a long text into documents of about `target_chars`, at paragraph breaks."""
+_PARAGRAPH_BREAK = re.compile(r'\n\s*\n')
+
+
+def paragraphs(text: str) -> list[str]:
+    """The paragraphs of a text: blocks between blank (or whitespace-only) lines, stripped."""
+    return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+
+
+def normalise_paragraph(paragraph: str) -> str:
+    """What two paragraphs are compared by: whitespace collapsed, lowercased."""
+    return ' '.join(paragraph.split()).lower()
+
+
+def _paragraph_documents(
+    text: str, target_chars: int = 2000, drop: Callable[[str], bool] | None = None
+) -> list[str]:
+    """Splits a long text into documents of about `target_chars`, at paragraph breaks;
+    paragraphs for which `drop` is true are left out."""
     docs, current = [], []
     size = 0
-    for para in text.split('\n\n'):
-        para = para.strip()
-        if not para:
+    for para in paragraphs(text):
+        if drop is not None and drop(para):
             continue
         current.append(para)
         size += len(para)
@@ -45,13 +63,14 @@ def _paragraph_documents(text: str, target_chars: int = 2000) -> list[str]:
     return docs
 
 
-def pydoc_topics() -> list[str]:
-    """CPython's documentation topics (the text `help('topic')` shows), ~0.5 MB."""
+def pydoc_topics(drop: Callable[[str], bool] | None = None) -> list[str]:
+    """CPython's documentation topics (the text `help('topic')` shows), ~0.5 MB; paragraphs
+    for which `drop` is true left out."""
     from pydoc_data.topics import topics
 
     docs = []
     for name in sorted(topics):
-        docs.extend(_paragraph_documents(topics[name]))
+        docs.extend(_paragraph_documents(topics[name], drop=drop))
     return docs
 
 
@@ -70,7 +89,7 @@ def pydoc_topic_paragraphs(
 
     per_topic = {}
     for name in sorted(topics):
-        paras = [' '.join(p.split()) for p in re.split(r'\n\s*\n', topics[name])]
+        paras = [' '.join(p.split()) for p in paragraphs(topics[name])]
         per_topic[name] = [p for p in paras if len(p.split()) >= min_words]
     copies = collections.Counter(p for paras in per_topic.values() for p in paras)
     per_topic = {k: [p for p in v if copies[p] == 1] for k, v in per_topic.items()}
@@ -78,6 +97,39 @@ def pydoc_topic_paragraphs(
     texts = [p for name in names for p in per_topic[name]]
     labels = np.array([i for i, name in enumerate(names) for _ in per_topic[name]], np.int32)
     return texts, labels, names
+
+
+@functools.cache
+def task_paragraphs() -> frozenset[str]:
+    """Every paragraph of the embedded text-classification task (`pydoc_topic_paragraphs`,
+    all its splits), normalised: what the embedded pretraining corpora leave out, so that
+    no pretraining run reads a paragraph the task validates or tests on."""
+    return frozenset(normalise_paragraph(p) for p in pydoc_topic_paragraphs()[0])
+
+
+_SHINGLE = 4  # words: every task paragraph has at least 8
+
+
+@functools.cache
+def _task_paragraph_index() -> dict[tuple[str, ...], list[tuple[str, ...]]]:
+    """The task paragraphs as word tuples, by their first _SHINGLE words."""
+    index = collections.defaultdict(list)
+    for key in task_paragraphs():
+        words = tuple(key.split())
+        index[words[:_SHINGLE]].append(words)
+    return dict(index)
+
+
+def holds_task_paragraph(paragraph: str) -> bool:
+    """Whether `paragraph`, normalised, is a task paragraph (`task_paragraphs`) or holds
+    one as a run of whole words (a pdb docstring quotes the pdb topic's lines, say)."""
+    words = tuple(normalise_paragraph(paragraph).split())
+    index = _task_paragraph_index()
+    for i in range(len(words) - _SHINGLE + 1):
+        for key in index.get(words[i : i + _SHINGLE], ()):
+            if words[i : i + len(key)] == key:
+                return True
+    return False
 
 
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z(\'"])')
@@ -97,9 +149,10 @@ def sentences(docs: Sequence[str], min_words: int = 5, max_words: int = 64) -> l
     return out
 
 
-def stdlib_docstrings() -> list[str]:
+def stdlib_docstrings(drop: Callable[[str], bool] | None = None) -> list[str]:
     """Docstrings of the standard library's pure-Python modules, one document per module
-    (module, class and function docstrings in source order), parsed without importing."""
+    (module, class and function docstrings in source order), parsed without importing;
+    paragraphs for which `drop` is true left out."""
     root = sysconfig.get_paths()['stdlib']
     docs = []
     for path in sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True)):
@@ -120,15 +173,21 @@ def stdlib_docstrings() -> list[str]:
                 if doc and len(doc) > 80:
                     parts.append(doc)
         if parts:
-            docs.extend(_paragraph_documents('\n\n'.join(parts)))
+            docs.extend(_paragraph_documents('\n\n'.join(parts), drop=drop))
     return docs
 
 
-def embedded_corpus(name: str) -> list[str]:
+def embedded_corpus(name: str, decontaminate: bool = True) -> list[str]:
+    """The embedded corpus `name` (EMBEDDED). Every paragraph of the embedded text
+    classification task is left out, and any paragraph that holds one
+    (`holds_task_paragraph`), so a model pretrained here has read none of the text it is
+    later validated or tested on; `decontaminate=False` gives the corpus as shipped (to
+    measure what the filter removes)."""
+    drop = holds_task_paragraph if decontaminate else None
     if name == 'pydoc':
-        return pydoc_topics()
+        return pydoc_topics(drop)
     if name == 'pydoc_stdlib':
-        return pydoc_topics() + stdlib_docstrings()
+        return pydoc_topics(drop) + stdlib_docstrings(drop)
     raise DataError(f'unknown embedded corpus {name!r}; expected one of {EMBEDDED}')
 
 

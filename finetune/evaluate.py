@@ -1,10 +1,12 @@
-"""Evaluation entrypoint: the best checkpoint of a fine-tuning run on its eval split.
+"""Evaluation entrypoint: the checkpoint a fine-tuning run selected on its validation split,
+scored on its test split.
 
 python -m finetune.evaluate --config configs/text_cls.py:tiny --workdir DIR [--config.x=y]
 
-The config is the run's (the same preset and overrides); --config.data.eval_files=FILE
-(or data.eval_split) scores another split. Writes WORKDIR/evaluation.json and
-WORKDIR/predictions.jsonl.
+The config is the run's (the same preset and overrides). --config.eval.evaluate_split=
+validation scores the validation split instead (so does a task without a test split);
+--config.data.test_files=FILE (or data.test_split) another test set. Writes
+WORKDIR/evaluation.json (naming the split) and WORKDIR/predictions.jsonl.
 """
 
 import sys

@@ -1,6 +1,13 @@
 """Image classification with a ViT encoder: the embedded digits, a TFDS image dataset, a
-class-per-folder directory or an .npz (data/images.py). A checkpoint pretrained at another
-image size restores with its position table resized to this model's patch grid."""
+class-per-folder directory or an .npz (data/images.py).
+
+Three splits: training; validation (`data.eval_files` / `data.eval_split`, else
+`data.eval_fraction` of each class of the training images, by seed), which the eval rows
+score; test (`data.test_files` / `data.test_split`; the digits ship a fixed 389 of their
+1797 images), read and scored once, after training, on the checkpoint validation selected.
+
+A checkpoint pretrained at another image size restores with its position table resized to
+this model's patch grid."""
 
 import functools
 import math
@@ -17,7 +24,7 @@ from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.errors import DataError
-from core.task import Runtime, Task
+from core.task import Runtime, Scorer, Task
 from data import images as images_lib
 from data import shards
 from data.labelled import LabelMap
@@ -36,6 +43,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if m.pooling not in ('cls', 'gap'):
         raise config_lib.ConfigError(f'model.pooling={m.pooling!r}; expected cls or gap')
+    d = config.data
+    if d.get('test_files') or d.get('test_split'):
+        if not d.files and d.name in images_lib.EMBEDDED_IMAGES:
+            raise config_lib.ConfigError(
+                f'data.name={d.name!r} ships its own test split; leave data.test_files and '
+                'data.test_split empty, or give your own images with --config.data.files'
+            )
+        if d.files and d.get('test_split'):
+            raise config_lib.ConfigError(
+                f'data.test_split={d.test_split!r} names a TFDS split, and this run reads '
+                'local images; give the test images as --config.data.test_files'
+            )
+    if d.get('test_files') and not os.path.exists(d.test_files):  # read at the end only
+        raise DataError(
+            f'{d.test_files} does not exist; --config.data.test_files must be an image folder '
+            'or an .npz file'
+        )
 
 
 def source_labels(source) -> np.ndarray:
@@ -88,7 +112,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     m = config.model
     dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
     vit = VitConfig.from_config(m, dtype=dtype)
-    train_source, eval_source = images_lib.image_splits(config.data, m.image_size, m.channels)
+    train_source, eval_source, open_test = images_lib.labelled_image_splits(
+        config.data, m.image_size, m.channels
+    )
     num_classes = images_lib.num_classes(train_source)
     if num_classes < 2:
         raise DataError(
@@ -100,12 +126,13 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     if runtime.process_index == 0:
         label_map.save(os.path.join(workdir, 'labels.json'))  # class id -> name
     train_labels = source_labels(train_source)
-    eval_labels = source_labels(eval_source)
-    if eval_labels.min() < 0 or eval_labels.max() >= num_classes:
-        raise DataError(
-            f'eval labels span [{eval_labels.min()}, {eval_labels.max()}] but the training '
-            f'split has {num_classes} classes; every eval label must occur in training'
+    if eval_source is None:
+        train_idx, val_idx = classify.carve_validation(
+            train_labels, config, True, 'the training images'
         )
+        eval_source = images_lib.labelled_subset(train_source, val_idx)
+        train_source = images_lib.labelled_subset(train_source, train_idx)
+        train_labels = train_labels[train_idx]
     picked = classify.subset(train_labels, config, label_map)
     train_ds = shards.sharded_stream(
         functools.partial(images_lib.image_dataset, Subset(train_source, picked), train=True),
@@ -116,11 +143,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         prefetch=config.data.prefetch,
     )
     logging.info(
-        'data: %d train (of %d) / %d eval images, %d classes',
+        'data: %d train (of %d) / %d validation images, %d classes; %s',
         len(picked),
         len(train_source),
         len(eval_source),
         num_classes,
+        'a test split scored at the end' if open_test else 'no test split',
     )
     model = ImageClassifier(vit, num_classes, m.head_dropout, m.zero_init_head)
 
@@ -128,15 +156,23 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         return batch['image'].astype(jnp.float32) / 255.0
 
     loss_fn = classify.loss_fn_for(model, False, config.transfer.freeze_backbone, inputs)
-    predictor = classify.Predictor(model, inputs, evaluators.image_batches(eval_source, runtime))
 
-    def evaluate(stepper, params) -> dict[str, float]:
-        return classify.score(predictor.logits(stepper, params), eval_labels, label_map)
+    def scorer(source) -> Scorer:
+        labels = source_labels(source)
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(
+                f'labels span [{labels.min()}, {labels.max()}] but the training images have '
+                f'{num_classes} classes; every label must occur in training'
+            )
+        predictor = classify.Predictor(model, inputs, evaluators.image_batches(source, runtime))
+        return classify.scorer(predictor, labels, label_map)
 
-    def predict(stepper, params) -> list[dict]:
-        logits = predictor.logits(stepper, params)
-        return classify.prediction_rows(logits, eval_labels, label_map)
+    def test() -> Scorer:
+        source = open_test()
+        logging.info('test: %d images', len(source))
+        return scorer(source)
 
+    val = scorer(eval_source)
     example = jnp.zeros((1, m.image_size, m.image_size, m.channels), jnp.float32)
     return Task(
         name='image_cls',
@@ -144,10 +180,11 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         init_params=lambda rng: model.init(rng, example)['params'],
         loss_fn=loss_fn,
         train_iter=iter(train_ds),
-        evaluate=evaluate,
+        evaluate=val.evaluate,
         metric=classify.task_metric(label_map, config),
         flops_per_step=flops_lib.vit_train_flops(vit, config.batch_size),
         restore=classify.backbone_restore(config.init_subtree, position_table_adapter(vit)),
-        predict=predict,
+        predict=val.predict,
+        test=test if open_test is not None else None,
         summary_extras=lambda final: {'train_examples': len(picked)},
     )

@@ -4,10 +4,16 @@ Data (`config.data`): the embedded `pydoc_topics` task (which CPython documentat
 a paragraph comes from, 13 classes), a prepared TFDS dataset by name (GLUE-style features
 `data.text_field`, `data.text_pair_field`, `data.label_field`; splits `data.train_split`,
 `data.eval_split`), or local `.tsv` / `.csv` / `.jsonl` files
-(`data.files`, `data.eval_files`; columns `data.text_field`, `data.text_pair_field`,
-`data.label_field`). Labels are mapped from the training split (WORKDIR/labels.json);
-an unknown label at eval is an error.
+(`data.files`; columns `data.text_field`, `data.text_pair_field`, `data.label_field`).
+
+Three splits: training; validation (`data.eval_files` / `data.eval_split`, else
+`data.eval_fraction` of each class of the training examples, by seed), which the eval rows
+score; test (`data.test_files` / `data.test_split`; pydoc_topics ships a fixed 30%), read
+and scored once, after training, on the checkpoint validation selected. Labels are mapped
+from the training examples (WORKDIR/labels.json); an unknown label elsewhere is an error.
 """
+
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -15,10 +21,9 @@ from absl import logging
 
 from core import config as config_lib
 from core import flops as flops_lib
-from core.errors import DataError
-from core.task import Runtime, Task
+from core.task import Runtime, Scorer, Task
 from data import labelled
-from data.text import TfdsText, heldout_indices
+from data.text import TfdsText
 from data.tokenizer import WordPiece, make_tokenizer
 from finetune import classify
 from models.bert import BertConfig
@@ -26,6 +31,21 @@ from models.classifier import TextClassifier
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    d = config.data
+    if d.get('test_files') or d.get('test_split'):
+        if not d.files and d.name == 'pydoc_topics':
+            raise config_lib.ConfigError(
+                'data.name=pydoc_topics ships its own test split (30% of the paragraphs); '
+                'leave data.test_files and data.test_split empty, or give your own data with '
+                '--config.data.files'
+            )
+        if d.files and d.get('test_split'):
+            raise config_lib.ConfigError(
+                f'data.test_split={d.test_split!r} names a TFDS split, and this run reads '
+                'local files; give the test file as --config.data.test_files'
+            )
+        if d.get('test_files'):
+            labelled.match_files(d.test_files)  # there (not read before the end of training)
     if not 8 <= config.data.seq_len <= config.model.max_len:
         raise config_lib.ConfigError(
             f'data.seq_len {config.data.seq_len} must be in [8, model.max_len = '
@@ -57,51 +77,54 @@ def encode_pair(wordpiece: WordPiece, text: str, pair: str, seq_len: int) -> dic
     return out
 
 
-def load_examples(config) -> tuple[list[dict], list[dict], str]:
-    """(train, eval) labelled examples and where they came from."""
+def _read_files(d, pattern: str) -> list[dict]:
+    return labelled.read_labelled_text(
+        pattern,
+        text_field=d.text_field,
+        text_pair_field=d.text_pair_field,
+        label_field=d.label_field,
+        header=d.header,
+    )
+
+
+def load_splits(
+    config,
+) -> tuple[list[dict], list[dict] | None, Callable[[], list[dict]] | None, str]:
+    """(training examples, validation examples, test loader, where they come from).
+
+    Validation: `data.eval_files`, or the TFDS `data.eval_split`; None when neither is
+    given (the caller carves it out of the training examples by seed). Test: a function
+    that reads `data.test_files`, the TFDS `data.test_split` or the embedded task's fixed
+    test split when called, at the end of training; None without a test split."""
     d = config.data
+    embedded = not d.files and d.name == 'pydoc_topics'
+    tfds = not d.files and not embedded
     if d.files:
-        train = labelled.read_labelled_text(
-            d.files,
-            text_field=d.text_field,
-            text_pair_field=d.text_pair_field,
-            label_field=d.label_field,
-            header=d.header,
-        )
-        where = d.files
-        if d.eval_files:
-            return (
-                train,
-                labelled.read_labelled_text(
-                    d.eval_files,
-                    text_field=d.text_field,
-                    text_pair_field=d.text_pair_field,
-                    label_field=d.label_field,
-                    header=d.header,
-                ),
-                where,
-            )
-        train_idx, eval_idx = heldout_indices(len(train), d.eval_fraction)
-        if len(eval_idx) == 0 or len(train_idx) == 0:
-            raise DataError(
-                f'{where}: {len(train)} examples are too few to hold out eval_fraction='
-                f'{d.eval_fraction}; give --config.data.eval_files'
-            )
-        return [train[i] for i in train_idx], [train[i] for i in eval_idx], where
-    if d.name == 'pydoc_topics':
-        train, test = labelled.pydoc_topics_task()
-        return train, test, 'the embedded pydoc_topics task'
-    if not d.name:
+        train, where = _read_files(d, d.files), d.files
+    elif embedded:
+        train, where = labelled.pydoc_topics_task('train'), 'the embedded pydoc_topics task'
+    elif not d.name:
         raise config_lib.ConfigError(
             'text classification needs data: the embedded --config.data.name=pydoc_topics, '
             'a prepared TFDS dataset by name, or --config.data.files=train.tsv'
         )
-    where = f'TFDS {d.name}'
-    train = tfds_examples(d, d.train_split)
-    if d.eval_split:
-        return train, tfds_examples(d, d.eval_split), where
-    train_idx, eval_idx = heldout_indices(len(train), d.eval_fraction)
-    return [train[i] for i in train_idx], [train[i] for i in eval_idx], where
+    else:
+        train, where = tfds_examples(d, d.train_split), f'TFDS {d.name}'
+    if d.eval_files:
+        validation = _read_files(d, d.eval_files)
+    elif tfds and d.eval_split:
+        validation = tfds_examples(d, d.eval_split)
+    else:
+        validation = None
+    if d.test_files:
+        test = lambda: _read_files(d, d.test_files)  # noqa: E731
+    elif embedded:
+        test = lambda: labelled.pydoc_topics_task('test')  # noqa: E731
+    elif tfds and d.test_split:
+        test = lambda: tfds_examples(d, d.test_split)  # noqa: E731
+    else:
+        test = None
+    return train, validation, test, where
 
 
 def tfds_examples(d, split: str) -> list[dict]:
@@ -135,11 +158,15 @@ def make_model(config, num_classes: int) -> TextClassifier:
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
-    train, evals, where = load_examples(config)
+    train, validation, load_test, where = load_splits(config)
     regression = config.task_type == 'regression'
     label_map = classify.fit_label_map(workdir, [e['label'] for e in train], regression, runtime)
     train_labels = label_map.encode([e['label'] for e in train], where=where)
-    eval_labels = label_map.encode([e['label'] for e in evals], where='the eval split')
+    if validation is None:
+        train_idx, val_idx = classify.carve_validation(train_labels, config, not regression, where)
+        validation = [train[i] for i in val_idx]
+        train, train_labels = [train[i] for i in train_idx], train_labels[train_idx]
+    eval_labels = label_map.encode([e['label'] for e in validation], where='the validation split')
     picked = classify.subset(train_labels, config, label_map)
     docs = [e['text'] + ' ' + e['text_pair'] for e in train]
     tokenizer = make_tokenizer(config, workdir, docs)
@@ -151,29 +178,35 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             'label': label,
         }
 
+    def arrays(examples: list[dict], labels: np.ndarray) -> dict[str, np.ndarray]:
+        encoded = [encode(e, y) for e, y in zip(examples, labels)]
+        return {k: np.stack([e[k] for e in encoded]) for k in encoded[0]}
+
     train_examples = [encode(train[i], train_labels[i]) for i in picked]
-    eval_encoded = [encode(e, y) for e, y in zip(evals, eval_labels)]
-    eval_arrays = {k: np.stack([e[k] for e in eval_encoded]) for k in eval_encoded[0]}
     logging.info(
-        'data: %s, %d train (of %d) / %d eval examples, %s',
+        'data: %s, %d train (of %d) / %d validation examples, %s; %s',
         where,
         len(picked),
         len(train),
-        len(evals),
+        len(validation),
         'regression' if regression else f'{label_map.num_classes} classes',
+        'a test split scored at the end' if load_test else 'no test split',
     )
     model = make_model(config, label_map.num_classes)
     t = config.transfer
     loss_fn = classify.loss_fn_for(model, regression, t.freeze_backbone, lambda b: b)
-    predictor = classify.Predictor(model, lambda b: b, classify.eval_batches(eval_arrays, runtime))
 
-    def evaluate(stepper, params) -> dict[str, float]:
-        return classify.score(predictor.logits(stepper, params), eval_labels, label_map)
+    def scorer(examples: list[dict], labels: np.ndarray) -> Scorer:
+        batches = classify.eval_batches(arrays(examples, labels), runtime)
+        return classify.scorer(classify.Predictor(model, lambda b: b, batches), labels, label_map)
 
-    def predict(stepper, params) -> list[dict]:
-        logits = predictor.logits(stepper, params)
-        return classify.prediction_rows(logits, eval_labels, label_map)
+    def test() -> Scorer:
+        examples = load_test()
+        labels = label_map.encode([e['label'] for e in examples], where='the test split')
+        logging.info('test: %d examples', len(examples))
+        return scorer(examples, labels)
 
+    val = scorer(validation, eval_labels)
     example = classify.text_example(seq)
     m = config.model
     return Task(
@@ -190,7 +223,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
                 prefetch=config.data.prefetch,
             )
         ),
-        evaluate=evaluate,
+        evaluate=val.evaluate,
         metric=classify.task_metric(label_map, config),
         flops_per_step=3.0
         * flops_lib.encoder_forward_flops(
@@ -198,6 +231,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         ),
         tokens_per_example=seq,
         restore=classify.backbone_restore(config.init_subtree),
-        predict=predict,
+        predict=val.predict,
+        test=test if load_test is not None else None,
         summary_extras=lambda final: {'train_examples': len(picked)},
     )

@@ -7,6 +7,8 @@ read back per word, words cut by truncation count as 'O', and the task metric is
 F1 (exact chunks, seqeval's default scoring), beside token accuracy.
 """
 
+from collections.abc import Callable
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -15,10 +17,8 @@ from absl import logging
 
 from core import config as config_lib
 from core import flops as flops_lib
-from core.errors import DataError
-from core.task import Runtime, Task
+from core.task import Runtime, Scorer, Task
 from data import labelled
-from data.text import heldout_indices
 from data.tokenizer import make_tokenizer
 from finetune import classify
 from models.bert import BertConfig
@@ -35,22 +35,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise config_lib.ConfigError(
             'token classification reads local files: --config.data.files=train.conll '
             '(CoNLL: a token and its tag a line, blank line between sentences; or .jsonl '
-            'with token and tag lists) and --config.data.eval_files=dev.conll'
+            'with token and tag lists), --config.data.eval_files=dev.conll and '
+            '--config.data.test_files=test.conll'
         )
+    if config.data.get('test_split'):
+        raise config_lib.ConfigError(
+            f'data.test_split={config.data.test_split!r} names a TFDS split, and token '
+            'classification reads local files; give --config.data.test_files'
+        )
+    if config.data.get('test_files'):
+        labelled.match_files(config.data.test_files)  # there (read at the end of training)
 
 
-def load_sentences(config) -> tuple[list[dict], list[dict]]:
+def load_splits(config) -> tuple[list[dict], list[dict], Callable[[], list[dict]] | None]:
+    """(training, validation, test loader) sentences: validation from `data.eval_files`,
+    else `data.eval_fraction` of the training sentences held out by seed; the test loader
+    reads `data.test_files` when called, at the end of training (None without them)."""
     d = config.data
     train = labelled.read_token_files(d.files, d.tokens_field, d.tags_field)
+    test = None
+    if d.test_files:
+        test = lambda: labelled.read_token_files(d.test_files, d.tokens_field, d.tags_field)  # noqa: E731
     if d.eval_files:
-        return train, labelled.read_token_files(d.eval_files, d.tokens_field, d.tags_field)
-    train_idx, eval_idx = heldout_indices(len(train), d.eval_fraction)
-    if len(eval_idx) == 0 or len(train_idx) == 0:
-        raise DataError(
-            f'{d.files}: {len(train)} sentences are too few to hold out eval_fraction='
-            f'{d.eval_fraction}; give --config.data.eval_files'
-        )
-    return [train[i] for i in train_idx], [train[i] for i in eval_idx]
+        return train, labelled.read_token_files(d.eval_files, d.tokens_field, d.tags_field), test
+    train_idx, val_idx = classify.carve_validation(np.zeros(len(train)), config, False, d.files)
+    return [train[i] for i in train_idx], [train[i] for i in val_idx], test
 
 
 def tags_of_words(logits: np.ndarray, weights: np.ndarray, num_words: int, names) -> list[str]:
@@ -62,7 +71,7 @@ def tags_of_words(logits: np.ndarray, weights: np.ndarray, num_words: int, names
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
-    train, evals = load_sentences(config)
+    train, evals, load_test = load_splits(config)
     label_map = classify.fit_label_map(
         workdir, sorted({t for s in train for t in s['tags']}), False, runtime
     )
@@ -83,21 +92,19 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     )
     train = [train[i] for i in picked]
     train_rows = encode(train, config.data.files)
-    eval_rows = encode(evals, 'the eval split')
-    eval_arrays = {
-        k: np.stack([np.asarray(r[k]) for r in eval_rows])
-        for k in ('input_ids', 'input_mask', 'label', 'label_weights')
-    }
+    eval_rows = encode(evals, 'the validation split')
     eval_words = [len(s['tokens']) for s in evals]
     truncated = sum(r['num_words'] < n for r, n in zip(eval_rows, eval_words))
     logging.info(
-        'data: %d train / %d eval sentences, %d tags %s; %d eval sentences truncated at seq_len %d',
+        'data: %d train / %d validation sentences, %d tags %s; %d validation sentences '
+        'truncated at seq_len %d; %s',
         len(train),
         len(evals),
         label_map.num_classes,
         label_map.classes,
         truncated,
         seq,
+        'a test split scored at the end' if load_test else 'no test split',
     )
     for r in train_rows:
         del r['num_words']
@@ -124,33 +131,49 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             'denominator': jnp.sum(weights),
         }
 
-    predictor = classify.Predictor(model, lambda b: b, classify.eval_batches(eval_arrays, runtime))
     names = label_map.classes
 
-    def predicted_tags(stepper, params) -> list[list[str]]:
-        logits = predictor.logits(stepper, params)  # [sentences, length, tags]
-        return [
-            tags_of_words(logits[i], eval_arrays['label_weights'][i], eval_words[i], names)
-            for i in range(len(evals))
-        ]
-
-    def evaluate(stepper, params) -> dict[str, float]:
-        predicted = predicted_tags(stepper, params)
-        scores = labelled.entity_f1([s['tags'] for s in evals], predicted)
-        hits = sum(p == t for s, ps in zip(evals, predicted) for p, t in zip(ps, s['tags']))
-        return {
-            'entity_f1': scores['f1'],
-            'entity_precision': scores['precision'],
-            'entity_recall': scores['recall'],
-            'token_accuracy': hits / max(sum(eval_words), 1),
+    def scorer(sentences: list[dict], rows: list[dict]) -> Scorer:
+        """Entity F1 and token accuracy of one split, and its per-word predictions."""
+        arrays = {
+            k: np.stack([np.asarray(r[k]) for r in rows])
+            for k in ('input_ids', 'input_mask', 'label', 'label_weights')
         }
+        words = [len(s['tokens']) for s in sentences]
+        predictor = classify.Predictor(model, lambda b: b, classify.eval_batches(arrays, runtime))
 
-    def predict(stepper, params) -> list[dict]:
-        return [
-            {'index': i, 'tokens': s['tokens'], 'tags': s['tags'], 'prediction': p}
-            for i, (s, p) in enumerate(zip(evals, predicted_tags(stepper, params)))
-        ]
+        def predicted_tags(stepper, params) -> list[list[str]]:
+            logits = predictor.logits(stepper, params)  # [sentences, length, tags]
+            return [
+                tags_of_words(logits[i], arrays['label_weights'][i], words[i], names)
+                for i in range(len(sentences))
+            ]
 
+        def evaluate(stepper, params) -> dict[str, float]:
+            predicted = predicted_tags(stepper, params)
+            scores = labelled.entity_f1([s['tags'] for s in sentences], predicted)
+            hits = sum(p == t for s, ps in zip(sentences, predicted) for p, t in zip(ps, s['tags']))
+            return {
+                'entity_f1': scores['f1'],
+                'entity_precision': scores['precision'],
+                'entity_recall': scores['recall'],
+                'token_accuracy': hits / max(sum(words), 1),
+            }
+
+        def predict(stepper, params) -> list[dict]:
+            return [
+                {'index': i, 'tokens': s['tokens'], 'tags': s['tags'], 'prediction': p}
+                for i, (s, p) in enumerate(zip(sentences, predicted_tags(stepper, params)))
+            ]
+
+        return Scorer(evaluate, predict)
+
+    def test() -> Scorer:
+        sentences = load_test()
+        logging.info('test: %d sentences', len(sentences))
+        return scorer(sentences, encode(sentences, 'the test split'))
+
+    val = scorer(evals, eval_rows)
     example = classify.text_example(seq)
     m = config.model
     return Task(
@@ -167,7 +190,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
                 prefetch=config.data.prefetch,
             )
         ),
-        evaluate=evaluate,
+        evaluate=val.evaluate,
         metric=config.eval.metric or 'entity_f1',
         flops_per_step=3.0
         * flops_lib.encoder_forward_flops(
@@ -175,6 +198,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         ),
         tokens_per_example=seq,
         restore=classify.backbone_restore(config.init_subtree),
-        predict=predict,
+        predict=val.predict,
+        test=test if load_test is not None else None,
         summary_extras=lambda final: {'train_examples': len(train)},
     )

@@ -138,7 +138,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             few_shot=config.eval.few_shot,
         )
         logging.info(
-            'probe: %d train / %d test labelled images', len(probe_train), len(eval_source)
+            'probe: %d train / %d validation labelled images', len(probe_train), len(eval_source)
         )
     else:
         logging.warning('the images carry no labels: k-NN and linear probe are not computed')

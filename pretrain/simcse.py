@@ -6,7 +6,9 @@ run: its backbone and vocabulary carry over).
 
 Evaluated by k-NN and a linear probe on frozen features of a labelled text task built from
 the same embedded source: which CPython documentation topic a paragraph comes from
-(`data.text.pydoc_topic_paragraphs`, 13 topics)."""
+(`data.text.pydoc_topic_paragraphs`, 13 topics), on that task's training paragraphs only
+(its test split is left to fine-tuning). The embedded corpora hold none of the task's
+paragraphs (data/text.py), so the sentences SimCSE trains on are not the probe's."""
 
 import functools
 
@@ -19,7 +21,7 @@ from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.task import Runtime, Task
-from data import pipeline, shards, text
+from data import labelled, pipeline, shards, text
 from data.text import heldout_indices
 from data.tokenizer import FixedLengthEncoder, make_tokenizer
 from models.bert import BertConfig
@@ -82,10 +84,25 @@ def simcse_loss_fn(model: SimCseModel, temperature: float, runtime: Runtime):
     return loss_fn
 
 
+PROBE_SCORE_FRACTION = 0.3
+
+
+def topic_probe_indices() -> tuple[np.ndarray, np.ndarray]:
+    """(fit, score) indices into `data.text.pydoc_topic_paragraphs` of the topic probe: both
+    inside the pydoc_topics task's training split (data/labelled.py:pydoc_topics_task), a
+    fixed 30% of each topic scoring a probe fitted on the rest. The probe picks
+    checkpoints, so it never reads the task's test split."""
+    texts, labels, _ = text.pydoc_topic_paragraphs()
+    pool, _ = heldout_indices(len(texts), labelled.PYDOC_TOPICS_TEST_FRACTION)
+    fit, score = labelled.validation_split(labels[pool], PROBE_SCORE_FRACTION, seed=0)
+    return pool[fit], pool[score]
+
+
 def topic_probe(model, tokenize: FixedLengthEncoder, runtime: Runtime, config):
-    """k-NN / linear probe on the pydoc topic task: 70% of paragraphs fit, 30% score."""
+    """k-NN / linear probe on the pydoc topic task's training paragraphs (`topic_probe_indices`:
+    70% of each topic fit, 30% score; the task's test paragraphs are never read)."""
     texts, labels, names = text.pydoc_topic_paragraphs()
-    train_idx, test_idx = heldout_indices(len(texts), 0.3)
+    fit_idx, score_idx = topic_probe_indices()
     ids = np.stack([tokenize(t) for t in texts])
 
     def arrays(idx):
@@ -96,15 +113,16 @@ def topic_probe(model, tokenize: FixedLengthEncoder, runtime: Runtime, config):
         }
 
     logging.info(
-        'probe: pydoc topics, %d classes, %d train / %d test paragraphs',
+        "probe: pydoc topics, %d classes, %d fit / %d scored paragraphs (of the task's "
+        'training split)',
         len(names),
-        len(train_idx),
-        len(test_idx),
+        len(fit_idx),
+        len(score_idx),
     )
     return evaluators.FeatureProbe(
         lambda params, batch: model.apply({'params': params}, batch, method='features'),
-        evaluators.array_batches(arrays(train_idx), runtime),
-        evaluators.array_batches(arrays(test_idx), runtime),
+        evaluators.array_batches(arrays(fit_idx), runtime),
+        evaluators.array_batches(arrays(score_idx), runtime),
         num_classes=len(names),
         knn_k=config.eval.knn_k,
         knn_temperature=config.eval.knn_temperature,

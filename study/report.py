@@ -1,20 +1,37 @@
-"""A study's results as a table (mean and std over seeds per arm and budget), written as
-study.json / study.csv, printed as Markdown, and drawn as study.png."""
+"""A study's results as a table, written as study.json / study.csv, printed as Markdown,
+and drawn as study.png.
+
+What it reports, per arm and label budget: the **test** figure of each run's
+validation-selected checkpoint (the kept checkpoint best on the validation eval rows),
+as a mean over seeds with a 95% confidence interval (Student t, n - 1 degrees of freedom;
+none with one seed), and each arm's paired difference to scratch (the same seeds, so the
+same validation split and labelled subset on both sides) with its own 95% interval; plus
+how many seeds reached the target on the validation rows and how soon.
+"""
 
 import csv
 import json
+import math
 import os
 
 import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
 
 COLUMNS = (
     'arm',
     'budget',
     'train_examples',
     'seeds',
-    'mean',
-    'std',
-    'best_mean',
+    'test_mean',
+    'test_ci_low',
+    'test_ci_high',
+    'diff_vs_scratch',
+    'diff_ci_low',
+    'diff_ci_high',
+    'pairs',
+    'val_mean',
     'reached',
     'steps_to_target',
     'time_to_target_sec',
@@ -27,15 +44,39 @@ def _mean_or_none(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def mean_interval(values) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): the CONFIDENCE interval of the mean of `values` by Student's t
+    (n - 1 degrees of freedom); no interval (Nones) from a single value."""
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, None, None
+    t = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1))
+    half = t * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
 def aggregate(rows: list[dict], metric: str) -> list[dict]:
-    """One row per (arm, budget): the final `metric` over seeds (mean, sample std), how many
-    seeds reached the target, and their mean steps and training seconds to reach it."""
+    """One row per (arm, budget): the test `metric` of the validation-selected checkpoints
+    over seeds (mean and 95% interval), the paired difference to the scratch arm over the
+    seeds both ran (mean and 95% interval), the validation figure of those checkpoints,
+    and how many seeds reached the target (validation rows) with their mean steps and
+    training seconds to reach it."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row['arm'], row['budget']), []).append(row)
     table = []
     for (arm, budget), group in groups.items():
-        final = np.array([r[f'final_{metric}'] for r in group], np.float64)
+        test_mean, low, high = mean_interval([r[f'test_{metric}'] for r in group])
+        diff = diff_low = diff_high = None
+        pairs = 0
+        scratch = {r['seed']: r for r in groups.get(('scratch', budget), [])}
+        paired = [r for r in group if r['seed'] in scratch]
+        if arm != 'scratch' and paired:
+            diff, diff_low, diff_high = mean_interval(
+                [r[f'test_{metric}'] - scratch[r['seed']][f'test_{metric}'] for r in paired]
+            )
+            pairs = len(paired)
         reached = [r for r in group if r['steps_to_target'] is not None]
         table.append(
             {
@@ -43,9 +84,14 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
                 'budget': budget,
                 'train_examples': _mean_or_none([r['train_examples'] for r in group]),
                 'seeds': len(group),
-                'mean': float(final.mean()),
-                'std': float(final.std(ddof=1)) if len(group) > 1 else 0.0,
-                'best_mean': float(np.mean([r[f'best_{metric}'] for r in group])),
+                'test_mean': test_mean,
+                'test_ci_low': low,
+                'test_ci_high': high,
+                'diff_vs_scratch': diff,
+                'diff_ci_low': diff_low,
+                'diff_ci_high': diff_high,
+                'pairs': pairs,
+                'val_mean': _mean_or_none([r.get(f'val_{metric}') for r in group]),
                 'reached': len(reached),
                 'steps_to_target': _mean_or_none([r['steps_to_target'] for r in reached]),
                 'time_to_target_sec': _mean_or_none(
@@ -66,26 +112,43 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _with_interval(mean: float, low: float | None, high: float | None, sign: str = '') -> str:
+    """'0.700 [0.452, 0.948]'; the mean alone without an interval."""
+    if low is None:
+        return f'{mean:{sign}.3f}'
+    return f'{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]'
+
+
 def markdown(table: list[dict], metric: str, target: float) -> str:
-    """The table: a line per budget; per arm the final metric (mean ± std over seeds) and
-    the steps and training seconds to reach `target` (mean over the seeds that did)."""
+    """The table: a line per budget; per arm the test metric of the validation-selected
+    checkpoints (mean [95% interval] over seeds), the paired pretrained - scratch
+    difference [95% interval], and the steps and training seconds to reach `target` on the
+    validation rows (mean over the seeds that did)."""
     arms = list(dict.fromkeys(t['arm'] for t in table))
     by_key = {(t['arm'], t['budget']): t for t in table}
     budgets = sorted({t['budget'] for t in table})
-    head = ['budget', 'labels', *(f'{arm} {metric}' for arm in arms)]
+    head = ['budget', 'labels', *(f'{arm} test {metric}' for arm in arms)]
     gain = 'pretrained' in arms and 'scratch' in arms
     if gain:
-        head.append('pretrained - scratch')
-    head += [f'{arm}: steps (s) to {target:g}' for arm in arms]
+        head.append('pretrained - scratch (paired)')
+    head += [f'{arm}: steps (s) to {target:g} (validation)' for arm in arms]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for budget in budgets:
         rows = [by_key.get((arm, budget)) for arm in arms]
         first = next(t for t in rows if t)
         line = [f'{budget:g}', _fmt(first['train_examples'], 0)]
-        line += [f'{t["mean"]:.3f} ± {t["std"]:.3f}' if t else '-' for t in rows]
+        line += [
+            _with_interval(t['test_mean'], t['test_ci_low'], t['test_ci_high']) if t else '-'
+            for t in rows
+        ]
         if gain:
-            p, s = by_key.get(('pretrained', budget)), by_key.get(('scratch', budget))
-            line.append(f'{p["mean"] - s["mean"]:+.3f}' if p and s else '-')
+            p = by_key.get(('pretrained', budget))
+            if p and p['diff_vs_scratch'] is not None:
+                line.append(
+                    _with_interval(p['diff_vs_scratch'], p['diff_ci_low'], p['diff_ci_high'], '+')
+                )
+            else:
+                line.append('-')
         for t in rows:
             if not t:
                 line.append('-')
@@ -98,32 +161,69 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
     return '\n'.join(lines)
 
 
+def _error_bars(rows: list[dict], mean: str, low: str, high: str) -> np.ndarray:
+    """[2, n] distances from the mean to the interval's ends (0 where there is none)."""
+    return np.array(
+        [
+            [0.0 if t[low] is None else t[mean] - t[low] for t in rows],
+            [0.0 if t[high] is None else t[high] - t[mean] for t in rows],
+        ]
+    )
+
+
 def plot(path: str, table: list[dict], metric: str, target: float, title: str) -> None:
-    """Accuracy against labelled examples (log scale), one line per arm, std error bars."""
+    """Left: the test metric against labelled examples (log scale), one line per arm, 95%
+    intervals over seeds as error bars. Right (when the study has a scratch arm): each
+    arm's paired difference to scratch, with its 95% interval."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm in dict.fromkeys(t['arm'] for t in table):
+    arms = list(dict.fromkeys(t['arm'] for t in table))
+    colour = {arm: f'C{i}' for i, arm in enumerate(arms)}  # an arm's colour in both panels
+    compared = [a for a in arms if a != 'scratch' and 'scratch' in arms]
+    fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(11 if compared else 6.4, 4.2))
+    axes = np.atleast_1d(axes)
+    ax = axes[0]
+    for arm in arms:
         rows = sorted((t for t in table if t['arm'] == arm), key=lambda t: t['budget'])
         x = [t['train_examples'] or t['budget'] for t in rows]
-        ax.errorbar(
-            x,
-            [t['mean'] for t in rows],
-            yerr=[t['std'] for t in rows],
-            marker='o',
-            capsize=3,
-            label=arm,
-        )
+        yerr = _error_bars(rows, 'test_mean', 'test_ci_low', 'test_ci_high')
+        means = [t['test_mean'] for t in rows]
+        ax.errorbar(x, means, yerr=yerr, marker='o', capsize=3, label=arm, color=colour[arm])
     ax.axhline(target, color='gray', linestyle=':', linewidth=1, label=f'target {target:g}')
     ax.set_xscale('log')
     ax.set_xlabel('labelled training examples')
-    ax.set_ylabel(f'final {metric} (mean ± std over seeds)')
+    ax.set_ylabel(f'test {metric} (mean, 95% CI over seeds)')
     ax.set_title(title)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
+    if compared:
+        ax = axes[1]
+        for arm in compared:
+            rows = sorted(
+                (t for t in table if t['arm'] == arm and t['diff_vs_scratch'] is not None),
+                key=lambda t: t['budget'],
+            )
+            x = [t['train_examples'] or t['budget'] for t in rows]
+            yerr = _error_bars(rows, 'diff_vs_scratch', 'diff_ci_low', 'diff_ci_high')
+            ax.errorbar(
+                x,
+                [t['diff_vs_scratch'] for t in rows],
+                yerr=yerr,
+                marker='o',
+                capsize=3,
+                label=f'{arm} - scratch',
+                color=colour[arm],
+            )
+        ax.axhline(0.0, color='gray', linewidth=1)
+        ax.set_xscale('log')
+        ax.set_xlabel('labelled training examples')
+        ax.set_ylabel(f'paired test {metric} difference (95% CI)')
+        ax.set_title('against scratch, same seeds')
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,8 +3,15 @@
 WORKDIR/config.json             the study's resolved config
 WORKDIR/pretrain/               the pretraining run (unless `pretrain_workdir` names one)
 WORKDIR/runs/<arm>/<budget>/seed<k>/   one fine-tuning workdir per run
-WORKDIR/study.json, study.csv   per-run results and the table (mean and std over seeds)
-WORKDIR/study.png               accuracy against labelled examples, one line per arm
+WORKDIR/study.json, study.csv   per-run results and the table (study/report.py)
+WORKDIR/study.png               test accuracy against labelled examples, one line per arm
+
+The claim a study makes: at a fixed training budget (the same steps, batch, optimizer and,
+for text, vocabulary on every arm), the checkpoint each run selects on its validation split
+(carved from the labelled examples by seed, the same for every budget of a seed) scores
+this on the test split, which no run reads before its end: a mean and a 95% interval over
+seeds per arm and budget, and the paired pretrained - scratch difference with its own
+interval. Steps-to-target count validation rows.
 
 Every run is an ordinary stage run in its own workdir, so the study resumes for free: a run
 whose summary says it completed is read, not redone; a run cut off midway resumes from its
@@ -133,7 +140,8 @@ def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.Confi
 
 
 def time_to_target(workdir: str, metric: str, target: float) -> tuple[int | None, float | None]:
-    """(step, training seconds) of the first eval at or above `target`; Nones if never."""
+    """(step, training seconds) of the first eval (validation) row at or above `target`;
+    Nones if never."""
     for row in metrics_lib.read_metrics(workdir):
         if row['split'] == 'eval' and row.get(metric, -float('inf')) >= target:
             return row['step'], row.get('train_time_sec')
@@ -141,15 +149,32 @@ def time_to_target(workdir: str, metric: str, target: float) -> tuple[int | None
 
 
 def result_row(run: Run, workdir: str, metric: str, target: float) -> dict:
+    """One run's figures: the test `metric` of its validation-selected checkpoint (and
+    that checkpoint's validation figure and step), and when its validation rows first
+    reached `target`."""
     summary = read_json(os.path.join(workdir, 'summary.json'))
+    if f'test_{metric}' not in summary:
+        raise UserError(
+            f'{workdir}/summary.json has no test_{metric}: the study reports test figures, '
+            'so the fine-tuning task needs a test split (the embedded tasks ship one; else '
+            '--config.finetune.data.test_files or test_split). A run finished by an older '
+            'pretrax has none either: start the study in a new workdir'
+        )
     step, seconds = time_to_target(workdir, metric, target)
+    selected = summary['test_step']
+    val = {
+        r['step']: r.get(metric)
+        for r in metrics_lib.read_metrics(workdir)
+        if r['split'] == 'eval' and r['step'] == selected
+    }
     return {
         'arm': run.arm,
         'budget': run.budget,
         'seed': run.seed,
         'train_examples': summary.get('train_examples'),
-        f'final_{metric}': summary[f'final_{metric}'],
-        f'best_{metric}': summary[f'best_{metric}'],
+        f'test_{metric}': summary[f'test_{metric}'],
+        'test_step': selected,
+        f'val_{metric}': val.get(selected),
         'steps': summary['steps'],
         'steps_to_target': step,
         'train_time_to_target_sec': seconds,

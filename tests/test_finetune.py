@@ -268,7 +268,7 @@ def test_simclr_vit_restores_at_another_image_size(tmp_path):
 def test_train_examples_per_class_on_images(tmp_path):
     from configs import image_cls
     from data import images as images_lib
-    from data.labelled import select_train_examples
+    from data.labelled import select_train_examples, validation_split
     from finetune.image_cls import source_labels
 
     workdir = tmp_path / 'few'
@@ -284,8 +284,11 @@ def test_train_examples_per_class_on_images(tmp_path):
     )
     ok(r)
     config = image_cls.get_config('tiny')
-    train, _ = images_lib.image_splits(config.data, config.model.image_size, config.model.channels)
-    labels = source_labels(train)
+    pool, _, _ = images_lib.labelled_image_splits(
+        config.data, config.model.image_size, config.model.channels
+    )
+    kept, _ = validation_split(source_labels(pool), config.data.eval_fraction, 0)
+    labels = source_labels(pool)[kept]  # what validation left
     assert f"train_examples='3': 30 of {len(labels)} labelled examples (seed 0)" in r.stderr
     assert f'data: 30 train (of {len(labels)})' in r.stderr
     # The subset is the seed's: the same every time, 3 of each class, another for seed 1.
@@ -344,7 +347,10 @@ def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):
     )
     r = launch('finetune', *args)
     ok(r)
-    assert f'data: {train_tsv}, 40 train (of 40) / 12 eval examples, 2 classes' in r.stderr
+    assert (
+        f'data: {train_tsv}, 40 train (of 40) / 12 validation examples, 2 classes; no test split'
+        in r.stderr
+    )
     assert read_json(workdir / 'labels.json')['classes'] == ['negative', 'positive']
     summary = read_json(workdir / 'summary.json')
     assert summary['completed'] and summary['steps'] == 3
@@ -355,6 +361,7 @@ def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):
     step = best_kept_step(str(workdir), 'accuracy')
     assert report['step'] == step and step in kept_steps(workdir)
     assert report['task'] == 'text_cls'
+    assert report['split'] == 'validation'  # no test split: the validation split, said so
     # The same eval data as in training: the same accuracy as that step's eval row.
     row = next(e for e in read_rows(workdir, 'eval') if e['step'] == step)
     assert report['accuracy'] == pytest.approx(row['accuracy'], abs=1e-6)
@@ -426,20 +433,22 @@ def test_evaluate_with_two_local_processes(tmp_path, pydoc_vocab):
     """Predictions are a collective step: every process must take part, process 0 writes."""
     train_tsv = write_tsv(tmp_path / 'train.tsv', sentiment_rows(40, seed=0))
     dev_tsv = write_tsv(tmp_path / 'dev.tsv', sentiment_rows(12, seed=1))
+    test_tsv = write_tsv(tmp_path / 'test.tsv', sentiment_rows(10, seed=2))
     workdir = tmp_path / 'tsv'
     args = text_cls(
         workdir,
         pydoc_vocab,
         f'--config.data.files={train_tsv}',
         f'--config.data.eval_files={dev_tsv}',
+        f'--config.data.test_files={test_tsv}',
         '--config.total_steps=2',
     )
     ok(launch('finetune', *args))
     code, stderr = launch_group('evaluate', *args, '--local_processes', '2', timeout=240)
     assert code == 0, stderr[-3000:]
     report = read_json(workdir / 'evaluation.json')
-    assert report['step'] == 2
-    row = next(e for e in read_rows(workdir, 'eval') if e['step'] == 2)
-    assert report['accuracy'] == pytest.approx(row['accuracy'], abs=1e-6)
+    assert report['step'] == 2 and report['split'] == 'test'
+    row = read_rows(workdir, 'test')[0]  # scored by the 1-process run at its end
+    assert row['step'] == 2 and report['accuracy'] == pytest.approx(row['accuracy'], abs=1e-6)
     with open(workdir / 'predictions.jsonl') as f:
-        assert [json.loads(line)['index'] for line in f] == list(range(12))
+        assert [json.loads(line)['index'] for line in f] == list(range(10))

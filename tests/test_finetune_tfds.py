@@ -34,13 +34,18 @@ def test_text_cls_reads_a_tfds_dataset_by_name(tmp_path, pydoc_vocab):
         f'--config.data.vocab_file={pydoc_vocab}',
         f'--config.data.name={tfds_fixture.NAME}',
         f'--config.data.data_dir={data_dir}',
-        '--config.data.eval_split=validation',
+        '--config.data.test_split=validation',  # validation: a tenth of each class of train
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f'TFDS {tfds_fixture.NAME}, 60 train (of 60) / 10 eval examples, 2 classes' in r.stderr
+    assert (
+        f'TFDS {tfds_fixture.NAME}, 54 train (of 54) / 6 validation examples, 2 classes; a '
+        'test split scored at the end'
+    ) in r.stderr
     with open(os.path.join(workdir, 'labels.json')) as f:
         assert '"0"' in f.read()
     rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
     evals = [row for row in rows if row['split'] == 'eval']
     assert [row['step'] for row in evals] == [0, 2]
     assert all(0.0 <= row['accuracy'] <= 1.0 for row in evals)
+    assert rows[-1]['split'] == 'test' and rows[-1]['step'] == 2
+    assert 'test: 10 examples' in r.stderr

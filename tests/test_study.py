@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import study as study_config
 from core.errors import ConfigError, UserError
+from core.metrics import read_metrics
+from data import images
 from study import report, runner
 from tests.conftest import ROOT, launch
 from tests.contract import check_workdir
@@ -80,15 +83,16 @@ def test_finetune_config_per_arm(tmp_path):
         runner.finetune_config(c, runner.Run('pretrained', 0.1, 0), str(tmp_path / 'none'))
 
 
-def test_aggregate_and_markdown():
-    def row(arm, budget, seed, acc, step):
+def test_aggregate_reports_test_means_with_intervals_and_paired_differences():
+    def row(arm, budget, seed, test, step=None):
         return {
             'arm': arm,
             'budget': budget,
             'seed': seed,
             'train_examples': 10 if budget == 0.1 else 100,
-            'final_accuracy': acc,
-            'best_accuracy': acc + 0.01,
+            'test_accuracy': test,
+            'val_accuracy': test + 0.01,
+            'test_step': 50,
             'steps': 50,
             'steps_to_target': step,
             'train_time_to_target_sec': None if step is None else step / 10,
@@ -97,9 +101,11 @@ def test_aggregate_and_markdown():
 
     rows = [
         row('pretrained', 0.1, 0, 0.8, 20),
-        row('pretrained', 0.1, 1, 0.6, None),
-        row('scratch', 0.1, 0, 0.3, None),
-        row('scratch', 0.1, 1, 0.5, None),
+        row('scratch', 0.1, 0, 0.3),
+        row('pretrained', 0.1, 1, 0.6),
+        row('scratch', 0.1, 1, 0.5),
+        row('pretrained', 0.1, 2, 0.7),
+        row('scratch', 0.1, 2, 0.4),
         row('pretrained', 1.0, 0, 0.9, 10),
         row('scratch', 1.0, 0, 0.85, 30),
     ]
@@ -110,16 +116,40 @@ def test_aggregate_and_markdown():
         ('pretrained', 1.0),
         ('scratch', 1.0),
     ]
+    # Three seeds: mean 0.7, sample std 0.1, t(0.975, 2 dof) = 4.303: +- 0.2484.
     first = table[0]
-    assert first['mean'] == pytest.approx(0.7) and first['std'] == pytest.approx(0.1414, abs=1e-4)
+    assert first['seeds'] == 3 and first['test_mean'] == pytest.approx(0.7)
+    assert first['test_ci_low'] == pytest.approx(0.4516, abs=1e-4)
+    assert first['test_ci_high'] == pytest.approx(0.9484, abs=1e-4)
+    # Paired by seed: differences 0.5, 0.1, 0.3: mean 0.3, std 0.2, +- 0.4968.
+    assert first['diff_vs_scratch'] == pytest.approx(0.3) and first['pairs'] == 3
+    assert first['diff_ci_low'] == pytest.approx(-0.1968, abs=1e-4)
+    assert first['diff_ci_high'] == pytest.approx(0.7968, abs=1e-4)
+    assert table[1]['diff_vs_scratch'] is None  # scratch against itself: nothing
     assert first['reached'] == 1 and first['steps_to_target'] == 20
     assert first['time_to_target_sec'] == pytest.approx(2.0)
     assert table[1]['reached'] == 0 and table[1]['steps_to_target'] is None
+    # One seed: a mean, no interval.
+    one = table[2]
+    assert one['test_mean'] == pytest.approx(0.9) and one['test_ci_low'] is None
+    assert one['diff_vs_scratch'] == pytest.approx(0.05) and one['diff_ci_low'] is None
+    assert not any(k.startswith('best') for t in table for k in t)
+
     text = report.markdown(table, 'accuracy', 0.7)
     assert (
-        '| 0.1 | 10 | 0.700 ± 0.141 | 0.400 ± 0.141 | +0.300 | 20 (2 s), 1/2 | never (0/2) |'
-        in (text)
-    )
+        '| 0.1 | 10 | 0.700 [0.452, 0.948] | 0.400 [0.152, 0.648] | +0.300 [-0.197, +0.797] '
+        '| 20 (2 s), 1/3 | never (0/3) |'
+    ) in text
+    assert '| 1 | 100 | 0.900 | 0.850 | +0.050 | 10 (1 s), 1/1 | 30 (3 s), 1/1 |' in text
+
+
+def test_a_run_without_a_test_figure_is_refused(tmp_path):
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    (workdir / 'summary.json').write_text(json.dumps({'final_accuracy': 0.5, 'steps': 2}))
+    (workdir / 'metrics.jsonl').write_text('')
+    with pytest.raises(UserError, match='test split'):
+        runner.result_row(runner.Run('scratch', 1.0, 0), str(workdir), 'accuracy', 0.9)
 
 
 def _study_args(workdir: str) -> list[str]:
@@ -165,18 +195,38 @@ def test_smoke_study_runs_resumes_after_a_kill_and_writes_the_table(tmp_path):
     result = json.load(open(os.path.join(workdir, 'study.json')))
     assert len(result['runs']) == 4 and len(result['table']) == 4
     by_key = {(t['arm'], t['budget']): t for t in result['table']}
-    assert by_key[('scratch', 0.05)]['train_examples'] == 72  # 5% of each digit class
-    assert by_key[('scratch', 1.0)]['train_examples'] == 1408
+    # The digits' 1408 training images less a tenth of each class for validation, then 5%
+    # of each class of the rest (halves round up).
+    per_class = np.bincount(images.digits_images(split='train').labels)
+    kept = per_class - np.floor(0.1 * per_class + 0.5).astype(int)
+    assert by_key[('scratch', 1.0)]['train_examples'] == kept.sum() < 1408
+    assert by_key[('scratch', 0.05)]['train_examples'] == np.floor(0.05 * kept + 0.5).sum()
     for run in result['runs']:
         run_summary = json.load(open(os.path.join(run['workdir'], 'summary.json')))
-        assert run['final_accuracy'] == run_summary['final_accuracy']
+        assert run['test_accuracy'] == run_summary['test_accuracy']  # the test split's
+        assert run['test_step'] == run_summary['test_step'] == run_summary['best_checkpoint_step']
+        evals = [row for row in read_metrics(run['workdir']) if row['split'] in ('eval', 'test')]
+        assert [row['split'] for row in evals] == ['eval'] * 3 + ['test']
+        assert run['val_accuracy'] == next(
+            e['accuracy'] for e in evals if e['step'] == run['test_step'] and e['split'] == 'eval'
+        )
         assert run_summary['steps'] == 8
+    for t in result['table']:  # one seed: a mean, no interval
+        assert t['test_ci_low'] is None and t['seeds'] == 1
+    assert by_key[('pretrained', 1.0)]['diff_vs_scratch'] == pytest.approx(
+        by_key[('pretrained', 1.0)]['test_mean'] - by_key[('scratch', 1.0)]['test_mean']
+    )
     with open(os.path.join(workdir, 'study.csv')) as f:
         rows = list(csv.DictReader(f))
     assert [(r['arm'], float(r['budget'])) for r in rows] == list(by_key)
+    assert {'test_mean', 'test_ci_low', 'diff_vs_scratch', 'diff_ci_high'} <= set(rows[0])
+    assert not any(k.startswith('best') for k in rows[0])
     png = open(os.path.join(workdir, 'study.png'), 'rb').read()
     assert png.startswith(b'\x89PNG') and len(png) > 10_000
-    assert '| budget | labels | pretrained accuracy | scratch accuracy |' in r.stdout
+    assert (
+        '| budget | labels | pretrained test accuracy | scratch test accuracy | '
+        'pretrained - scratch (paired) |'
+    ) in r.stdout
 
     # Run again: nothing left to do, the same table.
     r = launch(*_study_args(workdir))
