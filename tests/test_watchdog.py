@@ -111,9 +111,19 @@ def test_compile_listener_sees_a_recompile_on_this_thread_only():
     import jax.numpy as jnp
 
     events = []
-    listener = watchdog_lib.CompileListener(
-        lambda: events.append('begin'), lambda: events.append('end')
-    )
+    dispatched = [jnp.arange(3) + 1]  # the trainer's pending metrics, say
+    progress = metrics_lib.Progress(0, 10, sync=lambda: jax.block_until_ready(dispatched))
+    progress.start(0)
+
+    def begin():  # as the trainer does: stop the clock (waiting for the device), then note
+        progress.pause()
+        events.append('begin')
+
+    def end():
+        events.append('end')
+        progress.resume()
+
+    listener = watchdog_lib.CompileListener(begin, end)
     try:
         f = jax.jit(lambda x: x * 2)
         f(jnp.ones(3))
@@ -127,6 +137,9 @@ def test_compile_listener_sees_a_recompile_on_this_thread_only():
     finally:
         listener.close()
     assert seen > 0 and len(events) > seen
+    before = progress.seconds()
+    time.sleep(0.01)
+    assert progress.seconds() > before  # every pause ended: the clock runs again
     assert events.count('begin') == events.count('end')
     f(jnp.ones(6))
     assert events.count('begin') == events.count('end') == len(events) // 2  # closed
