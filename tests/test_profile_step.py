@@ -26,3 +26,23 @@ def test_op_self_times_subtract_nested_ops_per_thread():
     times = profile_step.op_self_times(events, {'while.1', 'dot.2'})
     assert times['while.1'] == [40]
     assert sorted(times['dot.2']) == [30, 30, 70]
+
+
+def test_covered_time_counts_overlapping_events_once():
+    events = [
+        {'ph': 'X', 'name': 'a.1', 'ts': 0, 'dur': 10, 'pid': 1, 'tid': 1},
+        {'ph': 'X', 'name': 'b.1', 'ts': 5, 'dur': 10, 'pid': 1, 'tid': 2},
+        {'ph': 'X', 'name': 'a.1', 'ts': 30, 'dur': 5, 'pid': 1, 'tid': 1},
+        {'ph': 'X', 'name': 'runtime', 'ts': 0, 'dur': 100, 'pid': 1, 'tid': 1},
+    ]
+    assert profile_step.covered_us(events, {'a.1', 'b.1'}) == 20
+
+
+def test_an_op_whose_completion_comes_after_its_event_is_asynchronous():
+    events = [
+        {'ph': 'X', 'name': 'ynn_fusion.1', 'ts': 0, 'dur': 500, 'pid': 1, 'tid': 1},
+        {'ph': 'X', 'name': 'end: ynn_fusion.1', 'ts': 498, 'dur': 2, 'pid': 1, 'tid': 1},
+        {'ph': 'X', 'name': 'dot.2', 'ts': 600, 'dur': 20, 'pid': 1, 'tid': 1},
+        {'ph': 'X', 'name': 'end: dot.2', 'ts': 5000, 'dur': 1, 'pid': 1, 'tid': 2},
+    ]
+    assert profile_step.asynchronous_ops(events, {'ynn_fusion.1', 'dot.2'}) == {'dot.2'}
