@@ -1,9 +1,9 @@
 """Exits with code 124 when no training step finishes within `watchdog_secs`: a hung
 collective or a stalled input pipeline must not burn a whole allocation.
 
-The watchdog guards progress, not work that is slow by nature: compilation (the first
-step, any recompile: `CompileListener`), evals, checkpoint saves and the end-of-run test
-scoring run inside `paused(phase)`, and the allowance starts again when they end. When it
+The watchdog guards progress, not work that is slow by nature: the trainer runs compilation
+(the first step, any recompile: `CompileListener`), evals and checkpoint saves inside
+`paused(phase)`, and the allowance starts again when they end. When it
 fires it writes every thread's Python stack (to stderr and to `stacks_path`) and the phase
 the run was in, then exits: a hang shows where it is stuck.
 """
