@@ -209,12 +209,14 @@ def measured_matmul_flops(dtype: str, size: int | None = None, repeats: int = 5)
 
 def mfu_peak(peak_tflops: float, precision: str) -> tuple[float, str]:
     """(peak FLOP/s of one device, where that figure comes from) for MFU: --peak_tflops,
-    else the vendor's dense bf16 peak of a known accelerator, else (CPU) a measured matmul."""
+    else the vendor's dense peak of a known accelerator for `precision` (core/flops.py),
+    else (CPU) a measured matmul."""
     if peak_tflops:
         return peak_tflops * 1e12, f'--peak_tflops {peak_tflops}'
-    vendor = flops.peak_flops_per_device()
+    vendor = flops.peak_flops_per_device(precision=precision)
     if vendor is not None:
-        return vendor, f'vendor dense bf16 peak of {jax.devices()[0].device_kind}'
+        kind = jax.devices()[0].device_kind
+        return vendor, f'vendor dense {precision} peak of {kind} (core/flops.py)'
     measured = measured_matmul_flops(precision)
     return measured, f'measured {precision} 2048^3 matmul in JAX on this CPU (no vendor peak)'
 

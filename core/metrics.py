@@ -4,9 +4,12 @@ Only process 0 writes; the others get a writer that does nothing, so callers nee
 `if process_index == 0` around every call.
 """
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from absl import logging
 
@@ -72,23 +75,80 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Throughput and ETA over the steps since the last report."""
+    """Throughput of the training steps, and the run's ETA.
 
-    def __init__(self, start_step: int, total_steps: int):
+    Throughput runs on a clock of training steps only: it starts once the first step of
+    this process is done (that step compiled; it is not timed) and stops inside
+    `paused()`: evals, checkpoint saves, any recompilation, the test scoring. `sync` (the
+    trainer's: wait for the steps dispatched so far) runs as the clock stops, so with
+    asynchronous dispatch a step started before a pause is timed in full and nothing of the
+    pause is; `update` runs after the trainer has fetched its metrics, also synchronised.
+
+    The ETA is wall time, evals and saves included at the rate they have occurred: the
+    remaining steps times the mean wall seconds per step since the clock started.
+    """
+
+    def __init__(self, start_step: int, total_steps: int, sync: Callable[[], Any] = lambda: None):
         self.total_steps = total_steps
-        self._step, self._time = start_step, time.perf_counter()
+        self._sync = sync
+        self._seconds = 0.0  # on the clock, up to its last stop
+        self._running_since: float | None = None
+        self._depth = 0  # nested pauses
+        self._first: tuple[int, float] | None = None  # (step, wall time) as the clock started
+        self._reported = (start_step, 0.0)  # (step, clock seconds) at the last update
 
-    def update(self, step: int) -> tuple[float, float]:
-        """(seconds per step since the last call, estimated seconds to the end)."""
-        now = time.perf_counter()
-        per_step = (now - self._time) / max(step - self._step, 1)
-        self._step, self._time = step, now
-        return per_step, per_step * (self.total_steps - step)
+    def start(self, step: int) -> None:
+        """The clock runs from here: `step` (the compiled one) is done."""
+        self._first = (step, time.perf_counter())
+        self._reported = (step, self.seconds())
+        if not self._depth:
+            self._running_since = time.perf_counter()
 
-    def log(self, step: int, row: dict, eta: float) -> None:
+    def seconds(self) -> float:
+        """Seconds on the training clock so far."""
+        running = self._running_since
+        return self._seconds + (time.perf_counter() - running if running is not None else 0.0)
+
+    def pause(self) -> None:
+        if not self._depth and self._running_since is not None:
+            self._sync()
+            self._seconds = self.seconds()
+            self._running_since = None
+        self._depth += 1
+
+    def resume(self) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if not self._depth and self._first is not None:
+            self._running_since = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def update(self, step: int) -> tuple[float | None, float | None]:
+        """(training seconds per step over the steps timed since the last call, None when
+        none was; estimated seconds to the end, None before any step was timed)."""
+        now = self.seconds()
+        since = max(self._reported[0], self._first[0]) if self._first else step
+        per_step = (now - self._reported[1]) / (step - since) if step > since else None
+        self._reported = (step, now)
+        if self._first is None or step <= self._first[0]:
+            return per_step, None
+        wall = (time.perf_counter() - self._first[1]) / (step - self._first[0])
+        return per_step, wall * (self.total_steps - step)
+
+    def log(self, step: int, row: dict, eta: float | None) -> None:
         shown = ' | '.join(
             f'{k} {v:.4g}' for k, v in row.items() if k not in ('step', 'split', 'learning_rate')
         )
         logging.info(
-            'step %d/%d | %s | eta %s', step, self.total_steps, shown, format_duration(eta)
+            'step %d/%d | %s | eta %s',
+            step,
+            self.total_steps,
+            shown,
+            format_duration(eta) if eta is not None else '-',
         )

@@ -9,6 +9,7 @@ One trainer serves every objective; a task module (`pretrain/mlm.py`, `pretrain/
 ..., `finetune/classify.py`) says what is learned from what, and how it is evaluated.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -33,9 +34,9 @@ from core import optim
 from core import sharding as sharding_lib
 from core import step as step_lib
 from core import train_state as state_lib
+from core import watchdog as watchdog_lib
 from core.errors import UserError
 from core.task import Runtime, Scorer, Task
-from core.watchdog import Watchdog
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -253,7 +254,36 @@ def train_and_evaluate(
         task.close()
         return _read_summary(workdir)
     state = stepper.put_state(state)
-    peak = flops_lib.peak_flops_per_device(config.peak_tflops)
+    peak = flops_lib.peak_flops_per_device(config.peak_tflops, config.get('precision', 'float32'))
+
+    # The watchdog guards progress: phases that are slow by nature (compilation, evals, saves,
+    # the test scoring) run inside `paused(phase)`, which also stops the throughput clock.
+    pending: list[dict] = []  # device metrics of the steps since the last log row
+    stacks = 'watchdog_stacks.txt'
+    if jax.process_count() > 1:
+        stacks = f'watchdog_stacks.process{jax.process_index()}.txt'
+    watchdog = watchdog_lib.Watchdog(
+        config.watchdog_secs, stacks_path=os.path.join(workdir, stacks)
+    )
+    progress = metrics_lib.Progress(
+        start_step, config.total_steps, sync=lambda: jax.block_until_ready(pending)
+    )
+
+    @contextlib.contextmanager
+    def paused(phase: str):
+        """`phase` counts neither as training time nor against the watchdog. The clock stops
+        first, waiting for the steps dispatched so far (under the watchdog), so every step
+        before the pause is timed in full."""
+        with progress.paused(), watchdog.paused(phase):
+            yield
+
+    def compile_began() -> None:
+        progress.pause()
+        watchdog.pause('compiling')
+
+    def compile_ended() -> None:
+        watchdog.resume()
+        progress.resume()
 
     eval_history = []
     # The training clock of eval rows (`train_time_sec`): seconds spent training, evals left
@@ -264,7 +294,8 @@ def train_and_evaluate(
     def run_eval(step: int) -> None:
         began = time.perf_counter()
         train_time = clock['offset'] + began - clock['start'] - clock['eval']
-        result = task.evaluate(stepper, state.params)
+        with paused(f'evaluating at step {step}'):
+            result = task.evaluate(stepper, state.params)
         clock['eval'] += time.perf_counter() - began
         writer.write(step, 'eval', {**result, 'train_time_sec': train_time})
         eval_history.append({'step': step, **result})
@@ -303,9 +334,6 @@ def train_and_evaluate(
         flags = multihost_utils.process_allgather(np.array([len(sigterm) > 0], np.int32))
         return bool(np.any(flags))
 
-    watchdog = Watchdog(config.watchdog_secs)
-    progress = metrics_lib.Progress(start_step, config.total_steps)
-    pending: list[dict] = []  # device metrics of the steps since the last log row
     last_logged = start_step
     step = start_step
 
@@ -339,6 +367,7 @@ def train_and_evaluate(
         nonlocal pending, last_logged
         if not pending:
             return
+        watchdog.phase = f'waiting for steps {last_logged + 1}-{step} to finish (their metrics)'
         host = jax.device_get(pending)
         if max_skipped:
             host = count_skipped(host) or [
@@ -355,26 +384,37 @@ def train_and_evaluate(
                 f'checked); {last_good()}. '
                 'Lower learning_rate, raise warmup_steps or check the data'
             )
+        # Training steps only: no eval, save or compile in the interval counts, and a row
+        # whose only step is the compiled first one carries no throughput.
         per_step, eta = progress.update(step)
-        rows['examples_per_sec'] = config.batch_size / per_step
-        if task.tokens_per_example:
-            rows['tokens_per_sec'] = config.batch_size * task.tokens_per_example / per_step
-        rows['step_time_ms'] = per_step * 1e3
-        if peak and task.flops_per_step:
-            rows['mfu'] = task.flops_per_step / per_step / (peak * jax.device_count())
+        if per_step is not None:
+            rows['examples_per_sec'] = config.batch_size / per_step
+            if task.tokens_per_example:
+                rows['tokens_per_sec'] = config.batch_size * task.tokens_per_example / per_step
+            rows['step_time_ms'] = per_step * 1e3
+            if peak and task.flops_per_step:
+                rows['mfu'] = task.flops_per_step / per_step / (peak * jax.device_count())
         writer.write(step, 'train', rows)
         progress.log(step, rows, eta)
         pending, last_logged = [], step
 
+    compiling = watchdog_lib.CompileListener(compile_began, compile_ended)
     try:
         for step in range(start_step + 1, config.total_steps + 1):
+            watchdog.phase = f'reading the batch of step {step}'
             batch = stepper.put_batch(next(train_iter))
-            state, metrics = stepper.train(state, batch, dropout_rng)
-            pending.append(metrics)
-            if step == start_step + 1:  # leave compilation out of the throughput
+            watchdog.phase = f'running step {step}'
+            if step == start_step + 1:
+                # Compiling happens in the dispatch: left out of the watchdog and the
+                # throughput (this step is not timed); its execution is guarded.
+                with paused('compiling the train step'):
+                    state, metrics = stepper.train(state, batch, dropout_rng)
                 jax.block_until_ready(metrics)
-                progress.update(step)
+                progress.start(step)
                 logging.info('first step done (compiled) after %.1fs', time.time() - started)
+            else:
+                state, metrics = stepper.train(state, batch, dropout_rng)
+            pending.append(metrics)
             watchdog.ping()
             due_eval = step % config.eval_every == 0 or step == config.total_steps
             due_save = step % config.checkpoint_every == 0 or step == config.total_steps
@@ -386,16 +426,17 @@ def train_and_evaluate(
                 run_eval(step)
                 early_stopped = stop_early(step)
             if due_save or preempted or early_stopped:
-                checkpointer.save(
-                    step,
-                    stepper.get_state(state),
-                    train_iter,
-                    config,
-                    force=bool(preempted) or early_stopped or step == config.total_steps,
-                    metrics=eval_history[-1]
-                    if eval_history and eval_history[-1]['step'] == step
-                    else None,
-                )
+                with paused(f'saving the checkpoint of step {step}'):
+                    checkpointer.save(
+                        step,
+                        stepper.get_state(state),
+                        train_iter,
+                        config,
+                        force=bool(preempted) or early_stopped or step == config.total_steps,
+                        metrics=eval_history[-1]
+                        if eval_history and eval_history[-1]['step'] == step
+                        else None,
+                    )
             if early_stopped:
                 best = best_so_far()
                 logging.info(
@@ -412,6 +453,7 @@ def train_and_evaluate(
                 logging.warning('SIGTERM: saved step %d; exiting to be restarted', step)
                 break
     finally:
+        compiling.close()
         watchdog.stop()
         checkpointer.close()
         best_checkpoint = checkpointer.best_step()

@@ -3,6 +3,7 @@ print their results table: pretrax and the PyTorch reference side by side. Slow 
 two compiles and two PyTorch models per script. No timing is asserted."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,23 @@ def test_simclr_step_benchmark_prints_both_sides():
     row = result_row(out, 'ViT-TI/16')
     assert row[1] == '10.38M'
     assert 'params: pretrax 10,378,304, reference 10,378,304' in out
+
+
+def test_profile_step_prints_every_section():
+    out = run_benchmark(
+        'profile_step.py', '--model', 'mlm-tiny', '--batch', '2', '--steps', '1', '--warmup', '1',
+        '--idle', '0', '--xla_flags=--xla_cpu_use_xnnpack=false',
+    )  # fmt: skip
+    profile = out[out.index('## profile') : out.index('## matmul')]
+    counted, xla = map(
+        float, re.search(r'in the HLO ([\d.]+) \(XLA .* step ([\d.]+)\)', profile).groups()
+    )
+    assert 0.8 * xla <= counted <= 1.01 * xla  # dots: most of the step, as XLA counts it
+    rates = [line.split('|')[-2].strip() for line in profile.splitlines() if '+dot' in line]
+    assert any(r != 'async' and float(r) > 0 for r in rates), rates  # GFLOP/s of a dot kind
+    assert out.count('| forward x @ W') == 1
+    flags = out[out.index('## XLA flags') : out.index('## alone')]
+    for row in ('| (none) |', '| `--xla_cpu_use_xnnpack=false` |'):
+        line = next(line for line in flags.splitlines() if line.startswith(row))
+        assert float(line.split('|')[2]) > 0, line  # a step time, not 'failed'
+    assert '| alternating with the reference |' in out

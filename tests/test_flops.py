@@ -45,6 +45,30 @@ def test_formula_matches_xla_cost_analysis(hidden, layers, mlp, vocab, batch, se
     assert 0.9 * xla_flops <= formula <= xla_flops
 
 
-def test_peak_flops_override_and_unknown_device():
+def test_peak_follows_the_precision_in_use():
+    """MFU of a float32 run is taken against the peak float32 matmuls reach, not bf16's."""
+    h100 = 'NVIDIA H100 80GB HBM3'
+    bf16 = flops.peak_flops_per_device(precision='bfloat16', device_kind=h100)
+    f32 = flops.peak_flops_per_device(precision='float32', device_kind=h100)
+    assert bf16 == 989e12 and f32 == 495e12  # TF32 tensor cores: JAX's default on GPU
+    assert flops.peak_tflops('NVIDIA H100 PCIe', 'bfloat16') == 756.0
+    assert flops.peak_tflops('NVIDIA A100-SXM4-80GB', 'float32') == 156.0
+    assert flops.peak_tflops('NVIDIA L40S', 'bfloat16') is None  # not an L4
+    # TPU: a float32 dot is one bf16 pass by default, six at 'highest'.
+    assert flops.peak_tflops('TPU v5 lite', 'float32') == 197.0
+    assert flops.peak_tflops('TPU v5', 'bfloat16') == 459.0
+    assert flops.peak_tflops('TPU v4', 'float32', 'highest') == pytest.approx(275.0 / 6)
+    assert flops.peak_tflops('NVIDIA H200', 'float32', 'highest') == 67.0
+    assert flops.peak_tflops('NVIDIA H200', 'bfloat16', 'highest') == 989.0  # 32-bit only
+
+
+def test_peak_follows_jax_default_matmul_precision():
+    h200 = 'NVIDIA H200'
+    with jax.default_matmul_precision('float32'):
+        assert flops.peak_flops_per_device(precision='float32', device_kind=h200) == 67e12
+
+
+def test_peak_flops_override_wins_and_unknown_device_has_none():
     assert flops.peak_flops_per_device(100.0) == 100e12
+    assert flops.peak_flops_per_device(100.0, 'float32', 'NVIDIA H100 80GB HBM3') == 100e12
     assert flops.peak_flops_per_device() is None  # CPU: no published peak
