@@ -4,8 +4,9 @@
   config.json        the resolved config, JSON
   metrics.jsonl      one JSON object a line: int `step`, str `split`, numbers otherwise;
                      train rows with loss, learning_rate, grad_norm, examples_per_sec (and
-                     tokens_per_sec for text); an eval row at step 0; the metric in every
-                     eval row; with a test split, one test row at the end
+                     tokens_per_sec for text; none on a row of the compiled step alone); an
+                     eval row at step 0; the metric in every eval row; with a test split, one
+                     test row at the end
   tensorboard/       an event file
   checkpoints/<step> at least one step
   summary.json       written last: the final eval figure of the metric (and, with a test
@@ -17,6 +18,7 @@ import math
 import os
 
 TRAIN_KEYS = ('loss', 'learning_rate', 'grad_norm', 'examples_per_sec')
+THROUGHPUT_KEYS = ('examples_per_sec', 'tokens_per_sec')
 
 
 def _is_number(value) -> bool:
@@ -94,10 +96,18 @@ def workdir_problems(
     if text is None:
         text = 'vocab_file' in data
     keys = TRAIN_KEYS + (('tokens_per_sec',) if text else ())
+    previous = 0
     for row in train:
         missing = [k for k in keys if k not in row]
+        # Throughput times training steps only: a row whose one step is the compiled first
+        # step of a start has none to time, and carries no throughput (the others must).
+        if missing and set(missing) <= set(THROUGHPUT_KEYS) and row.get('step') == previous + 1:
+            missing = []
         if missing:
             problems.append(f'train row of step {row.get("step")} lacks {missing}')
+        previous = row.get('step') if isinstance(row.get('step'), int) else previous
+    if train and not any('examples_per_sec' in r for r in train):
+        problems.append('no train row carries examples_per_sec')
     if not any(r.get('step') == 0 for r in evals):
         problems.append('no eval row at step 0')
     for row in evals:

@@ -45,6 +45,13 @@ def test_the_contract_checker_accepts_a_good_workdir_and_names_each_breach(tmp_p
     no_tokens = {k: v for k, v in GOOD[1].items() if k != 'tokens_per_sec'}
     assert "lacks ['tokens_per_sec']" in problems('text', [GOOD[0], no_tokens, GOOD[2]])
     assert problems('image', [GOOD[0], no_tokens, GOOD[2]], text=False) == ''
+    # The compiled first step alone is not timed: its row may carry no throughput, while a
+    # run none of whose rows carries it breaks the contract.
+    untimed = {k: v for k, v in GOOD[1].items() if k not in ('examples_per_sec', 'tokens_per_sec')}
+    assert problems('compiled', [GOOD[0], {**untimed, 'step': 1}, *GOOD[1:]]) == ''
+    assert 'no train row carries examples_per_sec' in problems(
+        'untimed', [GOOD[0], {**untimed, 'step': 1}, GOOD[2]]
+    )
     assert 'is not an int' in problems('float_step', [{**GOOD[0], 'step': 0.0}, *GOOD[1:]])
     assert 'is not a number' in problems('string_value', [*GOOD, {**GOOD[2], 'x': 'high'}])
     assert 'final_accuracy' in problems('stale_summary', summary={'final_accuracy': 0.4})
