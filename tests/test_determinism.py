@@ -3,7 +3,7 @@ any layout, dropout on (README, "Parallelism").
 
 Every run starts in a fresh workdir and trains its own vocabulary (no shared vocab.txt),
 with the default dropout 0.1: 1 device, pmap over 8 devices, jit over data / fsdp / tensor
-meshes, 2 processes x 4 devices, and gradient accumulation all draw each example's dropout
+meshes, 2 processes x 4 devices (jit and pmap), and gradient accumulation all draw each example's dropout
 masks (and SimCLR's augmentations) from (seed, step, global row of the example), so they
 agree up to float reassociation. The runs are tests/test_topology.py's.
 """
@@ -100,9 +100,11 @@ def test_every_layout_and_grad_accumulation_is_the_same_run(tmp_path, one_device
     assert_same_run(workdir, one_device)
 
 
-@pytest.mark.slow  # two processes: about 30 s
-def test_two_processes_are_the_same_run(tmp_path, one_device):
-    workdir = mlm(str(tmp_path / 'two_by_four'), 4, 2)
+@pytest.mark.slow  # two runs of two processes: about a minute
+@pytest.mark.parametrize('parallelism', ['jit', 'pmap'])
+def test_two_processes_are_the_same_run(tmp_path, one_device, parallelism):
+    """pmap's device index counts over both processes: rows follow the global batch."""
+    workdir = mlm(str(tmp_path / 'two_by_four'), 4, 2, f'--config.parallelism={parallelism}')
     assert vocab(workdir) == vocab(one_device)
     assert_same_run(workdir, one_device)
 
