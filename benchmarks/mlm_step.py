@@ -88,13 +88,16 @@ def analytic_flops(size: dict, batch: int, predictions: int) -> float:
 def encoder_only_loss_fn(model):
     """A stand-in loss on the backbone's output alone: the step minus the MLM head."""
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, rows=None):
         hidden = model.apply(
             {'params': params},
             batch,
             not train,
+            rows,
             rngs={'dropout': rng},
-            method=lambda m, b, d: m.backbone(b['input_ids'], b['input_mask'], b['segment_ids'], d),
+            method=lambda m, b, d, r: m.backbone(
+                b['input_ids'], b['input_mask'], b['segment_ids'], d, r
+            ),
         )
         hidden = hidden.astype(jnp.float32)
         return jnp.sum(jnp.square(hidden)), {'denominator': jnp.float32(hidden.size)}

@@ -33,6 +33,7 @@ from core import flops, sharding
 from core.task import Runtime
 from data import augment as augment_lib
 from models.contrastive import SimClrModel
+from models.encoder import example_rows
 from models.vit import VIT_SIZES, VitConfig
 from pretrain import contrastive, simclr
 
@@ -78,11 +79,12 @@ def views_loss_fn(model: SimClrModel, mesh):
         lambda z1, z2, axis_name: contrastive.nt_xent(z1, z2, TEMPERATURE, axis_name), mesh, 2
     )
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, rows=None):
         views = jnp.concatenate([batch['view1'], batch['view2']]).astype(jnp.float32) / 255.0
-        z = model.apply({'params': params}, views, not train, rngs={'dropout': rng})
-        z = contrastive.l2_normalize(z)
         n = batch['view1'].shape[0]
+        rows = contrastive.view_rows(example_rows(rows, n))
+        z = model.apply({'params': params}, views, not train, rows, rngs={'dropout': rng})
+        z = contrastive.l2_normalize(z)
         sums = loss(z[:n], z[n:])
         return sums['loss'], {'accuracy': sums['accuracy'], 'denominator': sums['count']}
 

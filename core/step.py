@@ -2,12 +2,18 @@
 
 A loss function has the signature
 
-    loss_fn(params, batch, rng, train: bool) -> (loss_sum, sums)
+    loss_fn(params, batch, rng, train: bool, rows=None) -> (loss_sum, sums)
 
 where `loss_sum` is the loss summed over examples/tokens and `sums` holds other summed
 metrics plus `denominator` (the total weight). Returning sums makes the average exact
 across micro-batches, devices and hosts: the step adds everything up first, then divides
 (the gradient of sum/D is grad(sum)/D, so dividing the summed gradient is the same).
+
+`rows` ([batch] int32) is each example's row in the step's global batch (None: the batch
+is the whole step, rows 0 .. batch - 1). `rng` is the same on every device (seed and step),
+and every random draw for an example (dropout masks, augmentations) comes from `rng` and
+its row alone, so a run is the same on any layout (devices, processes, pmap or jit) and
+with any number of micro-batches.
 """
 
 import functools
@@ -24,10 +30,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from core import sharding as sharding_lib
 from core.train_state import TrainState
 
-LossFn = Callable[[Any, dict, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[
+    [Any, dict, jax.Array, bool, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]
+]
 
 
-def _split_microbatches(batch: dict, accum_steps: int) -> dict:
+def example_rows(batch: dict, axis_name: str | None = None) -> jax.Array:
+    """[batch] int32: each example's row in the step's global batch. Under jit the batch is
+    the global array; under pmap device i holds rows i * n ... (i + 1) * n - 1 of it."""
+    n = jax.tree.leaves(batch)[0].shape[0]
+    rows = jnp.arange(n, dtype=jnp.int32)
+    if axis_name is not None:
+        rows = rows + n * jax.lax.axis_index(axis_name)
+    return rows
+
+
+def _split_microbatches(batch, accum_steps: int):
     """[batch, ...] -> [accum_steps, batch / accum_steps, ...], interleaved so that every
     device contributes equally to every micro-batch."""
 
@@ -56,26 +74,22 @@ def train_step(
     optimizer state as they were (the step counter still advances); metrics['skipped'] is 1
     for such a step.
     """
-    rng = jax.random.fold_in(rng, state.step)
-    if axis_name is not None:
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
+    rng = jax.random.fold_in(rng, state.step)  # the same key on every device and micro-batch
+    rows = example_rows(batch, axis_name)
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, rng, True, r), has_aux=True)
 
     if accum_steps == 1:
-        (loss_sum, sums), grads = grad_fn(state.params, batch, rng)
+        (loss_sum, sums), grads = grad_fn(state.params, batch, rows)
     else:
 
         def accumulate(carry, micro):
-            index, microbatch = micro
-            (loss_i, sums_i), grads_i = grad_fn(
-                state.params, microbatch, jax.random.fold_in(rng, index)
-            )
+            (loss_i, sums_i), grads_i = grad_fn(state.params, *micro)
             return jax.tree.map(jnp.add, carry, (loss_i, sums_i, grads_i)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, rng))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, rows))
         zero_loss, zero_sums = zeros[0]
         carry = (zero_loss, zero_sums, jax.tree.map(jnp.zeros_like, state.params))
-        micro = (jnp.arange(accum_steps), _split_microbatches(batch, accum_steps))
+        micro = _split_microbatches((batch, rows), accum_steps)  # rows go with their examples
         (loss_sum, sums, grads), _ = jax.lax.scan(accumulate, carry, micro)
 
     if axis_name is not None:
@@ -108,10 +122,8 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Summed eval metrics of one batch (`loss`, ..., `denominator`); divide after summing
     over all eval batches."""
-    rng = jax.random.key(0)
-    if axis_name is not None:  # each device its own draws (augmentations), as in training
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    loss_sum, sums = loss_fn(params, batch, rng, False)
+    rng = jax.random.key(0)  # eval draws (augmentations, SimCSE's views): fixed, per row
+    loss_sum, sums = loss_fn(params, batch, rng, False, example_rows(batch, axis_name))
     sums = dict(sums, loss=loss_sum)
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)

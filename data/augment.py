@@ -2,11 +2,12 @@
 
 `augment(rng, images, cfg)` runs inside the jitted train step: it takes the step's rng key
 and a batch `[B, H, W, C]` of float images in [0, 1] (C = 1 grayscale or 3 RGB) and returns
-a batch of the same shape and dtype, still in [0, 1]. The key is split once per example and
-a per-example function is vmapped, so every example draws its own crop box, flip, jitter
-factors, op order and blur sigma. No host callbacks and no data-dependent shapes: it jits
-with `cfg` static (a frozen, hashable dataclass) and runs with the batch sharded over a
-mesh (under `pmap`, fold the device index into the key so that devices differ).
+a batch of the same shape and dtype, still in [0, 1]. Example b's key is
+`fold_in(rng, rows[b])`, its row in the step's global batch, and a per-example function is
+vmapped, so every example draws its own crop box, flip, jitter factors, op order and blur
+sigma, the same whichever device or micro-batch holds it. No host callbacks and no
+data-dependent shapes: it jits with `cfg` static (a frozen, hashable dataclass) and runs
+with the batch sharded over a mesh or under `pmap` (pass the global rows there).
 
 The pipeline follows SimCLR (Chen et al. 2020), in this order:
 
@@ -270,11 +271,14 @@ def _sharded_like_batch(keys: jax.Array, images: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',))
-def augment(rng: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:
+def augment(
+    rng: jax.Array, images: jax.Array, cfg: AugmentConfig, rows: jax.Array | None = None
+) -> jax.Array:
     """One random augmentation per example of `images` [B, H, W, C] (C = 1 or 3) in [0, 1].
 
-    Returns the same shape and dtype, values in [0, 1]. Deterministic in `rng`; each
-    example uses its own slice of it (`jax.random.split(rng, B)`).
+    Returns the same shape and dtype, values in [0, 1]. Example b draws from
+    `fold_in(rng, rows[b])`; `rows` [B] are the examples' rows in the step's global batch
+    (None: 0 .. B - 1).
     """
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(
@@ -282,11 +286,16 @@ def augment(rng: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f'augment expects float images in [0, 1], got dtype {images.dtype}')
-    keys = _sharded_like_batch(jax.random.split(rng, images.shape[0]), images)
+    if rows is None:
+        rows = jnp.arange(images.shape[0], dtype=jnp.int32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
+    keys = _sharded_like_batch(keys, images)
     return jax.vmap(functools.partial(_augment_one, cfg=cfg))(keys, images)
 
 
-def two_views(rng: jax.Array, images: jax.Array, cfg: AugmentConfig) -> tuple[jax.Array, jax.Array]:
+def two_views(
+    rng: jax.Array, images: jax.Array, cfg: AugmentConfig, rows: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Two independent augmentations of the same batch (the positive pairs of SimCLR)."""
     k1, k2 = jax.random.split(rng)
-    return augment(k1, images, cfg), augment(k2, images, cfg)
+    return augment(k1, images, cfg, rows), augment(k2, images, cfg, rows)

@@ -75,16 +75,27 @@ class WordPiece:
         self.__init__(state['vocab_file'], state['lowercase'])
 
 
+def _continuation_tokens(tok: BertWordPieceTokenizer, texts: list[str]) -> list[str]:
+    """'##c' for every character that follows the first of a word (as the tokenizer's own
+    normaliser and pre-tokenizer cut words), in code-point order."""
+    normalize, pre_tokenize = tok.normalizer.normalize_str, tok.pre_tokenizer.pre_tokenize_str
+    words = {word for text in texts for word, _ in pre_tokenize(normalize(text))}
+    return ['##' + c for c in sorted({c for word in words for c in word[1:]})]
+
+
 def train_wordpiece(
     texts: Iterable[str], vocab_size: int, out_file: str, lowercase: bool = True
 ) -> WordPiece:
     """Trains a WordPiece vocabulary of at most `vocab_size` tokens; writes `out_file`."""
+    texts = list(texts)
     tok = BertWordPieceTokenizer(lowercase=lowercase)
+    # The trainer numbers the ##-continuations in hash-map order (random per process) and
+    # breaks count ties by those ids: fixing their ids first makes the vocabulary reproducible.
     tok.train_from_iterator(
         texts,
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *_continuation_tokens(tok, texts)],
         show_progress=False,
     )
     directory = os.path.dirname(out_file) or '.'

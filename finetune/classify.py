@@ -26,15 +26,15 @@ from finetune import metrics as metrics_lib
 
 
 def loss_fn_for(model, regression: bool, freeze_backbone: bool, inputs: Callable[[dict], object]):
-    """loss_fn(params, batch, rng, train): softmax cross-entropy (or squared error) summed
+    """loss_fn(params, batch, rng, train, rows): softmax cross-entropy (or squared error) summed
     over the batch; `accuracy` for classification. With `freeze_backbone` (linear probe)
     no gradient flows into the encoder at all."""
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, rows=None):
         if freeze_backbone:
             params = dict(params, backbone=jax.lax.stop_gradient(params['backbone']))
         logits = model.apply(
-            {'params': params}, inputs(batch), deterministic=not train, rngs={'dropout': rng}
+            {'params': params}, inputs(batch), not train, rows, rngs={'dropout': rng}
         )
         count = jnp.asarray(batch['label'].shape[0], jnp.float32)
         if regression:

@@ -117,9 +117,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         config.model.zero_init_head,
     )
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, rows=None):
         logits = model.apply(
-            {'params': params}, batch, deterministic=not train, rngs={'dropout': rng}
+            {'params': params}, batch, not train, rows, rngs={'dropout': rng}
         )  # [batch, length, tags]
         weights = batch['label_weights'].astype(jnp.float32)
         labels = batch['label']

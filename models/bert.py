@@ -18,6 +18,7 @@ from models.encoder import (
     ACTIVATIONS,
     Dtype,
     Encoder,
+    ExampleDropout,
     Pooler,
     dense_init,
     layer_norm,
@@ -81,17 +82,18 @@ class TextEmbed(nn.Module):
             )
         if cfg.layer_norm == 'post':
             self.ln = layer_norm(cfg.layer_norm_eps, cfg.dtype, 'ln')
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = ExampleDropout(cfg.dropout_rate)
 
-    def __call__(self, input_ids, segment_ids, deterministic: bool) -> jax.Array:
-        """input_ids, segment_ids: [batch, length] -> [batch, length, hidden]."""
+    def __call__(self, input_ids, segment_ids, deterministic: bool, rows=None) -> jax.Array:
+        """input_ids, segment_ids: [batch, length] -> [batch, length, hidden]; rows: [batch]
+        (ExampleDropout)."""
         length = input_ids.shape[1]
         x = self.token(input_ids) + self.position[None, :length].astype(self.cfg.dtype)
         if self.cfg.type_vocab_size:
             x = x + self.segment(segment_ids)
         if self.cfg.layer_norm == 'post':
             x = self.ln(x)
-        x = self.dropout(x, deterministic=deterministic)
+        x = self.dropout(x, rows, deterministic)
         return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
     def attend(self, x: jax.Array) -> jax.Array:
@@ -127,12 +129,16 @@ class TextEncoder(nn.Module):
         if cfg.pooler:
             self.pooler = Pooler(cfg.dtype)
 
-    def __call__(self, input_ids, input_mask, segment_ids=None, deterministic: bool = True):
-        """input_ids, input_mask (1 = real token), segment_ids: [batch, length]."""
+    def __call__(
+        self, input_ids, input_mask, segment_ids=None, deterministic: bool = True, rows=None
+    ):
+        """input_ids, input_mask (1 = real token), segment_ids: [batch, length]; rows:
+        [batch], each example's row in the step's batch, which its dropout masks depend on
+        (None: 0 .. batch - 1)."""
         if segment_ids is None:
             segment_ids = jnp.zeros_like(input_ids)
-        x = self.embeddings(input_ids, segment_ids, deterministic)
-        x = self.encoder(x, input_mask, deterministic)
+        x = self.embeddings(input_ids, segment_ids, deterministic, rows)
+        x = self.encoder(x, input_mask, deterministic, rows)
         if self.cfg.pooler:
             self.sow('intermediates', 'pooled', self.pooler(x))
         return x
@@ -203,11 +209,13 @@ class BertForMlm(nn.Module):
             'output_bias', zeros_init('vocab'), (self.cfg.vocab_size,), jnp.float32
         )
 
-    def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, batch: dict[str, jax.Array], deterministic: bool = True, rows=None
+    ) -> jax.Array:
         """batch: input_ids, input_mask, segment_ids [batch, length], masked_positions
-        [batch, P]. Returns logits [batch, P, vocab] in float32."""
+        [batch, P]; rows: [batch] (TextEncoder). Returns logits [batch, P, vocab] in float32."""
         hidden = self.backbone(
-            batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic
+            batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic, rows
         )
         x = self.mlm_head(gather_positions(hidden, batch['masked_positions']))
         logits = add_bias(self.backbone.attend(x).astype(jnp.float32), self.output_bias)

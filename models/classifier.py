@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from models.bert import BertConfig, TextEncoder
-from models.encoder import dense_init, zeros_init
+from models.encoder import ExampleDropout, dense_init, zeros_init
 from models.heads import pool_tokens
 from models.vit import VisionEncoder, VitConfig, pool
 
@@ -28,8 +28,9 @@ class ClassifierHead(nn.Module):
     zero_init: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    def __call__(self, x: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
+        """x: [batch, ..., hidden]; rows: [batch] (ExampleDropout)."""
+        x = ExampleDropout(self.dropout_rate)(x, rows, deterministic)
         kernel_init = zeros_init('embed', None) if self.zero_init else dense_init('embed', None)
         logits = nn.Dense(
             self.num_classes, kernel_init=kernel_init, bias_init=zeros_init(None), name='out'
@@ -48,15 +49,20 @@ class TextClassifier(nn.Module):
         self.backbone = TextEncoder(self.bert)
         self.head = ClassifierHead(self.num_classes, self.head_dropout, self.zero_init_head)
 
-    def features(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
+    def features(
+        self, batch: dict[str, jax.Array], deterministic: bool = True, rows=None
+    ) -> jax.Array:
         hidden = self.backbone(
-            batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic
+            batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic, rows
         )
         return pool_tokens(hidden, batch['input_mask'], self.pooling)
 
-    def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
-        """batch: input_ids, input_mask (, segment_ids) [batch, length] -> [batch, classes]."""
-        return self.head(self.features(batch, deterministic), deterministic)
+    def __call__(
+        self, batch: dict[str, jax.Array], deterministic: bool = True, rows=None
+    ) -> jax.Array:
+        """batch: input_ids, input_mask (, segment_ids) [batch, length] -> [batch, classes];
+        rows: [batch], the examples' rows in the step's batch (dropout masks)."""
+        return self.head(self.features(batch, deterministic, rows), deterministic, rows)
 
 
 class TokenClassifier(nn.Module):
@@ -69,12 +75,15 @@ class TokenClassifier(nn.Module):
         self.backbone = TextEncoder(self.bert)
         self.head = ClassifierHead(self.num_classes, self.head_dropout, self.zero_init_head)
 
-    def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
-        """batch: input_ids, input_mask [batch, length] -> [batch, length, classes]."""
+    def __call__(
+        self, batch: dict[str, jax.Array], deterministic: bool = True, rows=None
+    ) -> jax.Array:
+        """batch: input_ids, input_mask [batch, length] -> [batch, length, classes]; rows:
+        [batch], the examples' rows in the step's batch (dropout masks)."""
         hidden = self.backbone(
-            batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic
+            batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic, rows
         )
-        return self.head(hidden, deterministic)
+        return self.head(hidden, deterministic, rows)
 
 
 class ImageClassifier(nn.Module):
@@ -87,9 +96,10 @@ class ImageClassifier(nn.Module):
         self.backbone = VisionEncoder(self.vit)
         self.head = ClassifierHead(self.num_classes, self.head_dropout, self.zero_init_head)
 
-    def features(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-        return pool(self.backbone(images, deterministic), self.vit.pooling)
+    def features(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
+        return pool(self.backbone(images, deterministic, rows), self.vit.pooling)
 
-    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-        """images: [batch, S, S, C] in [0, 1] -> [batch, classes]."""
-        return self.head(self.features(images, deterministic), deterministic)
+    def __call__(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
+        """images: [batch, S, S, C] in [0, 1] -> [batch, classes]; rows: [batch], the
+        examples' rows in the step's batch (dropout masks)."""
+        return self.head(self.features(images, deterministic, rows), deterministic, rows)

@@ -35,14 +35,15 @@ class SimClrModel(nn.Module):
             self.proj_hidden, self.proj_dim, self.proj_layers, dtype=self.vit.dtype
         )
 
-    def features(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-        """images: [batch, S, S, C] -> [batch, hidden] (float32)."""
-        tokens = self.backbone(images, deterministic)
+    def features(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
+        """images: [batch, S, S, C] -> [batch, hidden] (float32); rows: [batch], each
+        image's id in the step's batch, which its dropout masks depend on."""
+        tokens = self.backbone(images, deterministic, rows)
         return pool(tokens, self.vit.pooling).astype(jnp.float32)
 
-    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
         """images: [batch, S, S, C] -> projections [batch, proj_dim] (float32)."""
-        return self.projection(self.features(images, deterministic)).astype(jnp.float32)
+        return self.projection(self.features(images, deterministic, rows)).astype(jnp.float32)
 
 
 class SimCseModel(nn.Module):
@@ -60,13 +61,18 @@ class SimCseModel(nn.Module):
             self.proj_hidden, self.proj_dim, self.proj_layers, dtype=self.bert.dtype
         )
 
-    def features(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
-        """batch: input_ids, input_mask [batch, length] -> [batch, hidden] (float32)."""
-        hidden = self.backbone(batch['input_ids'], batch['input_mask'], None, deterministic)
+    def features(
+        self, batch: dict[str, jax.Array], deterministic: bool = True, rows=None
+    ) -> jax.Array:
+        """batch: input_ids, input_mask [batch, length] -> [batch, hidden] (float32); rows:
+        [batch], each sentence's id in the step's batch, which its dropout masks depend on."""
+        hidden = self.backbone(batch['input_ids'], batch['input_mask'], None, deterministic, rows)
         return pool_tokens(hidden, batch['input_mask'], self.pooling).astype(jnp.float32)
 
-    def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
-        return self.projection(self.features(batch, deterministic)).astype(jnp.float32)
+    def __call__(
+        self, batch: dict[str, jax.Array], deterministic: bool = True, rows=None
+    ) -> jax.Array:
+        return self.projection(self.features(batch, deterministic, rows)).astype(jnp.float32)
 
 
 class TwoTower(nn.Module):
@@ -103,21 +109,22 @@ class TwoTower(nn.Module):
         self.logit_scale = self.param('logit_scale', scalar(self.init_logit_scale), ())
         self.logit_bias = self.param('logit_bias', scalar(self.init_logit_bias), ())
 
-    def image_features(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-        """The image tower's pooled representation, [batch, hidden] (what transfers)."""
-        tokens = self.image_backbone(images, deterministic)
+    def image_features(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
+        """The image tower's pooled representation, [batch, hidden] (what transfers); rows:
+        [batch], each pair's row in the step's batch, which its dropout masks depend on."""
+        tokens = self.image_backbone(images, deterministic, rows)
         return pool(tokens, self.vit.pooling).astype(jnp.float32)
 
-    def embed_images(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    def embed_images(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
         """[batch, S, S, C] -> [batch, embed_dim] in the shared space (not normalised)."""
-        features = self.image_features(images, deterministic)
+        features = self.image_features(images, deterministic, rows)
         return self.image_projection(features).astype(jnp.float32)
 
     def embed_texts(
-        self, input_ids: jax.Array, input_mask: jax.Array, deterministic: bool = True
+        self, input_ids: jax.Array, input_mask: jax.Array, deterministic: bool = True, rows=None
     ) -> jax.Array:
         """[batch, length] token ids and mask -> [batch, embed_dim] (not normalised)."""
-        hidden = self.text_backbone(input_ids, input_mask, None, deterministic)
+        hidden = self.text_backbone(input_ids, input_mask, None, deterministic, rows)
         pooled = pool_tokens(hidden, input_mask, self.text_pooling)
         return self.text_projection(pooled).astype(jnp.float32)
 
@@ -128,11 +135,12 @@ class TwoTower(nn.Module):
         bias = jnp.clip(self.logit_bias, -self.max_abs_logit_bias, self.max_abs_logit_bias)
         return scale, bias
 
-    def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True):
-        """batch: image [batch, S, S, C], input_ids / input_mask [batch, length].
+    def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True, rows=None):
+        """batch: image [batch, S, S, C], input_ids / input_mask [batch, length]; rows:
+        [batch], the pairs' rows in the step's batch (dropout masks).
 
         Returns (image embeddings, text embeddings, scale, bias)."""
-        img = self.embed_images(batch['image'], deterministic)
-        txt = self.embed_texts(batch['input_ids'], batch['input_mask'], deterministic)
+        img = self.embed_images(batch['image'], deterministic, rows)
+        txt = self.embed_texts(batch['input_ids'], batch['input_mask'], deterministic, rows)
         scale, bias = self.temperature()
         return img, txt, scale, bias

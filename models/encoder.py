@@ -49,6 +49,36 @@ def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     )
 
 
+def example_rows(rows: jax.Array | None, batch: int) -> jax.Array:
+    """`rows` ([batch] int), or 0 .. batch - 1 when None (the batch is the whole step)."""
+    return jnp.arange(batch, dtype=jnp.int32) if rows is None else rows
+
+
+class ExampleDropout(nn.Module):
+    """Dropout whose mask for example b is drawn from fold_in(key, rows[b]), `rows` being each
+    example's row in the step's global batch: the masks depend on the key (seed, step,
+    module) and the row only, not on how the batch is split over devices or micro-batches
+    (one draw over the local batch would depend on which rows a device holds)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rows: jax.Array | None, deterministic: bool) -> jax.Array:
+        """x: [batch, ...]; rows: [batch] int, or None (0 .. batch - 1)."""
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep = 1.0 - self.rate
+        key = self.make_rng('dropout')
+
+        def example_mask(row):
+            return jax.random.bernoulli(jax.random.fold_in(key, row), keep, x.shape[1:])
+
+        mask = jax.vmap(example_mask)(example_rows(rows, x.shape[0]))
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class MlpBlock(nn.Module):
     """Position-wise feed-forward block: Dense -> activation -> Dense."""
 
@@ -145,8 +175,15 @@ class SelfAttention(nn.Module):
     attention_impl: str = 'auto'  # auto | xla | cudnn
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
-        """x: [batch, length, hidden]; mask: [batch, 1, 1, length] (True = attend)."""
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool,
+        rows: jax.Array | None = None,
+    ) -> jax.Array:
+        """x: [batch, length, hidden]; mask: [batch, 1, 1, length] (True = attend); rows:
+        [batch], the examples' rows in the step's batch (ExampleDropout)."""
         hidden = x.shape[-1]
         if hidden % self.num_heads:
             raise ValueError(
@@ -166,7 +203,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', 'act_kv'))
         if self.attention_dropout_rate > 0.0 and not deterministic:
-            out = self._attention_with_dropout(q, k, v, mask)
+            out = self._attention_with_dropout(q, k, v, mask, rows)
         else:
             out = self._fused_attention(q, k, v, mask, head_dim)
         out = nn.with_logical_constraint(out, ('batch', 'length', 'act_heads', 'act_kv'))
@@ -197,13 +234,13 @@ class SelfAttention(nn.Module):
             logging.warning('cuDNN flash attention does not apply (%s); using XLA attention', e)
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
 
-    def _attention_with_dropout(self, q, k, v, mask):
+    def _attention_with_dropout(self, q, k, v, mask, rows):
         scale = q.shape[-1] ** -0.5
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=False)
+        probs = ExampleDropout(self.attention_dropout_rate)(probs, rows, deterministic=False)
         return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
@@ -221,7 +258,13 @@ class EncoderLayer(nn.Module):
     attention_impl: str = 'auto'
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool,
+        rows: jax.Array | None = None,
+    ) -> jax.Array:
         attention = SelfAttention(
             self.num_heads,
             self.attention_dropout_rate,
@@ -230,15 +273,19 @@ class EncoderLayer(nn.Module):
             name='attention',
         )
         mlp = MlpBlock(self.mlp_dim, self.activation, self.dtype, name='mlp')
-        drop = nn.Dropout(self.dropout_rate)
+        dropout = ExampleDropout(self.dropout_rate)
+
+        def drop(y):
+            return dropout(y, rows, deterministic)
+
         ln_attn = layer_norm(self.layer_norm_eps, self.dtype, 'ln_attention')
         ln_mlp = layer_norm(self.layer_norm_eps, self.dtype, 'ln_mlp')
         if self.layer_norm == 'post':
-            x = ln_attn(x + drop(attention(x, mask, deterministic), deterministic=deterministic))
-            x = ln_mlp(x + drop(mlp(x), deterministic=deterministic))
+            x = ln_attn(x + drop(attention(x, mask, deterministic, rows)))
+            x = ln_mlp(x + drop(mlp(x)))
         else:
-            x = x + drop(attention(ln_attn(x), mask, deterministic), deterministic=deterministic)
-            x = x + drop(mlp(ln_mlp(x)), deterministic=deterministic)
+            x = x + drop(attention(ln_attn(x), mask, deterministic, rows))
+            x = x + drop(mlp(ln_mlp(x)))
         return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
 
@@ -342,8 +389,8 @@ REMAT_POLICIES = {
 }
 
 
-def _scan_body(layer: nn.Module, x: jax.Array, mask, deterministic: bool):
-    return layer(x, mask, deterministic), None  # nn.scan's (carry, output)
+def _scan_body(layer: nn.Module, x: jax.Array, mask, deterministic: bool, rows):
+    return layer(x, mask, deterministic, rows), None  # nn.scan's (carry, output)
 
 
 class Encoder(nn.Module):
@@ -371,12 +418,19 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, padding_mask: jax.Array | None = None, deterministic: bool = True
+        self,
+        x: jax.Array,
+        padding_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        rows: jax.Array | None = None,
     ) -> jax.Array:
         """x: [batch, length, hidden]; padding_mask: [batch, length] (1 = real token; the
-        real tokens first, padding after, wherever cuDNN attention runs)."""
+        real tokens first, padding after, wherever cuDNN attention runs); rows: [batch], the
+        examples' rows in the step's batch, which their dropout masks depend on (None: 0 ..
+        batch - 1)."""
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f'model.remat={self.remat!r}; expected one of {list(REMAT_POLICIES)}')
+        rows = example_rows(rows, x.shape[0])
         mask = None
         if padding_mask is not None:
             mask = padding_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
@@ -404,14 +458,14 @@ class Encoder(nn.Module):
                 _scan_body,
                 variable_axes={'params': 0},
                 split_rngs={'params': True, 'dropout': True},  # per-layer init and masks
-                in_axes=(nn.broadcast, nn.broadcast),  # mask, deterministic
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),  # mask, deterministic, rows
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
-            x, _ = scan(layer_cls(**layer_args, name=LAYERS), x, mask, deterministic)
+            x, _ = scan(layer_cls(**layer_args, name=LAYERS), x, mask, deterministic, rows)
         else:
             for i in range(self.num_layers):
-                x = layer_cls(**layer_args, name=f'layer_{i}')(x, mask, deterministic)
+                x = layer_cls(**layer_args, name=f'layer_{i}')(x, mask, deterministic, rows)
         if self.layer_norm == 'pre':
             x = layer_norm(self.layer_norm_eps, self.dtype, 'ln_final')(x)
         return x

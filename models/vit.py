@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from models.encoder import Encoder, Pooler, dense_init, zeros_init
+from models.encoder import Encoder, ExampleDropout, Pooler, dense_init, zeros_init
 
 # (hidden_size, num_layers, num_heads, mlp_dim) of the standard ViT sizes (Dosovitskiy et
 # al. 2021; Ti and S from DeiT).
@@ -98,8 +98,10 @@ class VisionEncoder(nn.Module):
     cfg: VitConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-        """images: [batch, image_size, image_size, channels], float in [0, 1]."""
+    def __call__(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
+        """images: [batch, image_size, image_size, channels], float in [0, 1]; rows: [batch],
+        each image's row in the step's batch, which its dropout masks depend on (None: 0 ..
+        batch - 1)."""
         cfg = self.cfg
         if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
             raise ValueError(
@@ -118,7 +120,7 @@ class VisionEncoder(nn.Module):
             'pos_embedding', dense_init(None, 'embed'), (cfg.num_tokens, cfg.hidden_size)
         )
         x = x + pos[None].astype(x.dtype)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = ExampleDropout(cfg.dropout_rate)(x, rows, deterministic)
         x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
         x = Encoder(
             num_layers=cfg.num_layers,
@@ -134,7 +136,7 @@ class VisionEncoder(nn.Module):
             attention_impl=cfg.attention_impl,
             dtype=cfg.dtype,
             name='encoder',
-        )(x, None, deterministic)
+        )(x, None, deterministic, rows)
         if cfg.pooler:
             if cfg.pooling != 'cls':
                 raise ValueError('model.pooler=True pools the cls token; it needs pooling=cls')

@@ -59,7 +59,7 @@ def make_model(config) -> TwoTower:
 
 
 def clip_loss_fn(model: TwoTower, loss_type: str, runtime: Runtime):
-    """loss_fn(params, batch, rng, train): batch image uint8 [batch, S, S, C], input_ids and
+    """loss_fn(params, batch, rng, train, rows): batch image uint8 [batch, S, S, C], input_ids and
     input_mask [batch, length]."""
     if loss_type == 'softmax':
 
@@ -70,10 +70,10 @@ def clip_loss_fn(model: TwoTower, loss_type: str, runtime: Runtime):
         local = contrastive.sigmoid_loss
     loss = simclr.global_loss(local, runtime, 2)
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, rows=None):
         inputs = dict(batch, image=batch['image'].astype(jnp.float32) / 255.0)
         img, txt, scale, bias = model.apply(
-            {'params': params}, inputs, deterministic=not train, rngs={'dropout': rng}
+            {'params': params}, inputs, not train, rows, rngs={'dropout': rng}
         )
         sums = loss(contrastive.l2_normalize(img), contrastive.l2_normalize(txt), scale, bias)
         count = sums['count']

@@ -38,6 +38,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def view_rows(rows: jax.Array) -> jax.Array:
+    """The ids of the two views of each example, for a model run over [view 1; view 2]:
+    2 * row and 2 * row + 1, so each view's dropout masks are its own and depend on the
+    example's global row only (not on where the local batch ends)."""
+    return jnp.concatenate([2 * rows, 2 * rows + 1])
+
+
 def _shard_index_and_count(axis_name: AxisName) -> tuple[jax.Array, int]:
     if axis_name is None:
         return jnp.zeros((), jnp.int32), 1

@@ -17,6 +17,7 @@ from data import augment as augment_lib
 from data import images as images_lib
 from data import shards
 from models.contrastive import SimClrModel
+from models.encoder import example_rows
 from models.vit import VitConfig
 from pretrain import contrastive
 
@@ -66,25 +67,27 @@ def global_loss(local_loss, runtime: Runtime, num_batched: int):
 
 
 def simclr_loss_fn(model: SimClrModel, aug: augment_lib.AugmentConfig, temperature: float, runtime):
-    """loss_fn(params, batch, rng, train): batch['image'] uint8 [batch, S, S, C]."""
+    """loss_fn(params, batch, rng, train, rows): batch['image'] uint8 [batch, S, S, C]."""
 
     def local(z1, z2, axis_name):
         return contrastive.nt_xent(z1, z2, temperature, axis_name)
 
     loss = global_loss(local, runtime, 2)
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, rows=None):
         aug_rng, dropout_rng = jax.random.split(rng)
         images = batch['image'].astype(jnp.float32) / 255.0
-        view1, view2 = augment_lib.two_views(aug_rng, images, aug)
+        n = images.shape[0]
+        rows = example_rows(rows, n)
+        view1, view2 = augment_lib.two_views(aug_rng, images, aug, rows)
         z = model.apply(
             {'params': params},
             jnp.concatenate([view1, view2]),
-            deterministic=not train,
+            not train,
+            contrastive.view_rows(rows),
             rngs={'dropout': dropout_rng},
         )  # [2 * batch, proj_dim]
         z = contrastive.l2_normalize(z)
-        n = images.shape[0]
         sums = loss(z[:n], z[n:])
         return sums['loss'], {'accuracy': sums['accuracy'], 'denominator': sums['count']}
 

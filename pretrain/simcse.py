@@ -26,6 +26,7 @@ from data.text import heldout_indices
 from data.tokenizer import FixedLengthEncoder, make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import SimCseModel
+from models.encoder import example_rows
 from pretrain import contrastive, simclr
 
 
@@ -64,20 +65,21 @@ def make_model(config) -> SimCseModel:
 
 
 def simcse_loss_fn(model: SimCseModel, temperature: float, runtime: Runtime):
-    """loss_fn(params, batch, rng, train): batch input_ids / input_mask [batch, length]."""
+    """loss_fn(params, batch, rng, train, rows): batch input_ids / input_mask [batch, length]."""
 
     def local(z1, z2, axis_name):
         return contrastive.clip_softmax(z1, z2, 1.0 / temperature, axis_name)
 
     loss = simclr.global_loss(local, runtime, 2)
 
-    def loss_fn(params, batch, rng, train: bool):
+    def loss_fn(params, batch, rng, train: bool, rows=None):
         del train  # dropout makes the views, so it is on in eval too (with the eval rng)
         twice = {k: jnp.concatenate([batch[k], batch[k]]) for k in ('input_ids', 'input_mask')}
-        # One forward pass over [batch; batch]: every row draws its own dropout mask.
-        z = model.apply({'params': params}, twice, deterministic=False, rngs={'dropout': rng})
-        z = contrastive.l2_normalize(z)
         n = batch['input_ids'].shape[0]
+        # One forward pass over [batch; batch]: each copy of a sentence its own dropout masks.
+        view_rows = contrastive.view_rows(example_rows(rows, n))
+        z = model.apply({'params': params}, twice, False, view_rows, rngs={'dropout': rng})
+        z = contrastive.l2_normalize(z)
         sums = loss(z[:n], z[n:])
         return sums['loss'], {'accuracy': sums['i2t_accuracy'], 'denominator': sums['count']}
 

@@ -57,6 +57,16 @@ def test_shape_dtype_range_and_two_views(channels):
     assert not np.allclose(v1, v2)
 
 
+def test_an_example_draws_the_same_whichever_slice_of_the_batch_holds_it():
+    """Example b's draws come from the key and its row in the global batch: a device holding
+    rows 8..15 augments them as one device holding the whole batch does."""
+    x, cfg, key = images(3), AugmentConfig(), jax.random.key(5)
+    whole = augment(key, x, cfg)
+    half = augment(key, x[B // 2 :], cfg, jnp.arange(B // 2, B))
+    np.testing.assert_allclose(half, whole[B // 2 :], atol=1e-6)
+    assert not np.allclose(augment(key, x[B // 2 :], cfg), half)  # rows 0..7 draw otherwise
+
+
 def test_same_key_same_output_different_key_different():
     x, cfg = images(3), AugmentConfig()
     a = augment(jax.random.key(7), x, cfg)

@@ -148,6 +148,24 @@ def test_dropout_only_when_not_deterministic(post_ln, batch):
     np.testing.assert_array_equal(c, e)  # same rng, same dropout mask
 
 
+@pytest.mark.parametrize('variant', ['plain', 'scan_layers', 'remat'])
+def test_dropout_masks_follow_the_example_rows(post_ln, batch, variant):
+    """Each example's masks (hidden and attention dropout) depend on the key and its row in
+    the step's batch only: an example alone, given its row, comes out as within the batch,
+    so the split of a batch over devices or micro-batches does not change the masks."""
+    options = {'plain': {}, 'scan_layers': {'scan_layers': True}, 'remat': {'remat': 'full'}}
+    model = BertForMlm(tiny_config(attention_dropout_rate=0.2, **options[variant]))
+    params = nn.meta.unbox(post_ln[1]['params'])
+    variables = {'params': stack_layers(params) if variant == 'scan_layers' else params}
+    rngs = {'dropout': jax.random.key(3)}
+    whole = model.apply(variables, batch, False, rngs=rngs)  # rows 0 .. BATCH - 1
+    last = jax.tree.map(lambda x: x[-1:], batch)
+    alone = model.apply(variables, last, False, jnp.array([BATCH - 1]), rngs=rngs)
+    np.testing.assert_allclose(alone[0], whole[-1], rtol=1e-5, atol=1e-6)
+    as_row_0 = model.apply(variables, last, False, rngs=rngs)  # other masks
+    assert not np.allclose(as_row_0[0], whole[-1], atol=1e-4)
+
+
 def test_pre_and_post_layer_norm(batch, post_ln):
     pre_model = BertForMlm(tiny_config(layer_norm='pre'))
     pre = init(pre_model, batch)

@@ -16,8 +16,8 @@ from core.train_state import TrainState
 from tests.conftest import SMALL_RUN, launch
 
 
-def loss_fn(params, batch, rng, train):
-    del rng, train
+def loss_fn(params, batch, rng, train, rows=None):
+    del rng, train, rows
     error = batch['x'] @ params['w'] - batch['y']
     return jnp.sum(error**2), {'denominator': jnp.float32(batch['x'].shape[0])}
 

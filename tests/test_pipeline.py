@@ -1,6 +1,9 @@
 """WordPiece tokenizer (data/tokenizer.py) and the Grain MLM pipeline (data/pipeline.py)."""
 
+import os
 import pickle
+import subprocess
+import sys
 
 import grain
 import ml_collections
@@ -103,6 +106,35 @@ def test_train_wordpiece_writes_a_loadable_vocabulary(trained):
     assert ids.dtype == np.int32 and len(ids) > 3
     np.testing.assert_array_equal(ids, tokenizer.encode(text))
     assert loaded.decode(ids).replace(' ', '') == text.lower().replace(' ', '')
+
+
+def test_a_trained_vocabulary_is_the_same_in_every_process(tmp_path):
+    """`tokenizers` numbers the ##-continuations in hash-map order, random per process; two
+    fresh interpreters must still write the same vocab.txt byte for byte."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        'import sys; from data.text import embedded_corpus; '
+        'from data.tokenizer import train_wordpiece; '
+        "train_wordpiece(embedded_corpus('pydoc'), 1024, sys.argv[1])"
+    )
+    paths = [tmp_path / f'{i}.txt' for i in range(2)]
+    for path in paths:
+        env = dict(os.environ, PYTHONPATH=root)
+        subprocess.run([sys.executable, '-c', code, str(path)], check=True, cwd=root, env=env)
+    first, second = (p.read_bytes() for p in paths)
+    assert first == second
+    assert len(first.splitlines()) == 1024
+
+
+def test_continuation_tokens_are_plain_vocabulary_after_reload(trained):
+    """The ##-tokens given to the trainer as special tokens are ordinary WordPieces in the
+    saved vocabulary: a literal '##e' in text is punctuation and a letter, as in BERT."""
+    tokenizer, path = trained
+    loaded = WordPiece(path)
+    assert loaded.encode('##e').tolist() == loaded.encode('# # e').tolist()
+    assert loaded.is_special.sum() == len(SPECIAL_TOKENS)
+    word = loaded.encode('generators')
+    assert loaded.is_continuation[word[1:]].all() and not loaded.is_continuation[word[0]]
 
 
 def test_special_ids_are_distinct_and_marked(trained):

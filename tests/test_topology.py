@@ -1,7 +1,7 @@
 """One run, many topologies: MLM trained on 1 device, on 1 process x 8 devices and on 2
 processes x 4 devices gives the same losses and parameters; a checkpoint written on 8
 devices (fsdp=8) resumes on 4 (fsdp=2 x data=2) and then on 1, and one written by 2
-processes resumes in 1 and back in 2, each continuing the same loss curve.
+processes resumes in 1 and back in 2, each continuing the same loss curve (dropout on).
 
 Every run cuts its data into 2 shards (data.shards=2), so the global batch of each step is
 the same whatever the process count. A resume is made deterministic by rewinding a finished
@@ -22,8 +22,9 @@ from tests.conftest import SMALL_RUN, launch
 STEPS, EVERY = 12, 4
 
 
-def run(workdir: str, vocab: str, devices: int = 1, processes: int = 1, *extra: str) -> str:
-    """Runs (or resumes) the MLM run in `workdir` on `processes` x `devices`; returns stderr."""
+def run(workdir: str, vocab: str | None, devices: int = 1, processes: int = 1, *extra: str) -> str:
+    """Runs (or resumes) the MLM run in `workdir` on `processes` x `devices`; returns stderr.
+    `vocab` None: the run trains its own vocabulary."""
     args = [
         'pretrain',
         '--config',
@@ -31,9 +32,8 @@ def run(workdir: str, vocab: str, devices: int = 1, processes: int = 1, *extra: 
         '--workdir',
         workdir,
         *SMALL_RUN,
-        f'--config.data.vocab_file={vocab}',
+        *([f'--config.data.vocab_file={vocab}'] if vocab else []),
         '--config.data.shards=2',
-        '--config.model.dropout_rate=0',
         f'--config.total_steps={STEPS}',
         f'--config.checkpoint_every={EVERY}',
         f'--config.eval_every={STEPS}',
