@@ -179,7 +179,7 @@ class WorkdirPlan:
     fresh: bool  # a new run: the workdir holds none, or overwrite moves it aside
     move_aside: tuple[str, ...]  # RUN_OUTPUTS present that go to previous/<time>/ at start
     changed: dict  # on resume, restart-safe keys that changed: {key: [old, new]}
-    existed: bool  # whether the workdir existed before this start
+    created: str | None  # the outermost directory this start creates (None: none)
 
     @property
     def staging(self) -> str:
@@ -216,6 +216,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirPla
         raise ConfigError(f'--workdir {workdir} is a file; give a directory')
     existed = os.path.isdir(workdir)
     present = tuple(n for n in RUN_OUTPUTS if existed and os.path.lexists(f'{workdir}/{n}'))
+    created = None
+    if not existed:
+        created = workdir
+        while not os.path.exists(os.path.dirname(created)):
+            created = os.path.dirname(created)
     path = os.path.join(workdir, 'config.json')
     changed = {}
     if os.path.isfile(path):
@@ -241,7 +246,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirPla
         }
     fresh = bool(config.overwrite) or not os.path.isfile(path)
     if not fresh:
-        return WorkdirPlan(workdir, False, (), changed, existed)
+        return WorkdirPlan(workdir, False, (), changed, created)
     if config.get('init_from'):
         from core.checkpoint import resolve_checkpoint  # (orbax: not loaded for every check)
 
@@ -254,7 +259,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirPla
                 'moves aside; copy that run elsewhere and give --config.init_from its new path'
             )
     init_from_vocab(config)
-    return WorkdirPlan(workdir, True, present, {}, existed)
+    return WorkdirPlan(workdir, True, present, {}, created)
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -303,8 +308,14 @@ def start_run(plan: WorkdirPlan, config: ml_collections.ConfigDict) -> None:
 def abandon_start(plan: WorkdirPlan) -> None:
     """Process 0, after a new run failed a check: the workdir as it was found."""
     shutil.rmtree(plan.staging, ignore_errors=True)
-    if not plan.existed and os.path.isdir(plan.workdir) and not os.listdir(plan.workdir):
-        os.rmdir(plan.workdir)
+    if plan.created is None:
+        return
+    path = plan.workdir
+    while os.path.isdir(path) and not os.listdir(path):  # only what this start made, empty
+        os.rmdir(path)
+        if path == plan.created:
+            break
+        path = os.path.dirname(path)
 
 
 def record_resume(plan: WorkdirPlan, config: ml_collections.ConfigDict, step: int) -> None:

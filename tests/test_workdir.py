@@ -8,6 +8,9 @@ import shutil
 
 import pytest
 
+from configs import bert_mlm
+from core import config as config_lib
+from core.errors import ConfigError
 from tests.conftest import SMALL_RUN, launch, tree_digest
 
 BASE = ['pretrain', '--config', 'configs/bert_mlm.py:tiny']
@@ -73,8 +76,19 @@ def test_a_bad_data_path_leaves_the_workdir_as_found(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert 'no files match' in r.stderr
     assert tree_digest(workdir) == before
-    r = run(tmp_path / 'new', '--config.data.files=/no/such/dir/*.txt')
+    r = run(tmp_path / 'new' / 'run', '--config.data.files=/no/such/dir/*.txt')
     assert r.returncode == 1 and not (tmp_path / 'new').exists()
+
+
+def test_a_workdir_that_cannot_hold_a_run_is_named(tmp_path):
+    """A file, or a damaged config.json (its fix: the config saved with each checkpoint)."""
+    c = bert_mlm.get_config('tiny')
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(ConfigError, match='is a file; give a directory'):
+        config_lib.check_workdir(c, str(tmp_path / 'file'))
+    (tmp_path / 'config.json').write_text(c.to_json()[:100])
+    with pytest.raises(ConfigError, match='cannot be read .*checkpoints/<step>/config/metadata'):
+        config_lib.check_workdir(c, str(tmp_path))
 
 
 # --- overwrite: checks first, then moves the old run aside ---------------------------------
