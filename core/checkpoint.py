@@ -4,7 +4,9 @@ and the config of each saved step.
 Orbax writes every step into a temporary directory and renames it when complete, so a
 crash mid-save leaves the previous step untouched and the half-written one is ignored
 (and cleaned up) on the next start. Restores go into an abstract target carrying the
-current mesh's shardings, so a checkpoint saved on one mesh restores on any other.
+current mesh's shardings, so a checkpoint saved on one mesh restores on any other. A step
+that cannot be read (a full disk, a crashed node) is moved aside as <step>.corrupt and
+the run resumes from the newest step that reads (`Checkpointer.restore_latest`).
 """
 
 import dataclasses
@@ -247,7 +249,7 @@ class Checkpointer:
                 handler.close()
         except MemoryError:
             raise
-        except Exception as e:  # noqa: BLE001 (tensorstore, JSON, OS errors alike: unreadable)
+        except Exception as e:  # tensorstore, JSON and OS errors alike: unreadable
             return None, None, f'{part}: {_reason(e)}'
         return state, data_state, None
 
