@@ -390,7 +390,7 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
     pretrax workdir; returns what import.json records. Everything is read and checked
     before `workdir` is touched."""
     directory = find_model_dir(source)
-    for origin in {source, directory} if os.path.isdir(source) else {directory}:
+    for origin in (source, directory) if os.path.isdir(source) else (directory,):
         check_apart(origin, workdir)
     check_target(workdir, overwrite, IMPORT_OUTPUTS, 'import-hf')
     where = os.path.join(directory, 'config.json')
