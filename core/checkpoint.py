@@ -133,9 +133,11 @@ def saved_data_shards(workdir: str) -> int | None:
 
 
 def _reason(e: BaseException) -> str:
-    """An exception as one short line (tensorstore errors run to many)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    text = f'{type(e).__name__}: {text}' if text else type(e).__name__
+    """An exception as one short line: its root cause (Orbax wraps tensorstore's
+    OUT_OF_RANGE and the like in a generic message), the first line, at most 200 chars."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= 200 else text[:197] + '...'
 
 
@@ -264,7 +266,7 @@ class Checkpointer:
         failed: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             state, data_state, problem = self._read_step(step, abstract_state)
-            if problem:
+            if problem and jax.process_count() > 1:  # what this process saw
                 logging.warning('checkpoint step %d cannot be read (%s)', step, problem)
             if not _all_processes(problem is None):
                 failed.append((step, problem or 'unreadable on another process'))
