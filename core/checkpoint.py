@@ -4,7 +4,9 @@ and the config of each saved step.
 Orbax writes every step into a temporary directory and renames it when complete, so a
 crash mid-save leaves the previous step untouched and the half-written one is ignored
 (and cleaned up) on the next start. Restores go into an abstract target carrying the
-current mesh's shardings, so a checkpoint saved on one mesh restores on any other.
+current mesh's shardings, so a checkpoint saved on one mesh restores on any other. A step
+that cannot be read (a full disk, a crashed node) is moved aside as <step>.corrupt and
+the run resumes from the newest step that reads (`Checkpointer.restore_latest`).
 """
 
 import dataclasses
@@ -15,8 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from core.errors import CheckpointError
@@ -113,15 +118,47 @@ def merged_data_state(directory: str) -> dict:
 
 
 def saved_data_shards(workdir: str) -> int | None:
-    """The number of data shards of the run whose latest checkpoint is in `workdir` (None
-    without a checkpoint)."""
+    """The number of data shards of the run whose checkpoints are in `workdir`, from the
+    newest step whose data state reads (None without one: fixed for a run, so any step
+    tells; a damaged one is left to the resume to report)."""
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     if not os.path.isdir(directory):
         return None
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-    if not steps:
-        return None
-    return merged_data_state(os.path.join(directory, str(max(steps)), 'data'))['num_shards']
+    for step in sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True):
+        try:
+            return merged_data_state(os.path.join(directory, str(step), 'data'))['num_shards']
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line: its root cause (Orbax wraps tensorstore's
+    OUT_OF_RANGE and the like in a generic message), the first line, at most 200 chars."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + '...'
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether `ok` holds on every process (each process reads its own shards of a step, so
+    one may fail where another does not; all must agree on the step they resume)."""
+    if jax.process_count() == 1:
+        return ok
+    flags = multihost_utils.process_allgather(np.array([ok], np.int32))
+    return bool(np.all(flags))
+
+
+def _aside(path: str) -> str:
+    """checkpoints/<step> -> checkpoints/<step>.corrupt (-2, -3, ... when taken): a name
+    Orbax does not read as a step, so it neither restores nor removes it."""
+    target, n = path + '.corrupt', 1
+    while os.path.lexists(target):
+        n += 1
+        target = f'{path}.corrupt-{n}'
+    os.rename(path, target)
+    return target
 
 
 class Checkpointer:
@@ -194,16 +231,71 @@ class Checkpointer:
             logging.info('checkpoint: saving step %d to %s', step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state, data_iterator):
-        """Restores the state into `abstract_state`'s shardings and the iterator in place."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=DataIteratorRestore(data_iterator),
-            ),
-        )
-        return restored.state
+    def _read_step(self, step: int, abstract_state) -> tuple[Any, dict | None, str | None]:
+        """(state, data state, None), or (None, None, what failed) when a part of the step
+        cannot be read: saved config, data-iterator state, train state (metadata, arrays).
+        Orbax's handlers, not the manager: a process whose read fails must not leave the
+        others waiting in the manager's barrier."""
+        path = epath.Path(self.directory) / str(step)
+        part = 'saved config'
+        try:
+            ocp.JsonCheckpointHandler().restore(path / 'config')
+            part = 'data-iterator state'
+            data_state = merged_data_state(str(path / 'data'))
+            part = 'train state'
+            handler = ocp.StandardCheckpointHandler()
+            try:
+                target = ocp.args.StandardRestore(abstract_state)
+                state = handler.restore(path / 'state', args=target)
+            finally:
+                handler.close()
+        except MemoryError:
+            raise
+        except Exception as e:  # tensorstore, JSON and OS errors alike: unreadable
+            return None, None, f'{part}: {_reason(e)}'
+        return state, data_state, None
+
+    def restore_latest(self, abstract_state, data_iterator) -> tuple[int | None, Any]:
+        """Restores the newest step that reads completely, into `abstract_state`'s shardings,
+        and the data iterator in place; (None, None) without a checkpoint.
+
+        A newer step that cannot be read is moved aside as checkpoints/<step>.corrupt with
+        a warning, once an older one has read (so a failure of every step, as a code
+        change would cause, moves nothing); with none readable, a CheckpointError says so.
+        Every process reads each step; they resume the newest step all of them read."""
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            state, data_state, problem = self._read_step(step, abstract_state)
+            if problem and jax.process_count() > 1:  # what this process saw
+                logging.warning('checkpoint step %d cannot be read (%s)', step, problem)
+            if not _all_processes(problem is None):
+                failed.append((step, problem or 'unreadable on another process'))
+                continue
+            if failed and jax.process_index() == 0:
+                for bad, problem in failed:
+                    moved = _aside(os.path.join(self.directory, str(bad)))
+                    logging.warning(
+                        'checkpoint step %d cannot be read (%s): moved aside to %s; resuming '
+                        'from step %d',
+                        bad,
+                        problem,
+                        moved,
+                        step,
+                    )
+            if failed:
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices('checkpoints moved aside')
+                self.manager.reload()
+            data_iterator.set_state(data_state)
+            return step, state
+        if failed:
+            shown = '; '.join(f'step {step}: {problem}' for step, problem in failed)
+            raise CheckpointError(
+                f'no checkpoint in {self.directory} can be read ({shown}). Nothing was moved '
+                'or deleted. To start over, give a new --workdir, or pass '
+                '--config.overwrite=true (the run is moved to previous/)'
+            )
+        return None, None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

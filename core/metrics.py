@@ -18,17 +18,27 @@ class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.workdir = workdir
         self.enabled = enabled
-        self._tb = None
-        if enabled:
-            from tensorboardX import SummaryWriter  # TensorBoard files without TensorFlow
-
-            self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+        self._tb = None  # opened by truncate_after (the start of a run) or the first write
         self._path = os.path.join(workdir, 'metrics.jsonl')
 
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
+        from tensorboardX import SummaryWriter  # TensorBoard files without TensorFlow
+
+        self._tb = SummaryWriter(
+            os.path.join(self.workdir, 'tensorboard'), flush_secs=30, purge_step=purge_step
+        )
+
     def truncate_after(self, step: int) -> None:
-        """Drops rows past `step`: on resume from a checkpoint at `step`, the steps after it
-        are redone, and the curve must not hold them twice."""
-        if not self.enabled or not os.path.exists(self._path):
+        """Drops rows past `step` (-1: every row), once, as a run starts: on resume from a
+        checkpoint at `step` the steps after it are redone, and a start with no checkpoint
+        redoes all; no step is held twice. metrics.jsonl is rewritten; TensorBoard, whose
+        event files are append-only, is told to hide the events past `step` (tensorboardX's
+        purge_step: a SessionLog START at step + 1)."""
+        if not self.enabled:
+            return
+        if self._tb is None:
+            self._open_tensorboard(purge_step=step + 1)
+        if not os.path.exists(self._path):
             return
         with open(self._path) as f:
             rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
@@ -44,6 +54,8 @@ class MetricWriter:
         row.update({k: float(v) for k, v in scalars.items()})
         with open(self._path, 'a') as f:
             f.write(json.dumps(row) + '\n')
+        if self._tb is None:
+            self._open_tensorboard()
         for k, v in scalars.items():
             self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
 

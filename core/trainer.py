@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -142,6 +143,7 @@ class RunSetup:
     dropout_rng: jax.Array
     shardings: Any  # the NamedSharding of every leaf of the train state
     stepper: step_lib.JitStepper | step_lib.PmapStepper
+    plan: config_lib.WorkdirPlan | None = None  # None for a dry run (nothing written)
 
 
 def set_up(
@@ -153,11 +155,16 @@ def set_up(
     write_config: bool = True,
     build_dir: str | None = None,
 ) -> RunSetup:
-    """Config checks -> mesh -> workdir -> task -> optimizer -> state shardings -> step.
+    """Config checks -> mesh -> workdir check -> task -> optimizer -> state shardings ->
+    step -> workdir written.
 
-    A dry run (core/memory_plan.py) passes write_config=False, so the workdir gets no
-    config.json (a later run there may have any config), and a `build_dir` where the task
-    writes what it derives from the data (vocab.txt, labels.json) instead of the workdir.
+    Nothing is written to the workdir before every check that needs no compilation has
+    passed: a new run's task writes what it derives from the data (vocab.txt, labels.json)
+    into a staging directory, and `config_lib.start_run` then moves an overwritten run
+    aside, the staged files in, and writes config.json; a failed start leaves the workdir
+    as it found it. A dry run (core/memory_plan.py) passes write_config=False, so the
+    workdir gets no config.json (a later run there may have any config), and a `build_dir`
+    for what the task derives.
     """
     module = task_module(config, tasks, stage)
     if config.get('init_from'):
@@ -171,40 +178,55 @@ def set_up(
     module.check_config(config)
     is_main = jax.process_index() == 0
 
-    # Mesh and workdir.
+    # Mesh, then what this start finds in the workdir (nothing is written yet).
     mesh, batch_shards = make_mesh(config)
     config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
-    if write_config:
-        config_lib.prepare_workdir(config, workdir, is_main)
+    plan = config_lib.check_workdir(config, workdir) if write_config else None
+    fresh = plan is not None and plan.fresh
+    if fresh:
+        build_dir = plan.staging  # what the task derives waits there until every check passed
+        if is_main:
+            shutil.rmtree(build_dir, ignore_errors=True)  # left by a start that was killed
     if is_main:
         os.makedirs(build_dir or workdir, exist_ok=True)
     _sync('workdir')
 
-    # Task: data, model, loss, evaluators.
-    runtime = Runtime(
-        mesh=mesh,
-        parallelism=config.parallelism,
-        per_host_batch=config.batch_size // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        data_shards=data_shards(config, workdir),
-    )
-    task = module.build(config, build_dir or workdir, runtime)
+    try:
+        # Task: data, model, loss, evaluators.
+        runtime = Runtime(
+            mesh=mesh,
+            parallelism=config.parallelism,
+            per_host_batch=config.batch_size // jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            data_shards=data_shards(config, build_dir if fresh else workdir),
+        )
+        task = module.build(config, build_dir or workdir, runtime)
 
-    # Optimizer, state shardings and the step.
-    tx, schedule = optim.make_optimizer(config)
-    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    shardings = state_lib.state_shardings(task.init_params, tx, mesh, init_rng)
-    skip = config.get('skip_nonfinite_steps', 0) > 0
-    if config.parallelism == 'pmap':
-        stepper = step_lib.PmapStepper(
-            task.loss_fn, tx, schedule, config.grad_accum_steps, skip_nonfinite=skip
-        )
-    else:
-        stepper = step_lib.JitStepper(
-            mesh, shardings, task.loss_fn, tx, schedule, config.grad_accum_steps, skip
-        )
-    return RunSetup(mesh, task, tx, init_rng, dropout_rng, shardings, stepper)
+        # Optimizer, state shardings and the step.
+        tx, schedule = optim.make_optimizer(config)
+        init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+        shardings = state_lib.state_shardings(task.init_params, tx, mesh, init_rng)
+        skip = config.get('skip_nonfinite_steps', 0) > 0
+        if config.parallelism == 'pmap':
+            stepper = step_lib.PmapStepper(
+                task.loss_fn, tx, schedule, config.grad_accum_steps, skip_nonfinite=skip
+            )
+        else:
+            stepper = step_lib.JitStepper(
+                mesh, shardings, task.loss_fn, tx, schedule, config.grad_accum_steps, skip
+            )
+        _sync('checked')
+        # Every check that needs no compilation has passed: only now does a new run replace
+        # an old one (moved aside) and write its config.json.
+        if fresh and is_main:
+            config_lib.start_run(plan, config)
+    except BaseException:
+        if fresh and is_main:
+            config_lib.abandon_start(plan)  # the workdir as this start found it
+        raise
+    _sync('started')
+    return RunSetup(mesh, task, tx, init_rng, dropout_rng, shardings, stepper, plan)
 
 
 def train_and_evaluate(
@@ -227,17 +249,16 @@ def train_and_evaluate(
         best_metric=task.metric,
     )
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    start_step = checkpointer.latest_step()
+    abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
+    start_step, state = checkpointer.restore_latest(abstract, train_iter)
     if start_step is not None:
-        abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
-        state = checkpointer.restore(start_step, abstract, train_iter)
         writer.truncate_after(start_step)
         logging.info('resumed from %s/%d', checkpointer.directory, start_step)
     else:
         start_step = 0
+        writer.truncate_after(-1)  # the rows of an attempt that saved no checkpoint
         state, _ = state_lib.create_sharded_state(task.init_params, tx, mesh, init_rng, shardings)
         if config.init_from:
-            abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
             state = restore_init_from(task, state, abstract.params, config.init_from)
     num_params = state_lib.count_params(state.params)
     logging.info(
@@ -253,6 +274,12 @@ def train_and_evaluate(
         checkpointer.close()
         task.close()
         return _read_summary(workdir)
+    # The run continues: config.json takes the restart-safe keys that changed (recorded).
+    if 'total_steps' in run.plan.changed and start_step:
+        old_total = run.plan.changed['total_steps'][0]
+        logging.info('%s', config_lib.schedule_change(config, old_total, start_step))
+    if is_main:
+        config_lib.record_resume(run.plan, config, start_step)
     state = stepper.put_state(state)
     peak = flops_lib.peak_flops_per_device(config.peak_tflops, config.get('precision', 'float32'))
 

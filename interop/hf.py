@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 
 import jax
 import ml_collections
@@ -209,24 +210,88 @@ def copy_vocab(directory: str, target: str) -> dict:
 # --- import ---------------------------------------------------------------------------------
 
 
+# What each tool writes into --to: an overwrite replaces these and nothing else, so a --to
+# that holds anything more (a user's files, a training run) is refused.
+IMPORT_OUTPUTS = ('config.json', 'checkpoints', 'vocab.txt', wd.IMPORT_INFO)
+EXPORT_OUTPUTS = (
+    'config.json',
+    WEIGHTS,
+    'vocab.txt',
+    'tokenizer.json',
+    'tokenizer_config.json',
+    'special_tokens_map.json',
+    'preprocessor_config.json',
+)
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path != parent and os.path.commonpath([path, parent]) == parent
+
+
+def check_apart(source: str, target: str) -> None:
+    """Refuses a --to that is --from, inside it or contains it (real paths: symlinks
+    resolved), before anything is written."""
+    a, b = os.path.realpath(source), os.path.realpath(target)
+    relation = (
+        'is' if a == b else 'is inside' if _inside(b, a) else 'contains' if _inside(a, b) else ''
+    )
+    if relation:
+        raise ConfigError(
+            f'--to {target} {relation} --from {source}; give --to a directory of its own, '
+            'outside --from'
+        )
+
+
+def check_target(target: str, overwrite: bool, outputs: tuple, tool: str) -> None:
+    """A --to that exists and is not empty must be an earlier output of `tool` (only files
+    it writes; an import also its import.json and checkpoint 0), and --overwrite given."""
+    if not (os.path.isdir(target) and os.listdir(target)):
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise ConfigError(f'--to {target} is a file; give --to a directory')
+        return
+    if not overwrite:
+        raise ConfigError(
+            f'{target} exists and is not empty; give a new --to, or --overwrite to replace it'
+        )
+    names = set(os.listdir(target))
+    foreign = sorted(names - set(outputs))
+    checkpoints = os.path.join(target, 'checkpoints')
+    if 'checkpoints' in outputs and os.path.isdir(checkpoints):
+        foreign += [f'checkpoints/{n}' for n in sorted(os.listdir(checkpoints)) if n != '0']
+    if 'checkpoints' in outputs and names - {wd.IMPORT_INFO} and wd.IMPORT_INFO not in names:
+        foreign.append(f'no {wd.IMPORT_INFO}: a run import-hf did not write')
+    if foreign:
+        raise ConfigError(
+            f'--to {target} holds what {tool} did not write ({", ".join(foreign[:8])}); '
+            f'--overwrite replaces only an earlier {tool} output. Give a new --to'
+        )
+
+
+def _remove_outputs(target: str, outputs: tuple) -> None:
+    """Removes what this tool writes in `target` (check_target vetted it: nothing else)."""
+    for name in outputs:
+        path = os.path.join(target, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 @contextlib.contextmanager
-def _removed_on_error(path: str):
-    """No half-written workdir is left behind by an import that fails midway."""
+def _writing(target: str, outputs: tuple):
+    """Replaces the earlier output (when there is one) once every check has passed; an
+    import or export that fails midway then leaves no half-written output: what it wrote is
+    removed, and `target` too when it made it (nothing else is there)."""
+    existed = os.path.isdir(target)
+    _remove_outputs(target, outputs)  # an earlier output, when --overwrite allowed it
+    os.makedirs(target, exist_ok=True)
     try:
         yield
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_outputs(target, outputs)
+        if not existed:
+            os.rmdir(target)
         raise
-
-
-def _prepare(workdir: str, overwrite: bool) -> None:
-    if os.path.isdir(workdir) and os.listdir(workdir):
-        if not overwrite:
-            raise ConfigError(
-                f'{workdir} exists and is not empty; give a new --to, or --overwrite to replace it'
-            )
-        shutil.rmtree(workdir)
-    os.makedirs(workdir, exist_ok=True)
 
 
 def _stage_config(family, model: dict, workdir: str, tokenizer: dict | None):
@@ -322,8 +387,12 @@ def _vit_params(tensors: dict, hf: dict, prefix: str, model: dict, directory: st
 
 def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
     """Writes the HF checkpoint `source` (a directory or an installed package) as a
-    pretrax workdir; returns what import.json records."""
+    pretrax workdir; returns what import.json records. Everything is read and checked
+    before `workdir` is touched."""
     directory = find_model_dir(source)
+    for origin in (source, directory) if os.path.isdir(source) else (directory,):
+        check_apart(origin, workdir)
+    check_target(workdir, overwrite, IMPORT_OUTPUTS, 'import-hf')
     where = os.path.join(directory, 'config.json')
     hf = wd.read_json(where)
     family = _family(hf, where)
@@ -339,11 +408,11 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
             f'{[p for p in family.PREFIXES if p]}); is this a {hf.get("model_type")} checkpoint?'
         )
     model = family.model_config(hf, tensors, where)
-    _prepare(workdir, overwrite)
-    with _removed_on_error(workdir):
+    with tempfile.TemporaryDirectory() as scratch:
         initialised, tokenizer, normalisation = [], None, None
+        vocab = os.path.join(scratch, 'vocab.txt')
         if kind == 'bert':
-            tokenizer = copy_vocab(directory, os.path.join(workdir, 'vocab.txt'))
+            tokenizer = copy_vocab(directory, vocab)
             if tokenizer['vocab_size'] > model['vocab_size']:
                 raise DataError(
                     f'{directory}: the vocabulary has {tokenizer["vocab_size"]} tokens but the '
@@ -352,33 +421,36 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
             params, used, initialised = _bert_params(tensors, prefix, model, where)
         else:
             params, used, normalisation = _vit_params(tensors, hf, prefix, model, directory)
-
         ckpt_lib.check_same_structure(params, _expected_tree(kind, model), f'imported from {where}')
         config = _stage_config(family, model, workdir, tokenizer)
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json(indent=2))
-        checkpoint = save_checkpoint(workdir, params, config)
         unused = sorted(set(tensors) - used)
-        info = {
-            'source': directory,
-            'requested': source,
-            'model_type': hf.get('model_type'),
-            'architectures': hf.get('architectures') or [],
-            'hf_config': hf,
-            'checkpoint': checkpoint,
-            'num_params': int(sum(x.size for x in jax.tree.leaves(params))),
-            'imported_tensors': len(used),
-            'unused_tensors': unused,
-            'initialised': initialised,
-            'tokenizer': tokenizer,
-            'input_normalisation': normalisation,
-            'model': model,
-        }
-        with open(os.path.join(workdir, wd.IMPORT_INFO), 'w') as f:
-            json.dump(info, f, indent=2)
-        if unused:
-            logging.info('import-hf: tensors not used: %s', ', '.join(unused))
-        return info
+
+        with _writing(workdir, IMPORT_OUTPUTS):
+            if kind == 'bert':
+                shutil.copyfile(vocab, os.path.join(workdir, 'vocab.txt'))
+            with open(os.path.join(workdir, 'config.json'), 'w') as f:
+                f.write(config.to_json(indent=2))
+            checkpoint = save_checkpoint(workdir, params, config)
+            info = {
+                'source': directory,
+                'requested': source,
+                'model_type': hf.get('model_type'),
+                'architectures': hf.get('architectures') or [],
+                'hf_config': hf,
+                'checkpoint': checkpoint,
+                'num_params': int(sum(x.size for x in jax.tree.leaves(params))),
+                'imported_tensors': len(used),
+                'unused_tensors': unused,
+                'initialised': initialised,
+                'tokenizer': tokenizer,
+                'input_normalisation': normalisation,
+                'model': model,
+            }
+            with open(os.path.join(workdir, wd.IMPORT_INFO), 'w') as f:
+                json.dump(info, f, indent=2)
+    if unused:
+        logging.info('import-hf: tensors not used: %s', ', '.join(unused))
+    return info
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -424,18 +496,17 @@ def export_hf(
     """Writes the encoder in `subtree` of the workdir's checkpoint (latest, or `step`) as
     an HF model directory; returns its config.json. Text: BertForMaskedLM when the
     checkpoint has a trained MLM head, else BertModel; images: ViTModel."""
+    check_apart(workdir, out)
+    check_target(out, overwrite, EXPORT_OUTPUTS, 'export-hf')
     config = wd.read_config(workdir)
     params = wd.saved_params(wd.checkpoint_path(workdir, step))
     encoder = unstack_layers(wd.encoder_subtree(params, subtree))  # HF's layout: layer by layer
     kind = wd.encoder_kind(encoder, subtree)
     model = dict(wd.model_section(config, subtree))
     model['pooler'] = 'pooler' in encoder
-    _prepare(out, overwrite)
     if kind == 'vit':
         hf = hf_vit.hf_config(model, model['pooler'])
         tensors = r.to_hf({'backbone': encoder}, hf_vit.encoder_rules(model), '')
-        with open(os.path.join(out, 'preprocessor_config.json'), 'w') as f:
-            json.dump(hf_vit.preprocessor_config(model), f, indent=2)
     else:
         fresh_head = 'mlm_head' in wd.import_info(workdir).get('initialised', [])
         with_mlm = (
@@ -455,10 +526,15 @@ def export_hf(
             raise DataError(
                 f'{workdir} has no vocab.txt; a text workdir keeps its vocabulary there'
             )
-        lowercase = bool(config.get('data', {}).get('lowercase', True))
-        _write_text_tokenizer(vocab, out, lowercase, model['max_len'])
     hf['dtype'] = 'float32'
-    with open(os.path.join(out, 'config.json'), 'w') as f:
-        json.dump(hf, f, indent=2)
-    safetensors.numpy.save_file(tensors, os.path.join(out, WEIGHTS), metadata={'format': 'pt'})
+    with _writing(out, EXPORT_OUTPUTS):
+        if kind == 'vit':
+            with open(os.path.join(out, 'preprocessor_config.json'), 'w') as f:
+                json.dump(hf_vit.preprocessor_config(model), f, indent=2)
+        else:
+            lowercase = bool(config.get('data', {}).get('lowercase', True))
+            _write_text_tokenizer(vocab, out, lowercase, model['max_len'])
+        with open(os.path.join(out, 'config.json'), 'w') as f:
+            json.dump(hf, f, indent=2)
+        safetensors.numpy.save_file(tensors, os.path.join(out, WEIGHTS), metadata={'format': 'pt'})
     return hf

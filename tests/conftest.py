@@ -44,3 +44,23 @@ def pydoc_vocab(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp('vocab') / 'vocab.txt')
     tokenizer.train_wordpiece(iter(text.embedded_corpus('pydoc')), 1024, path)
     return path
+
+
+def tree_digest(root) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root` (symlinks as their target text):
+    a byte-for-byte snapshot, to check that a refused or failed command changed nothing."""
+    import hashlib
+
+    digest = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                digest[rel] = 'link:' + os.readlink(path)
+            elif os.path.isfile(path):
+                with open(path, 'rb') as f:
+                    digest[rel] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                digest[rel] = 'dir'
+    return digest

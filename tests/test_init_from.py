@@ -132,15 +132,14 @@ def test_a_refused_init_from_leaves_the_new_workdir_empty(tmp_path):
     source = source_run(tmp_path / 'source', vocab=None)
     workdir = tmp_path / 'new'
     with pytest.raises(ConfigError, match='--config.data.vocab_file='):
-        config_lib.prepare_workdir(tokenizer_config(f'{source}/checkpoints'), str(workdir), True)
+        config_lib.check_workdir(tokenizer_config(f'{source}/checkpoints'), str(workdir))
     assert not workdir.exists()
     # An image run has no vocabulary to find.
     from configs import image_cls
 
     c = image_cls.get_config('tiny')
     c.init_from = str(source)
-    config_lib.prepare_workdir(c, str(workdir), True)
-    assert (workdir / 'config.json').is_file()
+    assert config_lib.check_workdir(c, str(workdir)).fresh
 
 
 def test_run_directory_of_every_init_from_form(tmp_path):
@@ -242,10 +241,10 @@ def test_a_key_added_since_a_run_was_saved_does_not_block_its_resume(tmp_path):
     old = c.to_dict()
     del old['model']['pooler']  # written before model.pooler existed
     (tmp_path / 'config.json').write_text(json.dumps(old))
-    config_lib.prepare_workdir(c, str(tmp_path), True)
+    assert not config_lib.check_workdir(c, str(tmp_path)).fresh  # resumes
     c.model.num_layers = 3
     try:
-        config_lib.prepare_workdir(c, str(tmp_path), True)
+        config_lib.check_workdir(c, str(tmp_path))
     except ConfigError as e:
         assert 'model.num_layers: 2 -> 3' in str(e)
     else:

@@ -30,7 +30,7 @@ from interop import workdir as wd
 from models.bert import BertConfig, BertForMlm, TextEncoder
 from models.encoder import stack_layers
 from models.vit import VisionEncoder, VitConfig
-from tests.conftest import launch
+from tests.conftest import launch, tree_digest
 from tests.contract import check_workdir
 from tests.test_finetune import flat, saved_params
 
@@ -748,3 +748,104 @@ def test_imported_vit_finetunes_on_images(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'initialised backbone from' in r.stderr
     check_workdir(workdir, 'accuracy')
+
+
+# --- overwrite: --to never overlaps --from, and only the tool's own output is replaced --------
+
+
+def with_notes(directory) -> str:
+    """A copy of a directory with a user's file in it."""
+    with open(os.path.join(directory, 'notes.txt'), 'w') as f:
+        f.write('my notes on this run\n')
+    return str(directory)
+
+
+def test_export_and_import_refuse_a_to_that_overlaps_from(tmp_path, mlm_workdir, small_mlm_dir):
+    run = with_notes(shutil.copytree(mlm_workdir, tmp_path / 'outer' / 'run'))
+    os.symlink(run, tmp_path / 'link')
+    before = tree_digest(tmp_path / 'outer')
+    for to, relation in (
+        (run, 'is --from'),
+        (tmp_path / 'link', 'is --from'),
+        (os.path.join(run, 'hf'), 'is inside --from'),
+        (tmp_path / 'outer', 'contains --from'),
+    ):
+        with pytest.raises(ConfigError, match=relation):
+            hf.export_hf(run, str(to), overwrite=True)
+        assert tree_digest(tmp_path / 'outer') == before, to
+    source = with_notes(shutil.copytree(small_mlm_dir, tmp_path / 'hf_outer' / 'src'))
+    before = tree_digest(tmp_path / 'hf_outer')
+    for to, relation in (
+        (source, 'is --from'),
+        (os.path.join(source, 'pretrax'), 'is inside --from'),
+        (tmp_path / 'hf_outer', 'contains --from'),
+    ):
+        with pytest.raises(ConfigError, match=relation):
+            hf.import_hf(source, str(to), overwrite=True)
+        assert tree_digest(tmp_path / 'hf_outer') == before, to
+
+
+def test_export_hf_onto_its_own_run_exits_1_and_keeps_the_run(tmp_path, mlm_workdir):
+    run = with_notes(shutil.copytree(mlm_workdir, tmp_path / 'run'))
+    before = tree_digest(run)
+    r = launch('export-hf', '--from', run, '--to', run, '--overwrite')
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert 'is --from' in r.stderr and 'Traceback' not in r.stderr
+    assert tree_digest(run) == before
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, mlm_workdir):
+    out = str(tmp_path / 'hf')
+    hf.export_hf(mlm_workdir, out)
+    before = tree_digest(out)
+    # A failure found late (no vocabulary) leaves the earlier export as it was.
+    no_vocab = shutil.copytree(mlm_workdir, tmp_path / 'no_vocab')
+    os.remove(no_vocab / 'vocab.txt')
+    with pytest.raises(DataError, match='has no vocab.txt'):
+        hf.export_hf(str(no_vocab), out, overwrite=True)
+    assert tree_digest(out) == before
+    # A file the export did not write: refused, named, nothing touched.
+    with_notes(out)
+    before = tree_digest(out)
+    with pytest.raises(ConfigError, match='notes.txt'):
+        hf.export_hf(mlm_workdir, out, overwrite=True)
+    assert tree_digest(out) == before
+    # A training run is never replaced.
+    run = with_notes(shutil.copytree(mlm_workdir, tmp_path / 'run'))
+    before = tree_digest(run)
+    with pytest.raises(ConfigError, match='did not write'):
+        hf.export_hf(mlm_workdir, run, overwrite=True)
+    assert tree_digest(run) == before
+    # Its own output alone is replaced.
+    os.remove(os.path.join(out, 'notes.txt'))
+    hf.export_hf(mlm_workdir, out, overwrite=True)
+    assert transformers.BertForMaskedLM.from_pretrained(out) is not None
+
+
+def test_import_overwrite_replaces_only_an_earlier_import(tmp_path, small_mlm_dir, mlm_workdir):
+    out = str(tmp_path / 'imported')
+    hf.import_hf(small_mlm_dir, out)
+    before = tree_digest(out)
+    # A failure found late (a vocabulary larger than the embedding table) changes nothing.
+    big = shutil.copytree(small_mlm_dir, tmp_path / 'big_vocab')
+    with open(big / 'vocab.txt', 'a') as f:
+        f.writelines(f'extra{i}\n' for i in range(8))
+    with pytest.raises(DataError, match='the embedding table'):
+        hf.import_hf(str(big), out, overwrite=True)
+    assert tree_digest(out) == before
+    # A user's file, or a training run (no import.json, metrics): refused, nothing touched.
+    with_notes(out)
+    before = tree_digest(out)
+    with pytest.raises(ConfigError, match='notes.txt'):
+        hf.import_hf(small_mlm_dir, out, overwrite=True)
+    assert tree_digest(out) == before
+    run = shutil.copytree(mlm_workdir, tmp_path / 'run')
+    (run / 'metrics.jsonl').write_text('{"step": 0, "split": "eval", "loss": 1.0}\n')
+    before = tree_digest(run)
+    with pytest.raises(ConfigError, match='did not write'):
+        hf.import_hf(small_mlm_dir, str(run), overwrite=True)
+    assert tree_digest(run) == before
+    # Its own output alone is replaced.
+    os.remove(os.path.join(out, 'notes.txt'))
+    hf.import_hf(small_mlm_dir, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ['checkpoints', 'config.json', 'import.json', 'vocab.txt']

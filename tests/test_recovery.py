@@ -1,0 +1,222 @@
+"""Recovery: a resume past a damaged checkpoint, and a restart after kill -9.
+
+A newest step that cannot be read (any part of it) is moved aside as
+checkpoints/<step>.corrupt, kept as it was, and the run resumes from the older kept step,
+ending with the parameters of an uninterrupted run. A restart after a kill before the
+first checkpoint holds no step twice, in metrics.jsonl or TensorBoard.
+"""
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from interop import workdir as wd
+from tests.conftest import ROOT, SMALL_RUN, launch, tree_digest
+
+STEPS = 4
+
+
+def command(workdir, vocab: str, *extra: str) -> list[str]:
+    return [
+        'pretrain',
+        '--config',
+        'configs/bert_mlm.py:tiny',
+        '--workdir',
+        str(workdir),
+        *SMALL_RUN,
+        f'--config.data.vocab_file={vocab}',
+        f'--config.total_steps={STEPS}',
+        '--config.checkpoint_every=2',
+        '--config.keep_checkpoints=2',
+        '--config.eval_every=2',
+        '--config.log_every=1',
+        *extra,
+    ]
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, pydoc_vocab):
+    """A finished run keeping steps 2 and 4, cut into 2 data shards (so that 2 processes
+    can resume it)."""
+    workdir = tmp_path_factory.mktemp('recovery') / 'run'
+    r = launch(*command(workdir, pydoc_vocab, '--config.data.shards=2'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+    return workdir
+
+
+def params(step_dir) -> list[np.ndarray]:
+    """The parameters saved in a step, on one device whatever the layout that saved them."""
+    return jax.tree.leaves(wd.saved_params(str(step_dir)))
+
+
+def truncate_largest_array_file(step):
+    files = [
+        os.path.join(d, f) for d, _, fs in os.walk(step / 'state' / 'ocdbt.process_0') for f in fs
+    ]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, 'r+b') as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+def garbage(path):
+    def damage(step):
+        (step / path).write_text('{"not": json')
+
+    return damage
+
+
+def empty(step):
+    shutil.rmtree(step)
+    step.mkdir()
+
+
+DAMAGE = {
+    'state arrays truncated': truncate_largest_array_file,
+    'state metadata garbage': garbage('state/_METADATA'),
+    'state item missing': lambda step: shutil.rmtree(step / 'state'),
+    'data-iterator state garbage': garbage('data/process_0-of-1.json'),
+    'saved config garbage': garbage('config/metadata'),
+    'empty step directory': empty,
+}
+
+
+def check_resumed_from_2(workdir, r, damaged: dict, expected: list) -> None:
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
+    assert 'checkpoint step 4 cannot be read' in r.stderr
+    assert f'moved aside to {workdir}/checkpoints/4.corrupt' in r.stderr
+    assert f'resumed from {workdir}/checkpoints/2' in r.stderr
+    assert tree_digest(workdir / 'checkpoints' / '4.corrupt') == damaged  # kept as it was
+    for a, b in zip(params(workdir / 'checkpoints' / '4'), expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with open(workdir / 'metrics.jsonl') as f:
+        rows = [json.loads(line) for line in f]
+    for split in ('train', 'eval'):
+        steps = [r['step'] for r in rows if r['split'] == split]
+        assert steps == sorted(set(steps)), (split, steps)
+
+
+@pytest.mark.parametrize('damage', list(DAMAGE))
+def test_a_damaged_newest_step_is_moved_aside_and_the_run_resumes(
+    tmp_path, finished, pydoc_vocab, damage
+):
+    workdir = tmp_path / 'w'
+    shutil.copytree(finished, workdir)
+    expected = params(workdir / 'checkpoints' / '4')  # the uninterrupted run's
+    DAMAGE[damage](workdir / 'checkpoints' / '4')
+    damaged = tree_digest(workdir / 'checkpoints' / '4')
+    r = launch(*command(workdir, pydoc_vocab, '--config.data.shards=2'))
+    check_resumed_from_2(workdir, r, damaged, expected)
+
+
+def test_no_readable_step_says_so_and_moves_nothing(tmp_path, finished, pydoc_vocab):
+    workdir = tmp_path / 'w'
+    shutil.copytree(finished, workdir)
+    truncate_largest_array_file(workdir / 'checkpoints' / '4')
+    garbage('data/process_0-of-1.json')(workdir / 'checkpoints' / '2')
+    before = tree_digest(workdir)
+    r = launch(*command(workdir, pydoc_vocab, '--config.data.shards=2'))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
+    assert f'no checkpoint in {workdir}/checkpoints can be read' in r.stderr
+    assert 'step 4: train state' in r.stderr and 'step 2: data-iterator state' in r.stderr
+    assert '--config.overwrite=true' in r.stderr
+    assert tree_digest(workdir) == before
+
+
+def test_two_processes_agree_on_the_step_they_resume(tmp_path, finished, pydoc_vocab):
+    """Each process reads the step (its own shards of it); the step they resume is the
+    newest every process read. Here both fail on the damaged step alike: a failure on one
+    process only is not staged, it takes the same path (an allgather of the outcome)."""
+    workdir = tmp_path / 'w'
+    shutil.copytree(finished, workdir)
+    expected = params(workdir / 'checkpoints' / '4')
+    truncate_largest_array_file(workdir / 'checkpoints' / '4')
+    damaged = tree_digest(workdir / 'checkpoints' / '4')
+    r = launch(*command(workdir, pydoc_vocab, '--config.data.shards=2'), '--local_processes', '2')
+    check_resumed_from_2(workdir, r, damaged, expected)
+    assert r.stderr.count(f'resumed from {workdir}/checkpoints/2') == 2  # both processes
+
+
+# --- kill -9 before the first checkpoint --------------------------------------------------------
+
+
+def tensorboard_events(directory) -> list:
+    """The events of every file in `directory`, in the order written (TFRecord framing: a
+    length, its CRC, the record, its CRC); a record cut short by a kill ends a file."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for name in sorted(os.listdir(directory), key=lambda n: float(n.split('.')[3])):
+        with open(os.path.join(directory, name), 'rb') as f:
+            data = f.read()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack('<Q', data[i : i + 8])
+            if i + 12 + n + 4 > len(data):
+                break
+            events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
+def tensorboard_scalars(directory) -> list[tuple[str, int]]:
+    """(tag, step) of the scalars TensorBoard shows: a SessionLog START at step s hides the
+    earlier events at steps >= s (how TensorBoard reads a restarted run)."""
+    from tensorboardX.proto import event_pb2
+
+    shown = []
+    for event in tensorboard_events(directory):
+        if event.session_log.status == event_pb2.SessionLog.START:
+            shown = [(tag, step) for tag, step in shown if step < event.step]
+        for value in event.summary.value:
+            shown.append((value.tag, event.step))
+    return shown
+
+
+def test_kill_before_the_first_checkpoint_then_restart_holds_no_step_twice(tmp_path, pydoc_vocab):
+    workdir = tmp_path / 'w'
+    long = ['--config.total_steps=600', '--config.checkpoint_every=600']
+    long += ['--config.eval_every=600']
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    with open(tmp_path / 'log', 'w') as log:
+        proc = subprocess.Popen(
+            [sys.executable, 'launch.py', *command(workdir, pydoc_vocab, *long)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    metrics, tensorboard = workdir / 'metrics.jsonl', workdir / 'tensorboard'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # steps 0-3 on disk, both kinds
+        if metrics.exists() and '"step": 3,' in metrics.read_text() and tensorboard.exists():
+            if ('train/loss', 3) in tensorboard_scalars(tensorboard):
+                break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    assert not [d for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
+
+    r = launch(*command(workdir, pydoc_vocab, *long))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f]
+    for split in ('train', 'eval'):
+        steps = [r['step'] for r in rows if r['split'] == split]
+        assert steps == sorted(set(steps)), (split, steps[:10])
+    assert [r['step'] for r in rows if r['split'] == 'eval'] == [0, 600]
+    scalars = tensorboard_scalars(tensorboard)
+    assert len(scalars) == len(set(scalars)), 'TensorBoard shows a step twice'
+    assert ('train/loss', 3) in scalars
