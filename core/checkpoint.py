@@ -11,8 +11,10 @@ the run resumes from the newest step that reads (`Checkpointer.restore_latest`).
 
 import dataclasses
 import json
+import logging as std_logging
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -100,8 +102,11 @@ def merged_data_state(directory: str) -> dict:
         )
     states = {}
     for (i, _), path in sorted(files.items()):
-        with open(path) as f:
-            states[i] = json.load(f)
+        try:
+            with open(path) as f:
+                states[i] = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointError(f'{path} is not a JSON data state ({e})') from None
     if not all('shards' in s for s in states.values()):
         # Written before data shards existed: one process reading its whole stream is one
         # shard; several processes shared one seed, which no sharded pipeline reproduces.
@@ -134,11 +139,49 @@ def saved_data_shards(workdir: str) -> int | None:
 
 def _reason(e: BaseException) -> str:
     """An exception as one short line: its root cause (Orbax wraps tensorstore's
-    OUT_OF_RANGE and the like in a generic message), the first line, at most 200 chars."""
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
+    OUT_OF_RANGE and the like in a generic message, raised from it), the first line, at
+    most 200 chars. Only explicit causes are followed: an exception's context is whatever
+    was being handled when it was raised (JSON's decoder leaves a StopIteration there)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= 200 else text[:197] + '...'
+
+
+class _FailedReadLeftovers(std_logging.Filter):
+    """A failed Orbax read leaves its other array reads running. As they finish, asyncio
+    logs "Task exception was never retrieved" for each, and tensorstore's callbacks raise
+    "Event loop is closed" into sys.unraisablehook, each with a full traceback, although
+    the failure was already reported once with its cause (`_reason`). This drops exactly
+    those, from the first restore on (they arrive whenever the reads end, even before the
+    failure has unwound)."""
+
+    installed = False
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith('Task exception was never retrieved') and 'orbax' in message)
+
+    @staticmethod
+    def leftover(exc: BaseException | None) -> bool:
+        text = str(exc)
+        return (isinstance(exc, RuntimeError) and text == 'Event loop is closed') or (
+            text.startswith('Encountered error while reading array index')
+        )
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+        cls.installed = True
+        std_logging.getLogger('asyncio').addFilter(cls())
+        previous = sys.unraisablehook
+
+        def hook(unraisable) -> None:
+            if not cls.leftover(unraisable.exc_value):
+                previous(unraisable)
+
+        sys.unraisablehook = hook
 
 
 def _all_processes(ok: bool) -> bool:
@@ -237,6 +280,7 @@ class Checkpointer:
         Orbax's handlers, not the manager: a process whose read fails must not leave the
         others waiting in the manager's barrier."""
         path = epath.Path(self.directory) / str(step)
+        _FailedReadLeftovers.install()  # before: they may come while the failure unwinds
         part = 'saved config'
         try:
             ocp.JsonCheckpointHandler().restore(path / 'config')
