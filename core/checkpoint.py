@@ -150,17 +150,21 @@ def _reason(e: BaseException) -> str:
 
 class _FailedReadLeftovers(std_logging.Filter):
     """A failed Orbax read leaves its other array reads running. As they finish, asyncio
-    logs "Task exception was never retrieved" for each, and tensorstore's callbacks raise
-    "Event loop is closed" into sys.unraisablehook, each with a full traceback, although
-    the failure was already reported once with its cause (`_reason`). This drops exactly
-    those, from the first restore on (they arrive whenever the reads end, even before the
-    failure has unwound)."""
+    logs "<Task|_GatheringFuture|Future> exception was never retrieved" for each, and
+    tensorstore's callbacks raise "Event loop is closed" into sys.unraisablehook, each with
+    a full traceback, although the failure was already reported once with its cause
+    (`_reason`). This drops exactly those (an Orbax coroutine's, or an array read's
+    failure), from the first restore on (they arrive whenever the reads end, even before
+    the failure has unwound)."""
 
     installed = False
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith('Task exception was never retrieved') and 'orbax' in message)
+        if 'exception was never retrieved' not in message:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ('/orbax/' in message or self.leftover(exc))
 
     @staticmethod
     def leftover(exc: BaseException | None) -> bool:
