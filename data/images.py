@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, DataError
 from data.pipeline import read_options, shuffle_forever
-from data.text import Subset, heldout_indices, jsonl_records
+from data.text import Subset, heldout_indices, jsonl_field, jsonl_records, read_lines
 from data.tokenizer import FixedLengthEncoder, WordPiece
 
 EMBEDDED_IMAGES = ('digits',)
@@ -590,13 +590,8 @@ def _read_caption_jsonl(path: str, image_field: str, text_field: str) -> list[tu
     """(image path as written, caption, line number) of every non-blank line."""
     rows = []
     for n, record in jsonl_records(path):
-        for field, key in ((image_field, 'image_field'), (text_field, 'text_field')):
-            if field not in record:
-                raise DataError(
-                    f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
-                    f'set --config.data.{key}'
-                )
-        rows.append((str(record[image_field]), str(record[text_field]), n))
+        image = jsonl_field(path, n, record, image_field, 'image_field')
+        rows.append((image, jsonl_field(path, n, record, text_field, 'text_field'), n))
     return rows
 
 
@@ -605,8 +600,7 @@ def _read_caption_tsv(path: str, image_field: str, text_field: str) -> list[tupl
     `image<TAB>caption`, with `image_field` and `text_field` among them) is a header, and
     its columns are then looked up by name."""
     rows = []
-    with open(path, encoding='utf-8') as f:
-        lines = f.read().splitlines()
+    lines = read_lines(path)
     image_col, text_col, start = 0, 1, 0
     if lines:
         header = lines[0].split('\t')

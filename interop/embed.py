@@ -29,6 +29,7 @@ from absl import logging
 from core import checkpoint as ckpt_lib
 from core.errors import ConfigError, DataError
 from data import images as images_lib
+from data import text as text_lib
 from data.tokenizer import FixedLengthEncoder, WordPiece
 from interop import workdir as wd
 from models.heads import pool_tokens
@@ -141,8 +142,7 @@ def image_source(path: str, image_size: int, channels: int) -> Sequence:
 def read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f'{path} does not exist; give --input a text file, one example a line')
-    with open(path, encoding='utf-8-sig') as f:
-        lines = f.read().splitlines()
+    lines = text_lib.read_lines(path)  # UTF-8 (a byte-order mark dropped), else a DataError
     if not lines:
         raise DataError(f'{path} is empty; give --input a text file, one example a line')
     return lines
