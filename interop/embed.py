@@ -106,6 +106,7 @@ class _FlatFolder(Sequence):
             if e.is_file() and os.path.splitext(e.name)[1].lower() in images_lib.IMAGE_EXTENSIONS
         )
         self.image_size, self.channels = image_size, channels
+        images_lib.check_image_files(self.paths, f'the folder {root}')  # every file, up front
 
     def __len__(self) -> int:
         return len(self.paths)

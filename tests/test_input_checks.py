@@ -3,6 +3,7 @@ field types, text that is not UTF-8, byte-order marks (read alike by every reade
 class labels written two ways."""
 
 import codecs
+import os
 
 import numpy as np
 import pytest
@@ -195,3 +196,86 @@ def test_a_vocabulary_with_a_byte_order_mark_reads_as_without(tmp_path):
     a, b = tokenizer.WordPiece(plain), tokenizer.WordPiece(marked)
     assert a.pad_id == b.pad_id == 0
     np.testing.assert_array_equal(a.encode('hello world'), b.encode('hello world'))
+
+
+# --- image files ----------------------------------------------------------------------------
+
+
+def _encoded(fmt: str, seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode='L').save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def corrupt_folder(root) -> list[str]:
+    """Two classes of good PNG and JPEG files and, among them, three bad ones: not an image,
+    a PNG and a JPEG cut short. Returns the bad files' paths."""
+    for k, name in enumerate(('cat', 'dog')):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            (root / name / f'{i}.png').write_bytes(_encoded('PNG', 10 * k + i))
+        (root / name / 'j.jpg').write_bytes(_encoded('JPEG', 99 + k))
+    bad = {
+        root / 'cat' / '3.png': b'this is not an image',
+        root / 'dog' / '1.png': _encoded('PNG', 1)[:-30],
+        root / 'dog' / 'j.jpg': _encoded('JPEG', 100)[:-40],
+    }
+    for path, data in bad.items():
+        path.write_bytes(data)
+    return sorted(str(p) for p in bad)
+
+
+def test_every_corrupt_image_of_a_folder_is_listed_in_one_message(tmp_path):
+    bad = corrupt_folder(tmp_path / 'images')
+    with pytest.raises(DataError) as e:
+        images.FolderImages(str(tmp_path / 'images'), image_size=8, channels=1)
+    message = str(e.value)
+    assert '3 of the 14 image files of image folder' in message
+    assert 'remove or replace them' in message
+    listed = [line.split(': ')[0].strip() for line in message.splitlines()[1:]]
+    assert listed == bad
+    # The same folder without them reads, every file (good PNGs and JPEGs) decodable.
+    for path in bad:
+        os.remove(path)
+    source = images.FolderImages(str(tmp_path / 'images'), image_size=8, channels=1)
+    assert len(source) == 11 and all(source[i]['image'].shape == (8, 8, 1) for i in range(11))
+
+
+def test_a_corrupt_caption_image_is_named_with_its_line(tmp_path):
+    (tmp_path / 'a.png').write_bytes(_encoded('PNG', 0))
+    (tmp_path / 'b.png').write_bytes(b'\x89PNG\r\n\x1a\n broken')
+    path = write(
+        tmp_path / 'c.jsonl',
+        '{"image": "a.png", "caption": "one"}\n{"image": "b.png", "caption": "two"}\n',
+    )
+    with pytest.raises(DataError) as e:
+        images.CaptionFilePairs(path, image_size=8, channels=1)
+    assert '1 of the 2 image files' in str(e.value)
+    assert f'{tmp_path}/b.png ({path} line 2)' in str(e.value)
+
+
+def test_a_run_on_a_folder_with_corrupt_images_stops_before_compiling(tmp_path):
+    from tests.conftest import launch
+
+    bad = corrupt_folder(tmp_path / 'images')
+    workdir = tmp_path / 'run'
+    r = launch(
+        'finetune',
+        '--config',
+        'configs/image_cls.py:ti',
+        '--workdir',
+        str(workdir),
+        f'--config.data.files={tmp_path / "images"}',
+        '--config.model.image_size=8',
+        '--config.model.channels=1',
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr
+    assert all(path in r.stderr for path in bad)
+    assert 'first step done' not in r.stderr
+    assert not workdir.exists()  # a failed start leaves nothing
