@@ -567,8 +567,22 @@ def adopt_architecture(
     model = source.get('model', {})
     if subtree == 'text_backbone':
         model = model.get('text', {})
-    if _encoder_kind(model) != _encoder_kind(config.model):
-        return []  # e.g. a text run given to an image task: the restore names the mismatch
+    theirs, ours = _encoder_kind(model), _encoder_kind(config.model)
+    if theirs and ours and theirs != ours:
+        two_towers = 'text' in source.get('model', {})
+        hint = (
+            ' (a CLIP run holds both: set --config.init_subtree=image_backbone or text_backbone)'
+            if two_towers
+            else ''
+        )
+        a = {'image': 'an image', 'text': 'a text'}
+        raise ConfigError(
+            f'init_from {config.init_from} is {a[theirs]} model (params/{subtree}), and this '
+            f'run trains {a[ours]} model; give --config.init_from a run with {a[ours]} '
+            f'encoder{hint}'
+        )
+    if theirs != ours:
+        return []  # a bare checkpoint or an unknown model: the restore names any mismatch
     keys = ARCHITECTURE_KEYS
     if _encoder_kind(model) == 'image':
         keys += ('pooling',)  # a ViT's cls token exists only with pooling=cls
