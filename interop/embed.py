@@ -160,9 +160,14 @@ def embed(
     step: int | None = None,
 ) -> np.ndarray:
     """The features of every example of `input_path` as float32 [N, ...]; saved to
-    `output` (.npy) when given."""
+    `output` (an .npy file, at exactly that path) when given."""
     if batch_size < 1:
         raise ConfigError(f'--batch_size={batch_size} must be positive')
+    if output and os.path.isdir(output):
+        raise ConfigError(
+            f'--output {output} is a directory; give the path of the .npy file to write, e.g. '
+            f'{os.path.join(output, "features.npy")}'
+        )
     encoder = Encoder(workdir, subtree, step)
     run = jax.jit(encoder.features_fn(features))
     if encoder.kind == 'bert':
@@ -198,9 +203,16 @@ def embed(
         outputs.append(np.asarray(run(encoder.params, padded))[:rows])
     result = np.concatenate(outputs).astype(np.float32)
     if output:
-        directory = os.path.dirname(os.path.abspath(output))
-        os.makedirs(directory, exist_ok=True)
-        np.save(output, result)
+        # Exactly the path given (np.save would add .npy to a name without it), atomically.
+        output = os.path.abspath(output)
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        try:
+            with open(output + '.tmp', 'wb') as f:
+                np.save(f, result)
+            os.replace(output + '.tmp', output)
+        finally:
+            if os.path.isfile(output + '.tmp'):
+                os.remove(output + '.tmp')
         logging.info(
             'embed: %s features %s of %s -> %s', features, result.shape, input_path, output
         )
