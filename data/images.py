@@ -26,6 +26,7 @@ import io
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 
 import grain
@@ -421,8 +422,12 @@ def npz_images(
             labels = f[label_key] if label_key else None
     except DataError:
         raise
-    except (OSError, ValueError) as e:  # missing file, not a zip, pickled object arrays
-        raise DataError(f'{path} could not be read as an .npz of arrays ({e})') from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a missing, cut or
+        # damaged file, not a zip, pickled object arrays
+        raise DataError(
+            f'{path} could not be read as an .npz of arrays ({type(e).__name__}: {e}); '
+            'write it again with np.savez(path, images=..., labels=...)'
+        ) from e
     return ArrayImages(
         images, labels, image_size=image_size, channels=channels, resize=resize, where=path
     )

@@ -279,3 +279,13 @@ def test_a_run_on_a_folder_with_corrupt_images_stops_before_compiling(tmp_path):
     assert all(path in r.stderr for path in bad)
     assert 'first step done' not in r.stderr
     assert not workdir.exists()  # a failed start leaves nothing
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.98])
+def test_a_truncated_npz_is_named(tmp_path, keep):
+    path = tmp_path / 'a.npz'
+    np.savez(path, images=np.zeros((50, 8, 8), np.uint8), labels=np.arange(50) % 2)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(DataError, match='could not be read as an .npz of arrays'):
+        images.npz_images(str(path))
