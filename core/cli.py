@@ -1,7 +1,8 @@
 """What every stage entrypoint does around its trainer: logging, errors, exit codes.
 
 Exit codes: 0 done (or preempted after saving), 1 error with a message naming the cause
-and the fix, 124 watchdog (core/watchdog.py).
+and the fix (no traceback: `error_message` says which errors are a user's), 124 watchdog
+(core/watchdog.py), 130 Ctrl-C (a line saying so, no traceback).
 """
 
 import difflib
@@ -17,7 +18,14 @@ from absl import logging
 from core import config as config_lib
 from core.errors import UserError
 
-__all__ = ['UserError', 'check_config_overrides', 'error_message', 'fail_with', 'run_stage']
+__all__ = [
+    'UserError',
+    'check_config_overrides',
+    'error_message',
+    'fail_with',
+    'interrupted',
+    'run_stage',
+]
 
 
 def _argv_value(argv: list[str], flag: str) -> str | None:
@@ -105,6 +113,15 @@ def fail_with(e: BaseException) -> int:
     return 1
 
 
+def interrupted(what: str) -> int:
+    """Ctrl-C: a line saying so instead of a traceback; returns exit code 130 (the shell's
+    for SIGINT)."""
+    logging.warning('interrupted (Ctrl-C)')
+    sys.stderr.write(f'interrupted (Ctrl-C): {what}\n')
+    sys.stderr.flush()
+    return 130
+
+
 def _fail(message: str) -> None:
     sys.stderr.write(f'error: {message}\n')
     sys.exit(1)
@@ -127,5 +144,7 @@ def run_stage(fn, config, workdir: str) -> dict:
     setup_logging()
     try:
         return fn(config, workdir)
+    except KeyboardInterrupt:
+        sys.exit(interrupted('the run stops here; rerun the same command to resume it'))
     except Exception as e:  # a user's error exits 1 with its message; a bug re-raises
         sys.exit(fail_with(e))

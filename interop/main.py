@@ -96,6 +96,8 @@ def main(argv: list[str]) -> int:
     cli.setup_logging()
     try:
         run(command, args)
+    except KeyboardInterrupt:
+        return cli.interrupted(f'{command} stopped; nothing it was writing was left half-done')
     except Exception as e:  # a user's error exits 1 with its message; a bug re-raises
         return cli.fail_with(e)
     return 0

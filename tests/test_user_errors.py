@@ -3,7 +3,11 @@ message naming the input, the problem and the fix (core/cli.py error_message). A
 files the tools write: exactly the path asked for, with the usual permissions."""
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -13,7 +17,7 @@ from flax import linen as nn
 from configs import bert_mlm
 from interop import hf
 from models.bert import BertConfig, BertForMlm
-from tests.conftest import launch
+from tests.conftest import ROOT, SMALL_RUN, launch
 
 VOCAB = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + [f'w{i}' for i in range(27)]
 
@@ -171,3 +175,22 @@ def test_exported_files_have_the_usual_mode(exported):
     }
     assert 'model.safetensors' in modes
     assert {n: oct(m) for n, m in modes.items()} == {n: '0o644' for n in modes}
+
+
+def test_ctrl_c_stops_a_run_with_a_line_not_a_traceback(tmp_path, pydoc_vocab):
+    workdir = tmp_path / 'w'
+    args = ['pretrain', '--config', 'configs/bert_mlm.py:tiny', '--workdir', str(workdir)]
+    args += [*SMALL_RUN, f'--config.data.vocab_file={pydoc_vocab}', '--config.total_steps=100000']
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    with open(tmp_path / 'log', 'w') as log:
+        proc = subprocess.Popen([sys.executable, 'launch.py', *args], cwd=ROOT, env=env, stderr=log)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if 'first step done' in (tmp_path / 'log').read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    stderr = (tmp_path / 'log').read_text()
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert 'interrupted (Ctrl-C): the run stops here; rerun the same command to resume it' in stderr
