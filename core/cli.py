@@ -1,21 +1,31 @@
 """What every stage entrypoint does around its trainer: logging, errors, exit codes.
 
 Exit codes: 0 done (or preempted after saving), 1 error with a message naming the cause
-and the fix, 124 watchdog (core/watchdog.py).
+and the fix (no traceback: `error_message` says which errors are a user's), 124 watchdog
+(core/watchdog.py), 130 Ctrl-C (a line saying so, no traceback).
 """
 
 import difflib
+import errno
 import importlib.util
 import logging as pylogging
 import os
 import sys
+import traceback
 
 from absl import logging
 
 from core import config as config_lib
 from core.errors import UserError
 
-__all__ = ['UserError', 'check_config_overrides', 'run_stage']
+__all__ = [
+    'UserError',
+    'check_config_overrides',
+    'error_message',
+    'fail_with',
+    'interrupted',
+    'run_stage',
+]
 
 
 def _argv_value(argv: list[str], flag: str) -> str | None:
@@ -43,6 +53,9 @@ def check_config_overrides(argv: list[str]) -> None:
         config = module.get_config(preset) if preset else module.get_config()
     except ValueError as e:  # unknown preset and the like
         _fail(f'{path}: {e}')
+    except Exception as e:  # the config file's own code failed: say where
+        what = e.msg if isinstance(e, SyntaxError) else str(e)
+        _fail(f'{spec}: {_where_in(e, path)}{type(e).__name__}: {what}; fix the config file')
     keys = set(config_lib.flatten(config))
     config_lib.COMMAND_LINE_KEYS.update(
         a[len('--config.') :].split('=', 1)[0] for a in argv if a.startswith('--config.')
@@ -56,6 +69,57 @@ def check_config_overrides(argv: list[str]) -> None:
             close = difflib.get_close_matches(key, sorted(keys), n=3)
             hint = f'; did you mean {", ".join(close)}?' if close else ''
             _fail(f'unknown config key {key!r} in {arg!r} for {spec}{hint}')
+
+
+def _where_in(e: BaseException, path: str) -> str:
+    """'FILE line N: ' of the innermost frame of `e` in `path` (a syntax error's own line)."""
+    if isinstance(e, SyntaxError) and e.lineno:
+        return f'line {e.lineno}: '
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+    return f'line {frames[-1].lineno}: ' if frames else ''
+
+
+def error_message(e: BaseException) -> str | None:
+    """The one-line message for an error a user caused, or None for one that is a bug (its
+    traceback is then shown). UserError: its message. An OSError on a path (a directory
+    where a file was expected, no permission, a missing parent) or a full disk: the path,
+    the system's reason and where to look."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f' writing {e.filename}' if e.filename else ''
+        return (
+            f'{e.strerror}{where}; free space on that disk (old runs, checkpoints), or give '
+            'a --workdir on another'
+        )
+    if isinstance(e, OSError) and e.filename:
+        target = f' -> {e.filename2}' if e.filename2 else ''
+        return (
+            f'{e.filename}{target}: {e.strerror} ({type(e).__name__}); check that path, given '
+            'on the command line or in the config, and its permissions'
+        )
+    return None
+
+
+def fail_with(e: BaseException) -> int:
+    """Reports a user's error (`error_message`) on stderr and in the log; returns exit
+    code 1. Anything else is re-raised, traceback and all."""
+    message = error_message(e)
+    if message is None:
+        raise e
+    logging.error('%s', message)
+    sys.stderr.write(f'error: {message}\n')
+    sys.stderr.flush()
+    return 1
+
+
+def interrupted(what: str) -> int:
+    """Ctrl-C: a line saying so instead of a traceback; returns exit code 130 (the shell's
+    for SIGINT)."""
+    logging.warning('interrupted (Ctrl-C)')
+    sys.stderr.write(f'interrupted (Ctrl-C): {what}\n')
+    sys.stderr.flush()
+    return 130
 
 
 def _fail(message: str) -> None:
@@ -80,8 +144,7 @@ def run_stage(fn, config, workdir: str) -> dict:
     setup_logging()
     try:
         return fn(config, workdir)
-    except UserError as e:
-        logging.error('%s', e)
-        sys.stderr.write(f'error: {e}\n')
-        sys.stderr.flush()
-        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(interrupted('the run stops here; rerun the same command to resume it'))
+    except Exception as e:  # a user's error exits 1 with its message; a bug re-raises
+        sys.exit(fail_with(e))

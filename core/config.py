@@ -4,9 +4,11 @@ every check has passed (`start_run`, `record_resume`)."""
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 
 import ml_collections
 from absl import logging
@@ -76,16 +78,117 @@ CHOICES = {
     'eval.evaluate_split': ('test', 'validation'),
 }
 
-POSITIVE = (
-    'total_steps',
-    'batch_size',
-    'log_every',
-    'eval_every',
-    'eval_steps',
-    'checkpoint_every',
-    'keep_checkpoints',
-    'grad_accum_steps',
-)
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """What a numeric config value must be: `text` says it in an error message,
+    `example` is a value that is."""
+
+    text: str
+    ok: Callable[[float], bool]
+    example: str
+
+
+PROBABILITY = Range('a probability in [0, 1)', lambda v: 0 <= v < 1, '0.1')
+CHANCE = Range('a probability in [0, 1]', lambda v: 0 <= v <= 1, '0.5')
+RATE = Range('finite and positive', lambda v: v > 0, '1e-3')
+NON_NEGATIVE = Range('finite and >= 0', lambda v: v >= 0, '0')
+COUNT = Range('a positive integer', lambda v: v >= 1, '1')
+AT_LEAST_ZERO = Range('an integer >= 0 (0: off or unused)', lambda v: v >= 0, '0')
+
+# The range of every numeric config key, by its last name, so that one row serves each
+# place the name occurs (model.dropout_rate and model.text.dropout_rate; a study's
+# finetune.learning_rate). Checked at start-up, before anything is built or compiled;
+# every float must also be finite (nan and inf are refused for any key). Relations
+# between keys (hidden_size % num_heads, seq_len <= max_len, image_size % patch_size) are
+# checked beside them: check_common and the stages' check_config.
+RANGES = {
+    # probabilities
+    'dropout_rate': PROBABILITY,
+    'attention_dropout_rate': PROBABILITY,
+    'head_dropout': PROBABILITY,
+    'mask_prob': PROBABILITY,
+    'eval_fraction': PROBABILITY,
+    'b1': PROBABILITY,  # Adam's moment decays
+    'b2': PROBABILITY,
+    'target_accuracy': CHANCE,
+    # rates and scales
+    'learning_rate': RATE,
+    'probe_learning_rate': RATE,
+    'temperature': RATE,
+    'knn_temperature': RATE,
+    'layer_norm_eps': RATE,
+    'eps': RATE,
+    'init_scale': RATE,
+    'max_logit_scale': RATE,
+    'layer_decay': RATE,
+    'end_learning_rate': NON_NEGATIVE,
+    'weight_decay': NON_NEGATIVE,
+    'grad_clip_norm': NON_NEGATIVE,  # 0: no clipping
+    'trust_coefficient': NON_NEGATIVE,
+    'probe_l2': NON_NEGATIVE,
+    'peak_tflops': NON_NEGATIVE,
+    'max_abs_logit_bias': NON_NEGATIVE,
+    'watchdog_secs': NON_NEGATIVE,
+    # sizes and counts
+    'total_steps': COUNT,
+    'batch_size': COUNT,
+    'grad_accum_steps': COUNT,
+    'log_every': COUNT,
+    'eval_every': COUNT,
+    'eval_steps': COUNT,
+    'checkpoint_every': COUNT,
+    'keep_checkpoints': COUNT,
+    'hidden_size': COUNT,
+    'num_layers': COUNT,
+    'num_heads': COUNT,
+    'mlp_dim': COUNT,
+    'seq_len': COUNT,
+    'max_predictions': COUNT,
+    'embed_dim': COUNT,
+    'proj_dim': COUNT,
+    'proj_hidden': COUNT,
+    'proj_layers': COUNT,
+    'knn_k': COUNT,
+    'max_pairs': COUNT,
+    'warmup_steps': AT_LEAST_ZERO,
+    'skip_nonfinite_steps': AT_LEAST_ZERO,
+    'early_stopping_patience': AT_LEAST_ZERO,
+    'freeze_layers': AT_LEAST_ZERO,
+    'shards': AT_LEAST_ZERO,
+    'prefetch': AT_LEAST_ZERO,
+    'few_shot': AT_LEAST_ZERO,
+    'probe_train_examples': AT_LEAST_ZERO,
+    # 0 where the model has none (a text model's image_size); the stages require them
+    'vocab_size': AT_LEAST_ZERO,
+    'max_len': AT_LEAST_ZERO,
+    'type_vocab_size': AT_LEAST_ZERO,
+    'image_size': AT_LEAST_ZERO,
+    'patch_size': AT_LEAST_ZERO,
+}
+
+
+def _numbers(value) -> list[float]:
+    """The numbers in a config value (a tuple such as augment.blur_sigma holds several)."""
+    values = value if isinstance(value, list | tuple) else [value]
+    return [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Every numeric key in its range (RANGES) and every float finite; raises ConfigError
+    naming the key, the value, the range and a value that is in it."""
+    for key, value in flatten(config).items():
+        for number in _numbers(value):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(
+                    f'--config.{key}={number} is not a finite number; give a finite value'
+                )
+        allowed = RANGES.get(key.rpartition('.')[2])
+        if allowed is not None and not all(allowed.ok(v) for v in _numbers(value)):
+            raise ConfigError(
+                f'--config.{key}={value!r} is out of range: expected {allowed.text} '
+                f'(e.g. {allowed.example})'
+            )
 
 
 def get(config, dotted: str):
@@ -97,7 +200,9 @@ def get(config, dotted: str):
 
 
 def check_common(config: ml_collections.ConfigDict) -> None:
-    """Checks the keys every stage shares; raises ConfigError naming the first problem."""
+    """Checks the keys every stage shares, and the range of every numeric key
+    (`check_ranges`); raises ConfigError naming the first problem."""
+    check_ranges(config)
     for key, allowed in CHOICES.items():
         try:
             value = get(config, key)
@@ -105,9 +210,6 @@ def check_common(config: ml_collections.ConfigDict) -> None:
             continue
         if value not in allowed:
             raise ConfigError(f'--config.{key}={value!r} is not one of {list(allowed)}')
-    for key in POSITIVE:
-        if key in config and get(config, key) <= 0:
-            raise ConfigError(f'--config.{key}={get(config, key)} must be positive')
     mesh = config.get('mesh')
     if mesh is not None and config.get('parallelism') == 'pmap' and mesh.get('dcn_fsdp', 1) != 1:
         raise ConfigError(
@@ -121,10 +223,6 @@ def check_common(config: ml_collections.ConfigDict) -> None:
             f'{data.test_split!r} both name a test split; give one (test_files for local '
             'files, test_split for a TFDS dataset)'
         )
-    if config.warmup_steps < 0:
-        raise ConfigError(f'--config.warmup_steps={config.warmup_steps} must be >= 0')
-    if config.learning_rate < 0:
-        raise ConfigError(f'--config.learning_rate={config.learning_rate} must be >= 0')
     if config.batch_size % config.grad_accum_steps:
         raise ConfigError(
             f'batch_size {config.batch_size} is not divisible by grad_accum_steps '
@@ -139,11 +237,12 @@ def check_common(config: ml_collections.ConfigDict) -> None:
             'and with model.scan_layers=true one array holds every layer (the ratio would be '
             'shared across layers); set --config.model.scan_layers=false'
         )
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(
-            f'model.hidden_size {m.hidden_size} is not divisible by model.num_heads '
-            f'{m.num_heads}; pick a head count that divides the width'
-        )
+    for name, section in (('model', m), ('model.text', m.get('text'))):
+        if section and section.get('hidden_size') and section.hidden_size % section.num_heads:
+            raise ConfigError(
+                f'{name}.hidden_size {section.hidden_size} is not divisible by {name}.num_heads '
+                f'{section.num_heads}; pick a head count that divides the width'
+            )
 
 
 def check_batch_layout(config, num_devices: int, batch_shards: int, process_count: int) -> None:
@@ -468,8 +567,22 @@ def adopt_architecture(
     model = source.get('model', {})
     if subtree == 'text_backbone':
         model = model.get('text', {})
-    if _encoder_kind(model) != _encoder_kind(config.model):
-        return []  # e.g. a text run given to an image task: the restore names the mismatch
+    theirs, ours = _encoder_kind(model), _encoder_kind(config.model)
+    if theirs and ours and theirs != ours:
+        two_towers = 'text' in source.get('model', {})
+        hint = (
+            ' (a CLIP run holds both: set --config.init_subtree=image_backbone or text_backbone)'
+            if two_towers
+            else ''
+        )
+        a = {'image': 'an image', 'text': 'a text'}
+        raise ConfigError(
+            f'init_from {config.init_from} is {a[theirs]} model (params/{subtree}), and this '
+            f'run trains {a[ours]} model; give --config.init_from a run with {a[ours]} '
+            f'encoder{hint}'
+        )
+    if theirs != ours:
+        return []  # a bare checkpoint or an unknown model: the restore names any mismatch
     keys = ARCHITECTURE_KEYS
     if _encoder_kind(model) == 'image':
         keys += ('pooling',)  # a ViT's cls token exists only with pooling=cls

@@ -7,6 +7,7 @@ Only process 0 writes; the others get a writer that does nothing, so callers nee
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,9 +23,7 @@ class MetricWriter:
         self._path = os.path.join(workdir, 'metrics.jsonl')
 
     def _open_tensorboard(self, purge_step: int | None = None) -> None:
-        from tensorboardX import SummaryWriter  # TensorBoard files without TensorFlow
-
-        self._tb = SummaryWriter(
+        self._tb = _summary_writer()(
             os.path.join(self.workdir, 'tensorboard'), flush_secs=30, purge_step=purge_step
         )
 
@@ -40,8 +39,7 @@ class MetricWriter:
             self._open_tensorboard(purge_step=step + 1)
         if not os.path.exists(self._path):
             return
-        with open(self._path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+        rows = [line for line, row in _rows(self._path) if row['step'] <= step]
         tmp = self._path + '.tmp'
         with open(tmp, 'w') as f:
             f.writelines(rows)
@@ -72,9 +70,42 @@ class MetricWriter:
             self._tb.close()
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter (TensorBoard files without TensorFlow), imported
+    without PyTorch: tensorboardX imports torch when it is installed only to accept torch
+    tensors, which pretrax never passes, and that import costs every run seconds of
+    start-up (its x2num imports torch itself if ever given one)."""
+    if 'tensorboardX.writer' not in sys.modules and 'torch' not in sys.modules:
+        sys.modules['torch'] = None  # `import torch` raises ImportError: tensorboardX's fallback
+        try:
+            import tensorboardX.writer  # noqa: F401
+        finally:
+            del sys.modules['torch']
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+
+
+def _rows(path: str) -> list[tuple[str, dict]]:
+    """(line, row) of metrics.jsonl. A line that is not a JSON row (cut short by a crash of
+    the machine or a full disk) is left out with a warning."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row['step']
+            except (ValueError, KeyError, TypeError):
+                logging.warning('%s line %d is not a metrics row (cut short?); left out', path, n)
+                continue
+            rows.append((line if line.endswith('\n') else line + '\n', row))
+    return rows
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in _rows(os.path.join(workdir, 'metrics.jsonl'))]
 
 
 def format_duration(seconds: float) -> str:

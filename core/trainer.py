@@ -41,7 +41,7 @@ from core.task import Runtime, Scorer, Task
 
 
 class NonFiniteLossError(UserError, RuntimeError):
-    """The loss became NaN or Inf; the message gives the step range."""
+    """The loss or the gradient norm became NaN or Inf; the message gives the step."""
 
 
 def _sync(name: str) -> None:
@@ -381,11 +381,14 @@ def train_and_evaluate(
                 continue
             skipped['total'] += 1
             skipped['streak'] += 1
-            logging.warning('step %d: non-finite loss, update skipped', last_logged + i + 1)
+            logging.warning(
+                'step %d: non-finite loss or gradient norm, update skipped', last_logged + i + 1
+            )
             if skipped['streak'] > max_skipped:
                 raise NonFiniteLossError(
                     f'{skipped["streak"]} steps in a row up to step {last_logged + i + 1} had a '
-                    f'non-finite loss (skip_nonfinite_steps={max_skipped}); {last_good()}. '
+                    'non-finite loss or gradient norm '
+                    f'(skip_nonfinite_steps={max_skipped}); {last_good()}. '
                     'Lower learning_rate, raise warmup_steps or check the data'
                 )
         return [h for h in host if not h['skipped']]
@@ -404,13 +407,17 @@ def train_and_evaluate(
         if max_skipped:
             rows.pop('skipped')
             rows['skipped_steps'] = float(skipped['total'])  # by this start of the run
-        if not all(np.isfinite(h.get('loss', 0.0)) for h in host):
-            bad = last_logged + next(i for i, h in enumerate(host) if not np.isfinite(h['loss']))
-            raise NonFiniteLossError(
-                f'the loss became non-finite at step {bad + 1} (steps {last_logged + 1}-{step} '
-                f'checked); {last_good()}. '
-                'Lower learning_rate, raise warmup_steps or check the data'
-            )
+        # A non-finite gradient norm stops the run like a non-finite loss: its update has
+        # already made the parameters NaN, and no checkpoint may save them.
+        for i, h in enumerate(host):
+            what = [k for k in ('loss', 'grad_norm') if k in h and not np.isfinite(h[k])]
+            if what:
+                name = 'loss' if what[0] == 'loss' else 'gradient norm'
+                raise NonFiniteLossError(
+                    f'the {name} became non-finite at step {last_logged + i + 1} (steps '
+                    f'{last_logged + 1}-{step} checked); {last_good()}. '
+                    'Lower learning_rate, raise warmup_steps or check the data'
+                )
         # Training steps only: no eval, save or compile in the interval counts, and a row
         # whose only step is the compiled first one carries no throughput.
         per_step, eta = progress.update(step)

@@ -19,20 +19,24 @@ trains on silently rescaled data. Images stay uint8 on the host; augmentation an
 float conversion happen on the device.
 """
 
+import concurrent.futures
 import functools
 import glob
 import io
 import json
 import os
+import time
+import zipfile
 from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, DataError
 from data.pipeline import read_options, shuffle_forever
-from data.text import Subset, heldout_indices, jsonl_records
+from data.text import Subset, heldout_indices, jsonl_field, jsonl_records, read_lines
 from data.tokenizer import FixedLengthEncoder, WordPiece
 
 EMBEDDED_IMAGES = ('digits',)
@@ -164,6 +168,51 @@ def read_image_file(path: str, channels: int | None) -> np.ndarray:
             f'{path} could not be read as an image ({type(e).__name__}: {e}); remove or '
             'replace the file'
         ) from e
+
+
+def _image_file_problem(path: str) -> str | None:
+    """Why `path` cannot be read as an image, or None. Cheap where the format allows: a PNG
+    is verified chunk by chunk (every CRC, no decompression); a JPEG that ends with its
+    end-of-image marker is taken on its header (one that does not, a truncated file, is
+    decoded in full); other formats (GIF, BMP: rare and small) are decoded."""
+    try:
+        with Image.open(path) as im:
+            if im.format == 'PNG':
+                im.verify()
+            elif im.format != 'JPEG' or not _ends_with_jpeg_eoi(path):
+                im.load()
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
+        return f'{type(e).__name__}: {str(e)[:120]}'
+    return None
+
+
+def _ends_with_jpeg_eoi(path: str) -> bool:
+    with open(path, 'rb') as f:
+        f.seek(max(0, os.path.getsize(path) - 64))
+        return b'\xff\xd9' in f.read()
+
+
+def check_image_files(paths: Sequence[str], where: str, describe=None) -> None:
+    """Reads every image file of a source before a run starts (`_image_file_problem`, in
+    DECODE_THREADS threads): a corrupt file is found now, not after compilation, and one
+    DataError lists every such file, so one fix covers them all. `describe(i)` names file i
+    (default: its path)."""
+    if not paths:
+        return
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+        problems = list(pool.map(_image_file_problem, paths, chunksize=64))
+    bad = [i for i, problem in enumerate(problems) if problem is not None]
+    logging.info(
+        'checked %d image files of %s in %.1fs', len(paths), where, time.perf_counter() - started
+    )
+    if bad:
+        describe = describe or (lambda i: paths[i])
+        listed = '\n'.join(f'  {describe(i)}: {problems[i]}' for i in bad)
+        raise DataError(
+            f'{len(bad)} of the {len(paths)} image files of {where} cannot be read as images; '
+            f'remove or replace them (every file was checked, these are all):\n{listed}'
+        )
 
 
 def decode_image_bytes(data: bytes, channels: int | None, what: str) -> np.ndarray:
@@ -373,8 +422,12 @@ def npz_images(
             labels = f[label_key] if label_key else None
     except DataError:
         raise
-    except (OSError, ValueError) as e:  # missing file, not a zip, pickled object arrays
-        raise DataError(f'{path} could not be read as an .npz of arrays ({e})') from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a missing, cut or
+        # damaged file, not a zip, pickled object arrays
+        raise DataError(
+            f'{path} could not be read as an .npz of arrays ({type(e).__name__}: {e}); '
+            'write it again with np.savez(path, images=..., labels=...)'
+        ) from e
     return ArrayImages(
         images, labels, image_size=image_size, channels=channels, resize=resize, where=path
     )
@@ -429,6 +482,7 @@ class FolderImages(_Conformed):
                 f'image folder {root} holds no images in its {len(found)} class folders; '
                 f'expected {FOLDER_LAYOUT}'
             )
+        check_image_files(self._paths, f'image folder {root}')
         self._labels = np.asarray(labels, np.int32)
 
     @property
@@ -590,13 +644,8 @@ def _read_caption_jsonl(path: str, image_field: str, text_field: str) -> list[tu
     """(image path as written, caption, line number) of every non-blank line."""
     rows = []
     for n, record in jsonl_records(path):
-        for field, key in ((image_field, 'image_field'), (text_field, 'text_field')):
-            if field not in record:
-                raise DataError(
-                    f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
-                    f'set --config.data.{key}'
-                )
-        rows.append((str(record[image_field]), str(record[text_field]), n))
+        image = jsonl_field(path, n, record, image_field, 'image_field')
+        rows.append((image, jsonl_field(path, n, record, text_field, 'text_field'), n))
     return rows
 
 
@@ -605,8 +654,7 @@ def _read_caption_tsv(path: str, image_field: str, text_field: str) -> list[tupl
     `image<TAB>caption`, with `image_field` and `text_field` among them) is a header, and
     its columns are then looked up by name."""
     rows = []
-    with open(path, encoding='utf-8') as f:
-        lines = f.read().splitlines()
+    lines = read_lines(path)
     image_col, text_col, start = 0, 1, 0
     if lines:
         header = lines[0].split('\t')
@@ -675,6 +723,7 @@ class CaptionFilePairs(_Conformed):
                 f'{file} line {n} names an image that does not exist: {path}{more}; relative '
                 'paths are read from the directory of the caption file'
             )
+        check_image_files(self._paths, f'the images named in {pattern}', self._describe)
 
     def __len__(self) -> int:
         return len(self._paths)

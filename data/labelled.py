@@ -20,6 +20,7 @@ deterministic for a seed and nested across sizes.
 
 import csv
 import glob
+import io
 import json
 import math
 import os
@@ -29,7 +30,15 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from core.errors import ConfigError, DataError
-from data.text import heldout_indices, jsonl_records, pydoc_topic_paragraphs
+from data.text import (
+    heldout_indices,
+    json_kind,
+    jsonl_field,
+    jsonl_records,
+    pydoc_topic_paragraphs,
+    read_lines,
+    read_text,
+)
 from data.tokenizer import WordPiece
 
 LABELLED_EXTENSIONS = ('.tsv', '.csv', '.jsonl')
@@ -89,7 +98,7 @@ def _read_delimited_labelled(
     unbalanced `"`); CSV follows the usual quoting rules, so quoted fields may hold commas."""
     quoting = csv.QUOTE_NONE if delimiter == '\t' else csv.QUOTE_MINIMAL
     examples = []
-    with open(path, encoding='utf-8-sig', newline='') as f:
+    with io.StringIO(read_text(path), newline='') as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         try:
             if header:
@@ -127,20 +136,28 @@ def _read_delimited_labelled(
     return examples
 
 
+def _json_label(value) -> str:
+    """A JSON label as text: a string as written; a number in one canonical form (an
+    integral value as an integer, 1.0 -> '1', so 1 and 1.0 are one class); true / false."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return json.dumps(value)
+
+
 def _read_jsonl_labelled(path: str, fields: dict[str, tuple[str, str]]) -> list[dict]:
-    """Objects of a .jsonl file as examples; `fields` maps example keys to object keys."""
+    """Objects of a .jsonl file as examples; `fields` maps example keys to object keys.
+    Texts must be JSON strings; a label may be a string, a number or a boolean."""
     examples = []
     for n, record in jsonl_records(path):
         example = {}
         for key, (arg, field) in fields.items():
-            value = record.get(field)
-            if value is None:
-                what = 'no field' if field not in record else 'a null in field'
-                raise DataError(
-                    f'{path} line {n} has {what} {field!r} (fields: {sorted(record)}); '
-                    f'set --config.data.{arg} to one of them'
-                )
-            example[key] = value if isinstance(value, str) else json.dumps(value)
+            if key == 'label':
+                value = jsonl_field(path, n, record, field, arg, (str, int, float, bool))
+                example[key] = _json_label(value)
+            else:
+                example[key] = jsonl_field(path, n, record, field, arg)
         examples.append(example)
     return examples
 
@@ -160,8 +177,9 @@ def read_labelled_text(
     `*_field` arguments are 0-based column indices as strings ('0', '1'). `.jsonl` files
     hold one object a line, fields named by the same arguments. `text_pair_field=''` gives
     single-text examples (`text_pair` ''), `label_field=''` unlabelled ones (`label` '',
-    for prediction). Labels are stripped of surrounding whitespace; JSON non-string values
-    (numbers, booleans) become their JSON text (`1`, `0.5`, `true`)."""
+    for prediction). Labels are stripped of surrounding whitespace; JSON numbers and
+    booleans become text in one form (`1` for 1 and 1.0, `0.5`, `true`); texts must be
+    JSON strings (a null or a number is an error naming the line)."""
     fields = {'text': ('text_field', text_field)}
     if text_pair_field:
         fields['text_pair'] = ('text_pair_field', text_pair_field)
@@ -237,11 +255,32 @@ def _label_order(label: str) -> tuple:
     return (0, value, label) if value is not None else (1, 0.0, label)
 
 
+def _refuse_mixed_forms(labels: Sequence[str], where: str) -> None:
+    """Two label texts that are one number ('1' and '1.0', '2' and '02') would be two
+    classes: refused, naming them (a text label is kept as written, so an identifier such
+    as a postcode '02134' is never merged with '2134' behind the user's back)."""
+    by_value = {}
+    for label in labels:
+        value = _as_number(label)
+        if value is not None:
+            by_value.setdefault(value, []).append(label)
+    mixed = [forms for forms in by_value.values() if len(forms) > 1]
+    if mixed:
+        shown = '; '.join(' and '.join(repr(f) for f in forms) for forms in mixed[:_MAX_LISTED])
+        raise DataError(
+            f'{where}: labels {shown} are one number written in different ways, which would '
+            'make them different classes; write every label of a class the same way (e.g. all '
+            f'{mixed[0][0]!r}), or make the task a regression (--config.task_type=regression)'
+        )
+
+
 class LabelMap:
     """Label strings <-> class ids, fixed by the training labels and saved in the workdir.
 
     Classes are the sorted unique training labels; numeric-looking labels sort by value,
-    so a dataset labelled '0'..'K-1' keeps its own ids (and '10' comes after '2').
+    so a dataset labelled '0'..'K-1' keeps its own ids (and '10' comes after '2'). A label is
+    one text: two texts of one number ('1' and '1.0') are refused, not merged, in training
+    and eval data alike (JSON numbers are read in one form, so 1 and 1.0 there are '1').
     With `regression=True` there are no classes: labels are parsed as floats
     (`num_classes` is 1, the size of a regression head)."""
 
@@ -278,6 +317,7 @@ class LabelMap:
                 'point --config.data.label_field at the label column'
             )
         classes = sorted(set(labels), key=_label_order)
+        _refuse_mixed_forms(classes, where)
         if len(classes) < 2:
             raise DataError(
                 f'{where} has a single label {classes[0]!r}; a classifier needs at least two '
@@ -324,6 +364,14 @@ class LabelMap:
             return np.asarray(values, np.float32)
         ids = [self._index.get(label, -1) for label in labels]
         unknown = list(dict.fromkeys(s for s, i in zip(labels, ids) if i < 0))
+        known = {_as_number(c): c for c in self.classes if _as_number(c) is not None}
+        respelled = [(s, known[_as_number(s)]) for s in unknown if _as_number(s) in known]
+        if respelled:
+            shown = ', '.join(f'{a!r} (training: {b!r})' for a, b in respelled[:_MAX_LISTED])
+            raise DataError(
+                f'{where}: labels {shown} are training labels written another way; write '
+                'each label as the training data does'
+            )
         if unknown:
             raise DataError(
                 f'{where}: labels {_listed(unknown, _MAX_LISTED)} are not among the '
@@ -503,21 +551,20 @@ def validation_split(
 def _read_conll_file(path: str) -> list[dict]:
     """The sentences of one CoNLL file (see `read_conll`)."""
     sentences, tokens, tags = [], [], []
-    with open(path, encoding='utf-8-sig') as f:
-        for n, line in enumerate(f, 1):
-            columns = line.split()
-            if not columns or columns[0] == '-DOCSTART-':
-                if tokens:
-                    sentences.append({'tokens': tokens, 'tags': tags})
-                    tokens, tags = [], []
-                continue
-            if len(columns) < 2:
-                raise DataError(
-                    f'{path} line {n}: expected a token and its tag separated by whitespace '
-                    f'(tag in the last column), found {line.strip()!r}'
-                )
-            tokens.append(columns[0])
-            tags.append(columns[-1])
+    for n, line in enumerate(read_lines(path), 1):
+        columns = line.split()
+        if not columns or columns[0] == '-DOCSTART-':
+            if tokens:
+                sentences.append({'tokens': tokens, 'tags': tags})
+                tokens, tags = [], []
+            continue
+        if len(columns) < 2:
+            raise DataError(
+                f'{path} line {n}: expected a token and its tag separated by whitespace '
+                f'(tag in the last column), found {line.strip()!r}'
+            )
+        tokens.append(columns[0])
+        tags.append(columns[-1])
     if tokens:
         sentences.append({'tokens': tokens, 'tags': tags})
     return sentences
@@ -540,13 +587,20 @@ def read_conll(pattern: str) -> list[dict]:
 def _read_token_jsonl(path: str, tokens_field: str, tags_field: str) -> list[dict]:
     sentences = []
     for n, record in jsonl_records(path):
-        for field, arg in ((tokens_field, 'tokens_field'), (tags_field, 'tags_field')):
-            if not isinstance(record.get(field), list):
+        tokens = jsonl_field(path, n, record, tokens_field, 'tokens_field', (list,))
+        tags = jsonl_field(path, n, record, tags_field, 'tags_field', (list,))
+        for field, values, allowed in (
+            (tokens_field, tokens, (str,)),
+            (tags_field, tags, (str, int)),
+        ):
+            bad = [i for i, v in enumerate(values) if type(v) not in allowed]  # bool: not int
+            if bad:
+                value = values[bad[0]]
+                what = 'strings' if allowed == (str,) else 'strings or integer tag ids'
                 raise DataError(
-                    f'{path} line {n}: expected a list in field {field!r} (fields: '
-                    f'{sorted(record)}); set --config.data.{arg} to the field that holds it'
+                    f'{path} line {n}: item {bad[0]} of field {field!r} is {json_kind(value)} '
+                    f'({json.dumps(value)[:80]}); expected a list of {what}; fix the line'
                 )
-        tokens, tags = record[tokens_field], record[tags_field]
         if len(tokens) != len(tags):
             raise DataError(
                 f'{path} line {n}: {len(tokens)} tokens but {len(tags)} tags; each token '

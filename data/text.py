@@ -13,10 +13,12 @@ Sources, chosen by `config.data`:
 """
 
 import ast
+import codecs
 import collections
 import csv
 import functools
 import glob
+import io
 import json
 import os
 import re
@@ -191,53 +193,131 @@ def embedded_corpus(name: str, decontaminate: bool = True) -> list[str]:
     raise DataError(f'unknown embedded corpus {name!r}; expected one of {EMBEDDED}')
 
 
+_UTF16_BOMS = (b'\xff\xfe', b'\xfe\xff')
+
+
+def _not_utf8(path: str, data: bytes, offset: int, why: str) -> DataError:
+    line = data.count(b'\n', 0, offset) + 1
+    if data.startswith(_UTF16_BOMS) or b'\x00' in data[:4096]:
+        hint = (
+            'it looks like UTF-16 (a UTF-16 byte-order mark or NUL bytes); save it as UTF-8, '
+            f'e.g. iconv -f UTF-16 -t UTF-8 {path} > fixed'
+        )
+    else:
+        hint = (
+            'save it as UTF-8, e.g. iconv -f LATIN1 -t UTF-8 (or the encoding it was written '
+            f'in) {path} > fixed'
+        )
+    return DataError(f'{path} line {line} is not UTF-8 text ({why}); {hint}')
+
+
+def read_text(path: str) -> str:
+    """The text of a UTF-8 file, as every local reader takes it: a leading UTF-8 byte-order
+    mark is dropped; bytes that are not UTF-8, or NUL bytes (UTF-16 text, a binary file),
+    are a DataError naming the file, the line and the fix."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise _not_utf8(
+            path, data, e.start, f'byte {data[e.start]:#04x} at offset {e.start}'
+        ) from None
+    nul = data.find(b'\x00')
+    if nul >= 0:
+        raise _not_utf8(path, data, nul, f'a NUL byte at offset {nul}')
+    return text
+
+
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (`read_text`), split at \\n only (\\r\\n too), so that
+    line i here is line i + 1 of an editor and of every error message."""
+    lines = read_text(path).split('\n')
+    if lines and lines[-1] == '':
+        lines.pop()
+    return [line[:-1] if line.endswith('\r') else line for line in lines]
+
+
 def _read_txt(path: str) -> list[str]:
     """One document per block of text between blank (or whitespace-only) lines."""
-    with open(path, encoding='utf-8') as f:
-        blocks = re.split(r'\n\s*\n', f.read())
+    blocks = re.split(r'\n\s*\n', read_text(path))
     return [b.strip() for b in blocks if b.strip()]
+
+
+_JSON_TYPES = {
+    str: 'a string',
+    bool: 'a boolean',
+    int: 'a number',
+    float: 'a number',
+    list: 'a list',
+    dict: 'an object',
+    type(None): 'null',
+}
+
+
+def json_kind(value) -> str:
+    """How JSON names the type of a decoded value ('a string', 'null', 'a number', ...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def jsonl_field(path: str, n: int, record: dict, field: str, arg: str, expected=(str,)):
+    """`record[field]` of line `n` of a .jsonl file, checked to be of a type in `expected`
+    (text by default: a null or a number is not turned into the documents 'None' or
+    '12345'); a DataError names the file, the line, what was found and the fix."""
+    if field not in record:
+        raise DataError(
+            f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
+            f'set --config.data.{arg}'
+        )
+    value = record[field]
+    # bool is an int in Python, not a number in JSON's sense here.
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        wanted = ' or '.join(dict.fromkeys(_JSON_TYPES[t] for t in expected))
+        raise DataError(
+            f'{path} line {n}: field {field!r} is {json_kind(value)} ({json.dumps(value)[:80]}), '
+            f'expected {wanted}; fix the line (or drop it), or set --config.data.{arg} to the '
+            'field that holds it'
+        )
+    return value
 
 
 def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-blank line of a .jsonl file; a line that is not
-    a JSON object is a DataError naming it. A UTF-8 byte-order mark is skipped."""
-    with open(path, encoding='utf-8-sig') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path} line {n} is not JSON ({e})') from e
-            if not isinstance(record, dict):
-                raise DataError(
-                    f'{path} line {n}: expected a JSON object per line, found '
-                    f'{type(record).__name__}'
-                )
-            yield n, record
+    a JSON object is a DataError naming it. Read as `read_text` reads (UTF-8, a byte-order
+    mark dropped)."""
+    for n, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f'{path} line {n} is not JSON ({e})') from e
+        if not isinstance(record, dict):
+            raise DataError(
+                f'{path} line {n}: expected a JSON object per line, found {json_kind(record)}'
+            )
+        yield n, record
 
 
 def _read_jsonl(path: str, field: str) -> list[str]:
-    docs = []
-    for n, record in jsonl_records(path):
-        if field not in record:
-            raise DataError(
-                f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
-                'set --config.data.text_field'
-            )
-        docs.append(str(record[field]))
-    return docs
+    return [jsonl_field(path, n, r, field, 'text_field') for n, r in jsonl_records(path)]
 
 
 def _read_delimited(path: str, field: str, delimiter: str) -> list[str]:
-    with open(path, encoding='utf-8', newline='') as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=''), delimiter=delimiter)
+    try:
         if reader.fieldnames is None or field not in reader.fieldnames:
             raise DataError(
                 f'{path} has no column {field!r} in its header {reader.fieldnames}; '
                 'set --config.data.text_field to one of them'
             )
         return [row[field] for row in reader if row[field]]
+    except csv.Error as e:
+        raise DataError(
+            f'{path} line {reader.line_num} is not valid {delimiter!r}-separated text ({e})'
+        ) from e
 
 
 def read_text_files(pattern: str, text_field: str = 'text') -> list[str]:

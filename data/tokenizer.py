@@ -16,6 +16,7 @@ from tokenizers import BertWordPieceTokenizer
 
 from core import config as config_lib
 from core.errors import ConfigError, DataError
+from data import text as text_lib
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
@@ -33,15 +34,18 @@ class WordPiece:
         self.lowercase = lowercase
         # Checked before BertWordPieceTokenizer reads the file: it raises a bare TypeError
         # ("sep_token not found in the vocabulary") for a vocabulary without [SEP] or [CLS].
-        with open(vocab_file, encoding='utf-8') as f:
-            tokens = {line.strip() for line in f}
+        # Read here (UTF-8 checked, a byte-order mark dropped, as every reader does) and
+        # given to the tokenizer as a dict: {token: line index}, as its own file reader
+        # builds it (trailing whitespace trimmed, a repeated token keeps its last line).
+        lines = text_lib.read_lines(vocab_file)
+        tokens = {line.rstrip(): i for i, line in enumerate(lines)}
         missing = [t for t in SPECIAL_TOKENS if t not in tokens]
         if missing:
             raise DataError(
                 f'vocabulary {vocab_file} lacks the special tokens {missing}; a BERT vocab.txt '
                 f'must contain {list(SPECIAL_TOKENS)}'
             )
-        self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+        self._tok = BertWordPieceTokenizer(tokens, lowercase=lowercase)
         vocab = self._tok.get_vocab()
         self.vocab_size = len(vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (

@@ -77,6 +77,8 @@ def position_table_adapter(vit: VitConfig):
     has_cls = vit.pooling == 'cls'
 
     def adapt(saved, target):
+        if 'pos_embedding' not in saved:  # not a ViT: the restore lists what differs
+            return target, None
         saved_shape = tuple(saved['pos_embedding'].shape)
         ours = target['pos_embedding']
         if saved_shape == tuple(ours.shape) or saved_shape[1:] != tuple(ours.shape[1:]):

@@ -29,6 +29,7 @@ from absl import logging
 from core import checkpoint as ckpt_lib
 from core.errors import ConfigError, DataError
 from data import images as images_lib
+from data import text as text_lib
 from data.tokenizer import FixedLengthEncoder, WordPiece
 from interop import workdir as wd
 from models.heads import pool_tokens
@@ -105,6 +106,7 @@ class _FlatFolder(Sequence):
             if e.is_file() and os.path.splitext(e.name)[1].lower() in images_lib.IMAGE_EXTENSIONS
         )
         self.image_size, self.channels = image_size, channels
+        images_lib.check_image_files(self.paths, f'the folder {root}')  # every file, up front
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -141,8 +143,7 @@ def image_source(path: str, image_size: int, channels: int) -> Sequence:
 def read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f'{path} does not exist; give --input a text file, one example a line')
-    with open(path, encoding='utf-8-sig') as f:
-        lines = f.read().splitlines()
+    lines = text_lib.read_lines(path)  # UTF-8 (a byte-order mark dropped), else a DataError
     if not lines:
         raise DataError(f'{path} is empty; give --input a text file, one example a line')
     return lines
@@ -159,9 +160,14 @@ def embed(
     step: int | None = None,
 ) -> np.ndarray:
     """The features of every example of `input_path` as float32 [N, ...]; saved to
-    `output` (.npy) when given."""
+    `output` (an .npy file, at exactly that path) when given."""
     if batch_size < 1:
         raise ConfigError(f'--batch_size={batch_size} must be positive')
+    if output and os.path.isdir(output):
+        raise ConfigError(
+            f'--output {output} is a directory; give the path of the .npy file to write, e.g. '
+            f'{os.path.join(output, "features.npy")}'
+        )
     encoder = Encoder(workdir, subtree, step)
     run = jax.jit(encoder.features_fn(features))
     if encoder.kind == 'bert':
@@ -197,9 +203,16 @@ def embed(
         outputs.append(np.asarray(run(encoder.params, padded))[:rows])
     result = np.concatenate(outputs).astype(np.float32)
     if output:
-        directory = os.path.dirname(os.path.abspath(output))
-        os.makedirs(directory, exist_ok=True)
-        np.save(output, result)
+        # Exactly the path given (np.save would add .npy to a name without it), atomically.
+        output = os.path.abspath(output)
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        try:
+            with open(output + '.tmp', 'wb') as f:
+                np.save(f, result)
+            os.replace(output + '.tmp', output)
+        finally:
+            if os.path.isfile(output + '.tmp'):
+                os.remove(output + '.tmp')
         logging.info(
             'embed: %s features %s of %s -> %s', features, result.shape, input_path, output
         )

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import tempfile
 
 import jax
@@ -30,6 +31,7 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 from absl import logging
 from flax import linen as nn
+from safetensors import SafetensorError
 
 from core import checkpoint as ckpt_lib
 from core.errors import ConfigError, DataError
@@ -110,7 +112,13 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
         )
     tensors = {}
     for path in files:
-        tensors.update(safetensors.numpy.load_file(path))
+        try:
+            tensors.update(safetensors.numpy.load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise DataError(
+                f'{path} cannot be read as safetensors ({e}): the file is damaged or incomplete '
+                '(an interrupted download or copy?); download or copy it again'
+            ) from e
     return tensors
 
 
@@ -486,6 +494,16 @@ def _write_text_tokenizer(vocab: str, out: str, lowercase: bool, max_len: int) -
             json.dump(content, f, indent=2)
 
 
+def _save_safetensors(tensors: dict, path: str) -> None:
+    """model.safetensors with the mode of every other file written here (0644 under the
+    usual umask): safetensors writes through a private temporary file, 0600."""
+    with open(path, 'wb'):
+        pass
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    safetensors.numpy.save_file(tensors, path, metadata={'format': 'pt'})
+    os.chmod(path, mode)
+
+
 def export_hf(
     workdir: str,
     out: str,
@@ -536,5 +554,5 @@ def export_hf(
             _write_text_tokenizer(vocab, out, lowercase, model['max_len'])
         with open(os.path.join(out, 'config.json'), 'w') as f:
             json.dump(hf, f, indent=2)
-        safetensors.numpy.save_file(tensors, os.path.join(out, WEIGHTS), metadata={'format': 'pt'})
+        _save_safetensors(tensors, os.path.join(out, WEIGHTS))
     return hf

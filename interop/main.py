@@ -15,7 +15,6 @@ import sys
 from absl import flags, logging
 
 from core import cli
-from core.errors import UserError
 
 COMMANDS = ('import-hf', 'export-hf', 'embed')
 
@@ -41,7 +40,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument(
             '--input', required=True, help='text file (one example a line), image folder or .npz'
         )
-        p.add_argument('--output', required=True, help='the .npy to write')
+        p.add_argument('--output', required=True, help='the .npy file to write (this exact path)')
         p.add_argument('--features', default='pooled', choices=('last_hidden', 'pooled', 'mean'))
         p.add_argument('--seq_len', type=int, default=None, help='text: default data.seq_len')
         p.add_argument('--batch_size', type=int, default=64)
@@ -82,7 +81,7 @@ def run(command: str, args: argparse.Namespace) -> None:
             args.subtree,
             args.step,
         )
-        print(f'{args.features} features {result.shape} written to {args.output}')
+        print(f'{args.features} features {result.shape} written to {os.path.abspath(args.output)}')
 
 
 def main(argv: list[str]) -> int:
@@ -97,10 +96,10 @@ def main(argv: list[str]) -> int:
     cli.setup_logging()
     try:
         run(command, args)
-    except UserError as e:
-        logging.error('%s', e)
-        sys.stderr.write(f'error: {e}\n')
-        return 1
+    except KeyboardInterrupt:
+        return cli.interrupted(f'{command} stopped; nothing it was writing was left half-done')
+    except Exception as e:  # a user's error exits 1 with its message; a bug re-raises
+        return cli.fail_with(e)
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from core import checkpoint as ckpt_lib
-from core.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError, DataError
 from models.bert import BertConfig, TextEncoder
 from models.vit import VisionEncoder, VitConfig
 
@@ -25,8 +25,15 @@ IMPORT_INFO = 'import.json'  # what `import-hf` wrote: source, architecture, ini
 
 
 def read_json(path: str) -> dict:
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    """A JSON file; one that cannot be read (cut short, not UTF-8) is a DataError naming it."""
+    try:
+        with open(path, encoding='utf-8-sig') as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(
+            f'{path} cannot be read as JSON ({e}); the file is damaged or incomplete: restore '
+            'or copy it again'
+        ) from e
 
 
 def read_config(workdir: str) -> dict:

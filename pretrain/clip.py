@@ -26,20 +26,13 @@ LOSSES = ('softmax', 'sigmoid')
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     simclr.check_vit(config.model)
-    t = config.model.text
-    if t.hidden_size % t.num_heads:
-        raise config_lib.ConfigError(
-            f'model.text.hidden_size {t.hidden_size} is not divisible by model.text.num_heads '
-            f'{t.num_heads}'
-        )
+    t = config.model.text  # its width and heads: core/config.py check_common
     if config.loss.type not in LOSSES:
         raise config_lib.ConfigError(f'--config.loss.type={config.loss.type!r}; expected {LOSSES}')
     if not 4 <= config.data.seq_len <= t.max_len:
         raise config_lib.ConfigError(
             f'data.seq_len {config.data.seq_len} must be in [4, model.text.max_len = {t.max_len}]'
         )
-    if config.loss.max_logit_scale <= 0:
-        raise config_lib.ConfigError('loss.max_logit_scale must be positive')
 
 
 def make_model(config) -> TwoTower:

@@ -24,10 +24,6 @@ from pretrain import contrastive
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     check_vit(config.model)
-    if config.loss.temperature <= 0:
-        raise config_lib.ConfigError(
-            f'--config.loss.temperature={config.loss.temperature} must be positive'
-        )
     try:
         augment_lib.AugmentConfig.from_config(config.augment)
     except ValueError as e:

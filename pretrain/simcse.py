@@ -36,10 +36,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f'data.seq_len {config.data.seq_len} must be in [4, model.max_len = '
             f'{config.model.max_len}]'
         )
-    if config.loss.temperature <= 0:
-        raise config_lib.ConfigError(
-            f'--config.loss.temperature={config.loss.temperature} must be positive'
-        )
     if config.model.dropout_rate <= 0:
         raise config_lib.ConfigError(
             'SimCSE makes its two views with dropout: model.dropout_rate must be above 0 '

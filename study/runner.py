@@ -89,6 +89,7 @@ def plan(config) -> list[Run]:
     a study cut short already has the low-label end, where the question is."""
     if not config.seeds:
         raise ConfigError('study seeds is empty; give e.g. --config.seeds="(0,1,2)"')
+    config_lib.check_ranges(config)  # its stages' keys too (pretrain.*, finetune.*)
     return [
         Run(arm, budget, int(seed))
         for budget in budgets(config)

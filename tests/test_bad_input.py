@@ -48,6 +48,14 @@ CASES = {
         ['--config.data.name=no_such_dataset'],
         "TFDS dataset 'no_such_dataset' split 'train' could not be opened",
     ),
+    'dropout above 1': (
+        ['--config.model.dropout_rate=1.5'],
+        '--config.model.dropout_rate=1.5 is out of range: expected a probability in [0, 1)',
+    ),
+    'learning rate nan': (
+        ['--config.learning_rate=nan'],
+        '--config.learning_rate=nan is not a finite number',
+    ),
     'heads do not divide width': (
         ['--config.model.num_heads=3'],
         'model.hidden_size 32 is not divisible by model.num_heads 3',

@@ -1,6 +1,6 @@
-"""A NaN/Inf loss: by default the run stops with the step and the last good checkpoint
-intact; with skip_nonfinite_steps=N the update is skipped (params and optimizer state
-unchanged) and the run stops only after more than N such steps in a row."""
+"""A NaN/Inf loss or gradient norm: by default the run stops with the step and the last
+good checkpoint intact; with skip_nonfinite_steps=N the update is skipped (params and
+optimizer state unchanged) and the run stops only after more than N such steps in a row."""
 
 import os
 
@@ -104,6 +104,70 @@ def test_skip_nonfinite_steps_stops_after_too_many_in_a_row(tmp_path, pydoc_voca
     workdir = str(tmp_path / 'skip')
     r = diverging_run(workdir, pydoc_vocab, '--config.skip_nonfinite_steps=3')
     assert r.returncode == 1, r.stderr[-2000:]
-    assert 'non-finite loss, update skipped' in r.stderr
+    assert 'non-finite loss or gradient norm, update skipped' in r.stderr
     assert '4 steps in a row up to step' in r.stderr
     assert '(skip_nonfinite_steps=3)' in r.stderr
+
+
+# A task for the trainer (core/trainer.py imports it by this module's name): the MLM task
+# whose loss gains a term that is 0 with an infinite gradient, so the loss stays finite
+# and the gradient norm does not.
+def check_config(config):
+    from pretrain import mlm
+
+    mlm.check_config(config)
+
+
+@jax.custom_vjp
+def _zero_with_infinite_gradient(x):
+    return 0.0 * jnp.sum(x)
+
+
+def _forward(x):
+    return _zero_with_infinite_gradient(x), x
+
+
+def _backward(x, g):
+    return (jnp.full_like(x, jnp.inf) * g,)
+
+
+_zero_with_infinite_gradient.defvjp(_forward, _backward)
+
+
+def build(config, workdir, runtime):
+    from pretrain import mlm
+
+    task = mlm.build(config, workdir, runtime)
+    loss_fn = task.loss_fn
+
+    def infinite_gradient_loss(params, batch, rng, train, rows=None):
+        loss, aux = loss_fn(params, batch, rng, train, rows)
+        bias = params['output_bias']
+        return loss + _zero_with_infinite_gradient(bias) * aux['denominator'], aux
+
+    task.loss_fn = infinite_gradient_loss
+    return task
+
+
+def test_a_nonfinite_gradient_norm_stops_the_run_before_a_checkpoint_saves_it(
+    tmp_path, pydoc_vocab
+):
+    """A finite loss with an infinite gradient norm (model.dropout_rate=1.5 did that): the
+    update makes the parameters NaN, so the run stops at that step and saves nothing."""
+    from configs import bert_mlm
+    from core import trainer
+
+    config = bert_mlm.get_config('tiny')
+    for flag in SMALL_RUN:
+        key, value = flag[len('--config.') :].split('=')
+        parent, _, name = key.rpartition('.')
+        section = config[parent] if parent else config
+        section[name] = type(section[name])(value)
+    config.data.vocab_file = pydoc_vocab
+    config.total_steps, config.checkpoint_every, config.log_every = 4, 1, 1
+    workdir = str(tmp_path / 'inf')
+    with pytest.raises(trainer.NonFiniteLossError) as e:
+        trainer.train_and_evaluate(config, workdir, {'mlm': __name__}, 'pretrain')
+    assert 'the gradient norm became non-finite at step 1' in str(e.value)
+    assert 'there is no checkpoint yet' in str(e.value)
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
