@@ -93,6 +93,8 @@ PROBABILITY = Range('a probability in [0, 1)', lambda v: 0 <= v < 1, '0.1')
 CHANCE = Range('a probability in [0, 1]', lambda v: 0 <= v <= 1, '0.5')
 RATE = Range('finite and positive', lambda v: v > 0, '1e-3')
 NON_NEGATIVE = Range('finite and >= 0', lambda v: v >= 0, '0')
+# 0 is a run that leaves the parameters as they are (an eval-only sanity check).
+LEARNING_RATE = Range('finite and >= 0', lambda v: v >= 0, '1e-3')
 COUNT = Range('a positive integer', lambda v: v >= 1, '1')
 AT_LEAST_ZERO = Range('an integer >= 0 (0: off or unused)', lambda v: v >= 0, '0')
 
@@ -113,7 +115,7 @@ RANGES = {
     'b2': PROBABILITY,
     'target_accuracy': CHANCE,
     # rates and scales
-    'learning_rate': RATE,
+    'learning_rate': LEARNING_RATE,
     'probe_learning_rate': RATE,
     'temperature': RATE,
     'knn_temperature': RATE,

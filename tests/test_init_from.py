@@ -223,9 +223,10 @@ def test_a_run_takes_the_architecture_of_the_run_it_starts_from(tmp_path):
     c = image_cls.get_config('tiny')
     config_lib.adopt_architecture(c, vit)
     assert (c.model.pooling, c.model.image_size, c.model.num_layers) == ('gap', 16, 2)
-    # A text run given to an image task is left alone (the restore names the mismatch) ...
+    # A text run given to an image task is refused, naming both kinds ...
     c = image_cls.get_config('tiny')
-    assert config_lib.adopt_architecture(c, saved) == []
+    with pytest.raises(ConfigError, match='is a text model .* this run trains an image model'):
+        config_lib.adopt_architecture(c, saved)
     # ... and CLIP's towers are read where CLIP keeps them.
     two_tower = clip.get_config('tiny').to_dict()
     two_tower['model']['text']['num_layers'] = 3
