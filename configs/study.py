@@ -22,7 +22,9 @@ Presets:
           pydoc_topics classification (configs/text_cls.py:tiny; the scratch arm gets the
           pretraining's vocabulary, so both arms tokenize alike); with
           --config.imported=DIR (a `launch.py import-hf` workdir) a third arm fine-tunes that
-          imported checkpoint, with its own architecture and vocabulary.
+          imported checkpoint, with its own architecture and vocabulary. README has the
+          table (10% and all labels, 3 seeds: +0.149 and +0.127 test accuracy, paired
+          intervals above zero).
   smoke   a minute-sized digits study for tests: 2 budgets, 1 seed, a few steps.
 
 The nested `pretrain` and `finetune` blocks are whole stage configs, so every key of those
