@@ -318,6 +318,8 @@ def train_and_evaluate(
     clock = {'offset': _train_time_at(workdir, start_step), 'start': time.perf_counter()}
     clock['eval'] = 0.0
 
+    health = {}  # what summary.json says of a run gone wrong (loss_rose_step, collapsed_step)
+
     def run_eval(step: int) -> None:
         began = time.perf_counter()
         train_time = clock['offset'] + began - clock['start'] - clock['eval']
@@ -393,6 +395,22 @@ def train_and_evaluate(
                 )
         return [h for h in host if not h['skipped']]
 
+    loss_start = []  # the loss of the first step of this start of the run
+
+    def check_loss_rise(steps: str, step: int, loss: float | None, first: float | None):
+        """Warns once when a train row's loss is more than twice (and 1 nat above) the loss
+        of the first step of this start of the run (computed before its update): a
+        diverging run, not noise."""
+        if loss is None or 'loss_rose_step' in health:
+            return
+        if not loss_start:
+            if first is None or not np.isfinite(first):  # every step skipped: no start yet
+                return
+            loss_start.append(float(first))
+        if loss > 2 * loss_start[0] and loss > loss_start[0] + 1.0:
+            health['loss_rose_step'] = step
+            logging.warning('%s', loss_rise_message(config, steps, loss, loss_start[0]))
+
     def flush_metrics(step: int) -> None:
         nonlocal pending, last_logged
         if not pending:
@@ -430,6 +448,7 @@ def train_and_evaluate(
                 rows['mfu'] = task.flops_per_step / per_step / (peak * jax.device_count())
         writer.write(step, 'train', rows)
         progress.log(step, rows, eta)
+        check_loss_rise(f'{last_logged + 1}-{step}', step, rows.get('loss'), host[0].get('loss'))
         pending, last_logged = [], step
 
     compiling = watchdog_lib.CompileListener(compile_began, compile_ended)
@@ -521,6 +540,11 @@ def train_and_evaluate(
         summary['best_checkpoint_step'] = best_checkpoint
         summary.update(task.summary_extras(final))
     summary.update(test_figures)
+    collapsed = collapsed_since(eval_history)
+    if collapsed is not None:
+        health['collapsed_step'] = collapsed
+        logging.warning('%s', collapse_message(config, collapsed, eval_history[-1]['step']))
+    summary.update(health)
     if not preempted:
         writer.write_summary(summary)
     writer.close()
@@ -558,6 +582,50 @@ def best_kept_step(workdir: str, metric: str) -> int:
     if not rows:
         return kept[-1]
     return max(rows, key=lambda r: (r[metric], r['step']))['step']
+
+
+def _rate_advice(config) -> str:
+    """The likely cause of a collapsed or diverging run, and the flags to change."""
+    if config.get('init_from'):
+        start, lower = f'from the pretrained encoder of {config.init_from}', '5e-5 to 1e-4'
+    else:
+        start, lower = 'from scratch', f'{config.learning_rate / 10:g}'
+    return (
+        f'This run starts {start} at learning_rate={config.learning_rate:g}; the likely cause '
+        f'is a rate too high for that start (or, from scratch, too few steps): rerun with a '
+        f'lower --config.learning_rate (e.g. {lower}) or a longer --config.warmup_steps'
+    )
+
+
+def collapsed_since(eval_history: list[dict]) -> int | None:
+    """The step from which every eval to the last one predicted a single class (a
+    classifier that ends as a constant), or None. The step-0 eval is left out: a new head
+    predicts one class by construction (zero-initialised), and so may the first evals of
+    a healthy run from scratch; what counts is where the run ends."""
+    since = None
+    for row in reversed(eval_history):
+        if row['step'] == 0 or row.get('predicted_classes') != 1:
+            break
+        since = row['step']
+    return since
+
+
+def collapse_message(config, since: int, last: int) -> str:
+    """The warning for a run whose validation predictions end as all one class."""
+    return (
+        f'collapse: every validation prediction is one class (the model predicts a '
+        f'constant) at every eval from step {since} to step {last}. {_rate_advice(config)}. '
+        'summary.json records it as collapsed_step.'
+    )
+
+
+def loss_rise_message(config, steps: str, loss: float, start: float) -> str:
+    """The warning for a training loss far above where the run started."""
+    return (
+        f'loss rose: the training loss of steps {steps} is {loss:.4g}, more than twice its '
+        f'{start:.4g} at the start of this run. {_rate_advice(config)}. summary.json records '
+        'it as loss_rose_step.'
+    )
 
 
 def checkpoint_params(run: RunSetup, workdir: str, step: int, parallelism: str):

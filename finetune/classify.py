@@ -74,15 +74,17 @@ class Predictor:
 
 
 def score(logits: np.ndarray, labels: np.ndarray, label_map: LabelMap) -> dict[str, float]:
-    """The task metrics: accuracy / macro F1 / Matthews for classification, Pearson /
-    Spearman / MSE for regression; plus the loss."""
+    """The task metrics: accuracy / macro F1 / Matthews and the number of distinct
+    predicted classes for classification, Pearson / Spearman / MSE for regression; plus
+    the loss."""
     if label_map.regression:
         result = metrics_lib.regression_metrics(labels, logits[:, 0])
         result['loss'] = result['mse']
         return result
-    result = metrics_lib.classification_metrics(
-        labels, np.argmax(logits, axis=1), label_map.num_classes
-    )
+    predicted = np.argmax(logits, axis=1)
+    result = metrics_lib.classification_metrics(labels, predicted, label_map.num_classes)
+    # How many classes the model predicts at all: 1 is a collapse (core/trainer.py warns).
+    result['predicted_classes'] = float(len(np.unique(predicted)))
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     result['loss'] = float(-np.mean(log_probs[np.arange(len(labels)), labels]))

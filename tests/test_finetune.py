@@ -328,6 +328,49 @@ def test_early_stopping_then_a_relaunch_trains_no_further(tmp_path, pydoc_vocab)
     assert read_json(workdir / 'summary.json') == summary
 
 
+def test_a_collapsing_run_says_so_and_a_learning_run_does_not(tmp_path, pydoc_vocab):
+    """A classifier that ends predicting a single class, or whose training loss blows up,
+    is named in the log and in summary.json with the likely cause and the flag to change;
+    a run that learns gets neither."""
+    workdir = tmp_path / 'collapse'
+    args = ('--config.learning_rate=3.0', '--config.warmup_steps=0', '--config.total_steps=20')
+    every = ('--config.eval_every=10', '--config.log_every=5')
+    r = launch('finetune', *text_cls(workdir, pydoc_vocab, *args, *every))
+    ok(r)
+    assert 'loss rose: the training loss of steps 1-5 is' in r.stderr
+    assert (
+        'collapse: every validation prediction is one class (the model predicts a constant) '
+        'at every eval from step 10 to step 20' in r.stderr
+    )
+    assert 'rerun with a lower --config.learning_rate (e.g. 0.3)' in r.stderr
+    summary = read_json(workdir / 'summary.json')
+    assert (summary['collapsed_step'], summary['loss_rose_step']) == (10, 5)
+    assert [row['predicted_classes'] for row in read_rows(workdir, 'eval')] == [1.0] * 3
+
+    workdir = tmp_path / 'learns'
+    every = ('--config.eval_every=20', '--config.log_every=10')
+    image = ('--config', 'configs/image_cls.py:tiny', '--workdir', str(workdir), *IMAGE_TINY)
+    r = launch('finetune', *image, '--config.total_steps=40', *every)
+    ok(r)
+    assert 'collapse' not in r.stderr and 'loss rose' not in r.stderr
+    summary = read_json(workdir / 'summary.json')
+    assert 'collapsed_step' not in summary and 'loss_rose_step' not in summary
+    assert read_rows(workdir, 'eval')[-1]['predicted_classes'] > 1
+
+
+def test_the_collapse_advice_follows_the_start():
+    from configs import text_cls as text_cls_config
+    from core import trainer
+
+    config = text_cls_config.get_config('tiny')
+    assert 'from scratch at learning_rate=0.001' in trainer.collapse_message(config, 10, 20)
+    assert '(e.g. 0.0001)' in trainer.collapse_message(config, 10, 20)
+    config.init_from = 'runs/minilm'
+    message = trainer.collapse_message(config, 10, 20)
+    assert 'from the pretrained encoder of runs/minilm at learning_rate=0.001' in message
+    assert '(e.g. 5e-5 to 1e-4)' in message
+
+
 def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):
     from core.trainer import best_kept_step
 
