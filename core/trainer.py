@@ -540,7 +540,7 @@ def train_and_evaluate(
         summary['best_checkpoint_step'] = best_checkpoint
         summary.update(task.summary_extras(final))
     summary.update(test_figures)
-    collapsed = collapsed_since(eval_history)
+    collapsed = collapsed_since(eval_history) if completed else None  # judged at the end
     if collapsed is not None:
         health['collapsed_step'] = collapsed
         logging.warning('%s', collapse_message(config, collapsed, eval_history[-1]['step']))
