@@ -47,6 +47,11 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.transfer.freeze_backbone = False  # linear probe
     c.transfer.freeze_layers = 0
     c.transfer.layer_decay = 1.0 if not imagenet else 0.75
+    c.transfer.head_lr_scale = 1.0  # the new head's lr, times the encoder's
+    # With init_from, learning_rate, warmup_steps, the schedule, head_lr_scale (and a text
+    # start's pooling) follow the start (core/recipe.py, docs/recipe.md) unless given on
+    # the command line; the run records what it took here. 'none': this file's values.
+    c.transfer.start_defaults = ''
 
     c.init_from = ''
     c.init_subtree = 'backbone'  # image_backbone for a CLIP checkpoint

@@ -80,6 +80,12 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
     c.examples_per_class = ()
     c.seeds = (0, 1, 2)
     c.probe_learning_rate = 1e-2  # the linear_probe arm: a frozen encoder wants a larger rate
+    # A grid, e.g. (1e-4, 3e-4, 1e-3): every arm, budget and seed runs at each rate, and the
+    # rate whose selected checkpoint is best on validation is the one reported (with its
+    # test figure). (): each arm at its own rate: the pretrained and imported arms their
+    # encoder's fine-tuning recipe (core/recipe.py), scratch finetune.learning_rate, the
+    # linear probe probe_learning_rate.
+    c.learning_rates = ()
     c.pretrain_workdir = ''  # '' = WORKDIR/pretrain; or an existing pretraining to reuse
     c.imported = ''  # a `launch.py import-hf` workdir: the `imported` arm
     if preset == 'smoke':

@@ -54,7 +54,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     for key in ('max_predictions', 'mask_prob', 'whole_word_masking'):
         del c.data[key]
 
-    c.model.pooling = 'cls'  # cls | mean
+    c.model.pooling = 'cls'  # cls | mean | pooler (BERT's Dense + tanh on [CLS])
     c.model.head_dropout = 0.1
     c.model.zero_init_head = True
 
@@ -63,6 +63,11 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.transfer.freeze_backbone = False  # linear probe
     c.transfer.freeze_layers = 0  # embeddings + the first k layers frozen
     c.transfer.layer_decay = 1.0  # layer-wise lr decay (1.0: off)
+    c.transfer.head_lr_scale = 1.0  # the new head's lr, times the encoder's
+    # With init_from, learning_rate, warmup_steps, the schedule, head_lr_scale (and a text
+    # start's pooling) follow the start (core/recipe.py, docs/recipe.md) unless given on
+    # the command line; the run records what it took here. 'none': this file's values.
+    c.transfer.start_defaults = ''
 
     c.init_from = ''  # a pretraining workdir or checkpoint; empty: from scratch
     c.init_subtree = 'backbone'  # the saved params subtree holding the encoder

@@ -124,6 +124,7 @@ RANGES = {
     'init_scale': RATE,
     'max_logit_scale': RATE,
     'layer_decay': RATE,
+    'head_lr_scale': RATE,
     'end_learning_rate': NON_NEGATIVE,
     'weight_decay': NON_NEGATIVE,
     'grad_clip_norm': NON_NEGATIVE,  # 0: no clipping

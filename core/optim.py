@@ -162,17 +162,22 @@ def transfer_scale_fn(config) -> Callable[[str], float | np.ndarray] | None:
       freeze_layers=k  the embeddings and the first k encoder layers are frozen
       layer_decay=d    layer-wise learning-rate decay: depth l of L + 1 gets d ** (L + 1 - l)
                        (embeddings the smallest, the head 1; Clark et al. 2020, BEiT)
+      head_lr_scale=s  the new head (every parameter outside backbone/) learns s times
+                       faster than the encoder's top layer
     """
     t = config.get('transfer')
     if t is None:
         return None
     num_layers = config.model.num_layers
-    if not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0:
+    head = t.get('head_lr_scale', 1.0)
+    if not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0 and head == 1.0:
         return None
 
     def factor(path: str, depth: int) -> float:
+        if not path.startswith('backbone/'):
+            return float(head)
         frozen = t.freeze_backbone or (t.freeze_layers > 0 and depth <= t.freeze_layers)
-        if path.startswith('backbone/') and frozen:
+        if frozen:
             return 0.0
         return float(t.layer_decay ** (num_layers + 1 - depth))
 

@@ -31,7 +31,7 @@ from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import flops as flops_lib
 from core import metrics as metrics_lib
-from core import optim
+from core import optim, recipe
 from core import sharding as sharding_lib
 from core import step as step_lib
 from core import train_state as state_lib
@@ -146,6 +146,24 @@ class RunSetup:
     plan: config_lib.WorkdirPlan | None = None  # None for a dry run (nothing written)
 
 
+def follow_start(config: ml_collections.ConfigDict) -> None:
+    """With init_from, the encoder's architecture is the one it was saved with, and a
+    fine-tuning run's optimizer and pooling defaults follow that start (core/recipe.py);
+    each change is logged. Done before config.json is written or compared, so a resumed
+    run (and `evaluate` with the run's command) compares equal."""
+    if not config.get('init_from'):
+        return
+    saved = config_lib.saved_run_config(config.init_from)
+    subtree = config.get('init_subtree', 'backbone')
+    for change in config_lib.adopt_architecture(config, saved, subtree):
+        logging.info('init_from %s: %s', config.init_from, change)
+    run_dir = config_lib.run_directory(config.init_from)
+    for change in recipe.apply(config, saved, run_dir, config_lib.COMMAND_LINE_KEYS):
+        logging.info('init_from %s: fine-tuning default %s', config.init_from, change)
+    if config.get('transfer', {}).get('start_defaults'):
+        logging.info('defaults from the start: %s', config.transfer.start_defaults)
+
+
 def set_up(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -167,13 +185,7 @@ def set_up(
     for what the task derives.
     """
     module = task_module(config, tasks, stage)
-    if config.get('init_from'):
-        # The encoder's architecture is the one it was saved with (before config.json is
-        # written, so a resumed run compares equal).
-        saved = config_lib.saved_run_config(config.init_from)
-        subtree = config.get('init_subtree', 'backbone')
-        for change in config_lib.adopt_architecture(config, saved, subtree):
-            logging.info('init_from %s: %s', config.init_from, change)
+    follow_start(config)
     config_lib.check_common(config)
     module.check_config(config)
     is_main = jax.process_index() == 0
@@ -587,7 +599,14 @@ def best_kept_step(workdir: str, metric: str) -> int:
 def _rate_advice(config) -> str:
     """The likely cause of a collapsed or diverging run, and the flags to change."""
     if config.get('init_from'):
-        start, lower = f'from the pretrained encoder of {config.init_from}', '5e-5 to 1e-4'
+        start = f'from the pretrained encoder of {config.init_from}'
+        text = not config.model.get('patch_size')
+        row = recipe.recipe_for(config.model.hidden_size).learning_rate if text else 0.0
+        lower = (
+            f"{row:g}, the recipe's for this encoder"
+            if 0 < row < config.learning_rate
+            else f'{config.learning_rate / 10:g}'
+        )
     else:
         start, lower = 'from scratch', f'{config.learning_rate / 10:g}'
     return (
@@ -666,6 +685,7 @@ def evaluate_checkpoint(
     WORKDIR/evaluation.json, naming the split, and, where the task can,
     WORKDIR/predictions.jsonl of that split."""
     module = task_module(config, tasks, stage)
+    follow_start(config)
     config_lib.check_common(config)
     module.check_config(config)
     if not os.path.isfile(os.path.join(workdir, 'config.json')):

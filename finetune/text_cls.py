@@ -51,9 +51,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f'data.seq_len {config.data.seq_len} must be in [8, model.max_len = '
             f'{config.model.max_len}]'
         )
-    if config.model.pooling not in ('cls', 'mean'):
+    if config.model.pooling not in ('cls', 'mean', 'pooler'):
         raise config_lib.ConfigError(
-            f'model.pooling={config.model.pooling!r}; expected cls or mean'
+            f'model.pooling={config.model.pooling!r}; expected cls, mean or pooler'
+        )
+    if config.model.pooling == 'pooler' and not config.model.pooler:
+        raise config_lib.ConfigError(
+            "model.pooling=pooler reads BERT's pooler, and this encoder has none "
+            '(model.pooler=false); use --config.model.pooling=cls or mean'
         )
 
 

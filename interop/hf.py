@@ -34,6 +34,7 @@ from flax import linen as nn
 from safetensors import SafetensorError
 
 from core import checkpoint as ckpt_lib
+from core import recipe
 from core.errors import ConfigError, DataError
 from data.tokenizer import WordPiece
 from interop import hf_bert, hf_vit
@@ -432,6 +433,7 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
         ckpt_lib.check_same_structure(params, _expected_tree(kind, model), f'imported from {where}')
         config = _stage_config(family, model, workdir, tokenizer)
         unused = sorted(set(tensors) - used)
+        pooling = recipe.sentence_pooling(directory) if kind == 'bert' else None
 
         with _writing(workdir, IMPORT_OUTPUTS):
             if kind == 'bert':
@@ -452,6 +454,9 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
                 'initialised': initialised,
                 'tokenizer': tokenizer,
                 'input_normalisation': normalisation,
+                # how a sentence-transformers checkpoint pools (None: not one); fine-tuning
+                # from this workdir pools the same way (core/recipe.py)
+                'pooling': pooling,
                 'model': model,
             }
             with open(os.path.join(workdir, wd.IMPORT_INFO), 'w') as f:

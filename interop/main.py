@@ -61,7 +61,9 @@ def run(command: str, args: argparse.Namespace) -> None:
             f'imported {"/".join(info["architectures"]) or info["model_type"]} from '
             f'{info["source"]} ({info["num_params"]:,} params{heads}) into {args.workdir}\n'
             f'Start a stage from it with --config.init_from={args.workdir} (the run takes its '
-            'architecture and vocabulary from there)'
+            'architecture and vocabulary from there; a fine-tuning, its learning rate, warmup '
+            f'and pooling{" (" + info["pooling"] + ")" if info["pooling"] else ""}: '
+            'docs/recipe.md)'
         )
     elif command == 'export-hf':
         from interop import hf

@@ -143,6 +143,11 @@ class TextEncoder(nn.Module):
             self.sow('intermediates', 'pooled', self.pooler(x))
         return x
 
+    def pooled(self, x: jax.Array) -> jax.Array:
+        """BERT's pooled output of this encoder's output x: [batch, length, hidden] ->
+        [batch, hidden] (needs cfg.pooler)."""
+        return self.pooler(x)
+
     def attend(self, x: jax.Array) -> jax.Array:
         return self.embeddings.attend(x)
 

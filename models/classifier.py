@@ -1,7 +1,7 @@
 """Encoders with a new task head, for fine-tuning. The encoder sits under `backbone/`
 (restored from pretraining), the head under `head/` (new).
 
-  TextClassifier   BERT backbone, [CLS] or mean pooling -> logits [batch, classes]
+  TextClassifier   BERT backbone, [CLS], mean or BERT's pooler -> logits [batch, classes]
   TokenClassifier  BERT backbone -> logits per token [batch, length, classes]
   ImageClassifier  ViT backbone, cls or mean pooling -> logits [batch, classes]
 
@@ -55,6 +55,8 @@ class TextClassifier(nn.Module):
         hidden = self.backbone(
             batch['input_ids'], batch['input_mask'], batch.get('segment_ids'), deterministic, rows
         )
+        if self.pooling == 'pooler':  # BERT's pooler: Dense + tanh on [CLS]
+            return self.backbone.pooled(hidden)
         return pool_tokens(hidden, batch['input_mask'], self.pooling)
 
     def __call__(

@@ -24,6 +24,7 @@ COLUMNS = (
     'budget',
     'train_examples',
     'seeds',
+    'learning_rates',
     'test_mean',
     'test_ci_low',
     'test_ci_high',
@@ -84,6 +85,7 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
                 'budget': budget,
                 'train_examples': _mean_or_none([r['train_examples'] for r in group]),
                 'seeds': len(group),
+                'learning_rates': _rates(group),
                 'test_mean': test_mean,
                 'test_ci_low': low,
                 'test_ci_high': high,
@@ -102,6 +104,15 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
         )
     table.sort(key=lambda t: t['budget'])  # stable: arms stay in the study's order
     return table
+
+
+def _rates(group: list[dict]) -> str:
+    """The learning rates the seeds ran at (chosen on validation, with a grid), '/'-joined
+    in seed order; one when they agree; '' when the rows do not say."""
+    rates = [r.get('learning_rate') for r in sorted(group, key=lambda r: r['seed'])]
+    if any(r is None for r in rates):
+        return ''
+    return f'{rates[0]:g}' if len(set(rates)) == 1 else '/'.join(f'{r:g}' for r in rates)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -138,7 +149,10 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
         first = next(t for t in rows if t)
         line = [f'{budget:g}', _fmt(first['train_examples'], 0)]
         line += [
-            _with_interval(t['test_mean'], t['test_ci_low'], t['test_ci_high']) if t else '-'
+            _with_interval(t['test_mean'], t['test_ci_low'], t['test_ci_high'])
+            + (f' (lr {t["learning_rates"]})' if t.get('learning_rates') else '')
+            if t
+            else '-'
             for t in rows
         ]
         if gain:

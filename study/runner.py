@@ -22,6 +22,7 @@ study's files.
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -31,6 +32,7 @@ from absl import logging
 
 from core import config as config_lib
 from core import metrics as metrics_lib
+from core import recipe
 from core.errors import ConfigError, UserError
 
 ARMS = ('pretrained', 'scratch', 'linear_probe', 'imported')
@@ -41,6 +43,7 @@ class Run:
     arm: str
     budget: float | int  # a fraction of each class (float) or examples per class (int)
     seed: int
+    learning_rate: float | None = None  # one rate of study.learning_rates; None: the arm's
 
     @property
     def budget_name(self) -> str:
@@ -50,7 +53,10 @@ class Run:
 
     @property
     def path(self) -> str:
-        return os.path.join('runs', self.arm, self.budget_name, f'seed{self.seed}')
+        path = os.path.join('runs', self.arm, self.budget_name, f'seed{self.seed}')
+        if self.learning_rate is None:
+            return path
+        return os.path.join(path, f'lr{self.learning_rate:g}')
 
 
 def arms(config) -> list[str]:
@@ -90,12 +96,35 @@ def plan(config) -> list[Run]:
     if not config.seeds:
         raise ConfigError('study seeds is empty; give e.g. --config.seeds="(0,1,2)"')
     config_lib.check_ranges(config)  # its stages' keys too (pretrain.*, finetune.*)
+    rates = [float(r) for r in config.learning_rates]
+    if any(not 0 < r < float('inf') for r in rates) or len(set(rates)) < len(rates):
+        raise ConfigError(
+            f'study learning_rates {tuple(config.learning_rates)} must be distinct positive '
+            'rates, e.g. --config.learning_rates="(1e-4,3e-4,1e-3)"; () = each arm its own'
+        )
     return [
-        Run(arm, budget, int(seed))
+        Run(arm, budget, int(seed), rate)
         for budget in budgets(config)
         for seed in config.seeds
         for arm in arms(config)
+        for rate in rates or [None]
     ]
+
+
+def choose_rates(rows: list[dict], metric: str) -> list[dict]:
+    """Of each (arm, budget, seed)'s runs at the grid's rates, the one whose selected
+    checkpoint is best on validation (the earlier rate of the grid on a tie): the rate is
+    chosen as the checkpoint is, never on test. Each row keeps the rates tried."""
+    best: dict[tuple, tuple[float, dict]] = {}
+    tried: dict[tuple, list] = {}
+    for row in rows:
+        key = (row['arm'], row['budget'], row['seed'])
+        tried.setdefault(key, []).append(row['learning_rate'])
+        score = row.get(f'val_{metric}')
+        score = -math.inf if score is None else score
+        if key not in best or score > best[key][0]:
+            best[key] = (score, row)
+    return [dict(row, rates_tried=tried[key]) for key, (_, row) in best.items()]
 
 
 def read_json(path: str) -> dict:
@@ -133,6 +162,14 @@ def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.Confi
     if run.arm == 'linear_probe':
         c.transfer.freeze_backbone = True
         c.learning_rate = config.probe_learning_rate
+    given = {k.partition('.')[2] for k in config_lib.COMMAND_LINE_KEYS if k.startswith('finetune.')}
+    if run.learning_rate is not None:  # a rate of the study's grid, on every arm
+        c.learning_rate = run.learning_rate
+        given.add('learning_rate')
+    if c.get('init_from'):
+        # A pretrained start takes the fine-tuning defaults of its encoder (core/recipe.py),
+        # except what the study's command line (--config.finetune.KEY) or grid gives.
+        recipe.apply(c, saved, config_lib.run_directory(source), given)
     if run.arm == 'scratch' and 'vocab_file' in c.data and not c.data.vocab_file:
         vocab = os.path.join(pretrain_dir, 'vocab.txt') if pretrain_dir else ''
         if os.path.isfile(vocab):
@@ -172,6 +209,7 @@ def result_row(run: Run, workdir: str, metric: str, target: float) -> dict:
         'arm': run.arm,
         'budget': run.budget,
         'seed': run.seed,
+        'learning_rate': read_json(os.path.join(workdir, 'config.json')).get('learning_rate'),
         'train_examples': summary.get('train_examples'),
         f'test_{metric}': summary[f'test_{metric}'],
         'test_step': selected,
@@ -237,14 +275,17 @@ def run_study(config, workdir: str) -> dict:
     if not is_main:
         return {'study': config.name, 'runs': len(runs)}
 
-    table = report.aggregate(rows, metric)
+    chosen = choose_rates(rows, metric)
+    table = report.aggregate(chosen, metric)
     result = {
         'study': config.name,
         'metric': metric,
         'target': config.target_accuracy,
         'pretrain_workdir': pretrain_dir,
+        'learning_rates': list(config.learning_rates),
         'table': table,
-        'runs': rows,
+        'runs': chosen,  # with a grid: each the run at the rate validation chose
+        'grid_runs': rows if config.learning_rates else [],
         'wall_time_sec': time.time() - started,
     }
     report.write(workdir, result)

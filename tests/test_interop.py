@@ -692,6 +692,12 @@ def test_import_then_finetune_and_continued_pretraining(tmp_path):
     assert 'initialised backbone from' in r.stderr
     assert 'model.hidden_size: 128 -> 384' in r.stderr and 'model.pooler: False -> True' in r.stderr
     check_workdir(cls, 'accuracy')
+    # ... and its fine-tuning defaults: MiniLM's row of core/recipe.py, not the tiny
+    # preset's from-scratch lr 1e-3, and the mean pooling it was trained with.
+    assert wd.read_json(os.path.join(imported, 'import.json'))['pooling'] == 'mean'
+    c = wd.read_json(os.path.join(cls, 'config.json'))
+    assert c['learning_rate'] == 1e-4 and c['model']['pooling'] == 'mean'
+    assert 'model.pooling=mean (start: 384 wide)' in c['transfer']['start_defaults']
     # Warmup starts at lr 0: checkpoint 1 still holds the imported encoder, exactly.
     imported_backbone = flat(saved_params(imported, 0)['backbone'])
     restored = flat(saved_params(cls, 1)['backbone'])

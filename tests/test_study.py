@@ -247,3 +247,72 @@ def test_smoke_study_on_two_processes(tmp_path):
     result = json.load(open(os.path.join(workdir, 'study.json')))
     assert len(result['runs']) == 4
     assert 'jit over 2 devices, 2 processes' in r.stderr
+
+
+def test_the_grid_chooses_each_arms_rate_on_validation(tmp_path):
+    c = study_config.get_config('smoke')
+    c.learning_rates = (1e-3, 1e-2)
+    runs = runner.plan(c)
+    assert len(runs) == 2 * 3 * 2  # budgets x arms x rates
+    assert runs[0].path == os.path.join('runs', 'pretrained', 'frac_0.05', 'seed0', 'lr0.001')
+    pretrain = tmp_path / 'pretrain'
+    pretrain.mkdir()
+    (pretrain / 'config.json').write_text(json.dumps(c.pretrain.to_dict()))
+    probe = runner.finetune_config(c, runner.Run('linear_probe', 1.0, 0, 1e-3), str(pretrain))
+    assert probe.learning_rate == 1e-3  # the grid's rate, not probe_learning_rate
+    pretrained = runner.finetune_config(c, runner.Run('pretrained', 1.0, 0, 1e-2), str(pretrain))
+    assert pretrained.learning_rate == 1e-2 and 'learning_rate=' not in (
+        pretrained.transfer.start_defaults.replace('end_learning_rate', '')
+    )
+    for bad in ((1e-3, 1e-3), (0.0,), (-1e-3,)):
+        c.learning_rates = bad
+        with pytest.raises(ConfigError, match='learning_rates'):
+            runner.plan(c)
+
+    def row(arm, seed, rate, val, test):
+        return {
+            'arm': arm,
+            'budget': 1.0,
+            'seed': seed,
+            'learning_rate': rate,
+            'val_accuracy': val,
+            'test_accuracy': test,
+        }
+
+    rows = [
+        row('pretrained', 0, 1e-4, 0.7, 0.9),  # best on test, not on validation
+        row('pretrained', 0, 1e-3, 0.8, 0.6),
+        row('scratch', 0, 1e-4, 0.5, 0.5),
+        row('scratch', 0, 1e-3, 0.5, 0.4),  # a tie: the grid's earlier rate
+        row('pretrained', 1, 1e-4, None, 0.9),  # no validation figure: never chosen
+        row('pretrained', 1, 1e-3, 0.1, 0.2),
+    ]
+    chosen = {(r['arm'], r['seed']): r for r in runner.choose_rates(rows, 'accuracy')}
+    assert chosen['pretrained', 0]['learning_rate'] == 1e-3
+    assert chosen['pretrained', 0]['test_accuracy'] == 0.6
+    assert chosen['pretrained', 0]['rates_tried'] == [1e-4, 1e-3]
+    assert chosen['scratch', 0]['learning_rate'] == 1e-4
+    assert chosen['pretrained', 1]['learning_rate'] == 1e-3
+
+
+def test_smoke_study_with_a_rate_grid_reports_the_chosen_rates(tmp_path):
+    workdir = str(tmp_path / 'study')
+    r = launch(
+        *_study_args(workdir),
+        '--config.label_fractions=(1.0,)',
+        '--config.learning_rates=(1e-3,3e-2)',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(os.path.join(workdir, 'study.json')))
+    assert len(result['grid_runs']) == 4 and len(result['runs']) == 2
+    for run in result['runs']:
+        grid = [g for g in result['grid_runs'] if g['arm'] == run['arm']]
+        assert {g['learning_rate'] for g in grid} == {1e-3, 3e-2}
+        assert run['val_accuracy'] == max(g['val_accuracy'] for g in grid)
+        run_config = json.load(open(os.path.join(run['workdir'], 'config.json')))
+        assert run_config['learning_rate'] == run['learning_rate']
+        assert run['workdir'].endswith(f'lr{run["learning_rate"]:g}')
+    for t in result['table']:
+        rate = next(x['learning_rate'] for x in result['runs'] if x['arm'] == t['arm'])
+        assert t['learning_rates'] == f'{rate:g}'
+        assert f'(lr {rate:g})' in r.stdout

@@ -252,3 +252,27 @@ def test_a_scanned_encoder_gets_the_same_per_layer_updates():
     for path, a, b in zip(paths(got), jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=path)
     assert not np.any(got['backbone']['encoder']['layers']['mlp']['wi']['kernel'][0])
+
+
+def test_head_lr_scale_speeds_up_only_the_new_head():
+    got = factors(text_config(num_layers=3, head_lr_scale=10.0, layer_decay=0.5))
+    for path, f in got.items():
+        if path.startswith('head/'):
+            assert f == 10.0, path
+        else:
+            assert f <= 0.5, path  # the encoder as layer decay has it
+    frozen = factors(text_config(freeze_backbone=True, head_lr_scale=10.0))
+    assert {f for p, f in frozen.items() if p.startswith('head/')} == {10.0}
+    assert {f for p, f in frozen.items() if p.startswith('backbone/')} == {0.0}
+
+    # Under the real optimizer: Adam's first step moves each parameter by about the rate,
+    # so the head moves ten times as far as the encoder's top layer.
+    config = optimizer_config(head_lr_scale=10.0)
+    config.optimizer.weight_decay = 0.0
+    tx, _ = make_optimizer(config)
+    params = text_params(config, init=True)
+    updates, _ = jax.jit(tx.update)(random_grads(params, 3), jax.jit(tx.init)(params), params)
+    moved = {p: float(np.abs(u).max()) for p, u in zip(paths(updates), jax.tree.leaves(updates))}
+    head = moved['head/out/kernel']
+    top = moved['backbone/encoder/layer_1/mlp/wi/kernel']  # the top of two layers
+    assert head == pytest.approx(10 * top, rel=1e-3)

@@ -1,0 +1,170 @@
+"""Fine-tuning defaults that follow the starting point.
+
+A size preset's optimizer values are for training that size from scratch: the `tiny`
+preset's learning rate 1e-3 suits a 2-layer, 128-wide encoder initialised at random. An
+encoder adopted through `init_from` is pretrained, and often larger (an imported MiniLM:
+384 wide, 6 layers, 22.7M parameters), and at that rate a pretrained encoder is destroyed
+in the first steps: the run ends predicting one class. So a text fine-tuning run with
+`init_from` takes these keys from RECIPES, by the hidden size of the encoder it adopted,
+instead of from its preset:
+
+  learning_rate            the recipe's rate for that encoder size
+  warmup_steps             WARMUP_FRACTION of total_steps (rounded up)
+  optimizer.schedule       linear decay to
+  optimizer.end_learning_rate   0 (BERT's)
+  transfer.head_lr_scale   the new head's rate, times the encoder's
+  model.pooling            what the start was trained with: a sentence-transformers
+                           checkpoint's pooling (import.json, read from its 1_Pooling
+                           config at import), a pretrax run's model.pooling, BERT's pooler
+                           (Dense + tanh on [CLS]) for a checkpoint that has one
+
+An image fine-tune keeps its preset's values (the tiny one measured from SimCLR on the
+digits, the imagenet one a layer-decay fine-tuning recipe): no image row is measured yet.
+
+A linear probe (transfer.freeze_backbone) trains only a new head, from scratch: it keeps
+its optimizer keys. A key given on the command line always wins, and
+`--config.transfer.start_defaults=none` keeps the config file's values for all of them.
+The run records what it took in `transfer.start_defaults` (config.json) and the log.
+docs/recipe.md has the table and the measurements that chose it.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import ml_collections
+from absl import logging
+
+from core import config as config_lib
+from core.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    up_to_hidden: float  # the largest encoder width this row serves
+    learning_rate: float
+    head_lr_scale: float
+    encoders: str  # what it is for
+
+
+RECIPES = (
+    Recipe(256, 1e-3, 1.0, 'pretrax tiny (128), BERT-tiny / mini (128 / 256)'),
+    Recipe(512, 1e-4, 10.0, 'MiniLM (384), BERT-small / medium (512)'),
+    Recipe(768, 5e-5, 10.0, 'BERT-base (768)'),
+    Recipe(math.inf, 2e-5, 10.0, 'BERT-large (1024) and wider'),
+)
+WARMUP_FRACTION = 0.1
+OFF = 'none'
+
+
+def warmup_steps(total_steps: int) -> int:
+    """WARMUP_FRACTION of the steps, at least one (the first step at rate 0 keeps the
+    start exact where it is read back), fewer than all."""
+    return max(0, min(math.ceil(WARMUP_FRACTION * total_steps), total_steps - 1))
+
+
+def recipe_for(hidden_size: int) -> Recipe:
+    return next(r for r in RECIPES if hidden_size <= r.up_to_hidden)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding='utf-8-sig') as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(
+            f'{path} cannot be read as JSON ({e}); the file is damaged: restore or copy it again'
+        ) from None
+
+
+# sentence-transformers' Pooling modes that pretrax's model.pooling has.
+_POOLING_MODES = {'pooling_mode_mean_tokens': 'mean', 'pooling_mode_cls_token': 'cls'}
+
+
+def sentence_pooling(directory: str) -> str | None:
+    """'mean' or 'cls': the pooling a sentence-transformers checkpoint in `directory` was
+    trained with (modules.json names its Pooling module's folder, whose config.json sets
+    one pooling_mode_*); None for a plain transformers checkpoint, or a mode pretrax has
+    not (max, weighted mean: logged, and fine-tuning keeps its config's pooling)."""
+    modules = os.path.join(directory, 'modules.json')
+    folders = []
+    if os.path.isfile(modules):
+        folders = [m.get('path', '') for m in _read_json(modules) if 'Pooling' in m.get('type', '')]
+    for folder in folders:
+        where = os.path.join(directory, folder, 'config.json')
+        if not os.path.isfile(where):
+            continue
+        modes = [k for k, on in _read_json(where).items() if k.startswith('pooling_mode_') and on]
+        if len(modes) == 1 and modes[0] in _POOLING_MODES:
+            return _POOLING_MODES[modes[0]]
+        logging.warning(
+            "%s pools by %s, which pretrax has not; fine-tuning keeps its config's model.pooling",
+            where,
+            ' + '.join(modes) or 'nothing',
+        )
+    return None
+
+
+def source_pooling(saved: dict, run_dir: str | None) -> str | None:
+    """How the start pooled a text sequence: its run's model.pooling, else import.json's
+    `pooling` (a sentence-transformers checkpoint's; an import written before import.json
+    had the key: read from the source it names, when still there), else 'pooler' for a
+    checkpoint with BERT's pooler; None when the start says nothing (a pretrax MLM run)."""
+    model = saved.get('model', {})
+    if model.get('pooling'):
+        return model['pooling']
+    info = {}
+    if run_dir and os.path.isfile(os.path.join(run_dir, 'import.json')):
+        info = _read_json(os.path.join(run_dir, 'import.json'))
+    pooling = info.get('pooling')
+    if 'pooling' not in info and os.path.isdir(info.get('source', '')):
+        pooling = sentence_pooling(info['source'])
+    if pooling:
+        return pooling
+    return 'pooler' if model.get('pooler') else None
+
+
+def apply(
+    config: ml_collections.ConfigDict, saved: dict, run_dir: str | None, given: set[str]
+) -> list[str]:
+    """Sets the keys of the module docstring on a fine-tuning `config` with init_from (the
+    architecture already adopted from `saved`, the start's config.json in `run_dir`),
+    except those in `given` (the user's); records them in transfer.start_defaults and
+    returns them as 'key: old -> new'. Does nothing without init_from, for a config that
+    has no transfer block (pretraining), or when start_defaults is already set (a run the
+    study configured, or `none`)."""
+    t = config.get('transfer')
+    if not config.get('init_from') or t is None or t.get('start_defaults', OFF):
+        return []
+    if config.model.get('patch_size'):  # an image encoder: the preset's values
+        t.start_defaults = 'nothing (start: an image encoder)'
+        return []
+    recipe = recipe_for(config.model.hidden_size)
+    values = {}
+    if not t.freeze_backbone:
+        values = {
+            'learning_rate': recipe.learning_rate,
+            'warmup_steps': warmup_steps(config.total_steps),
+            'optimizer.schedule': 'linear',
+            'optimizer.end_learning_rate': 0.0,
+            'transfer.head_lr_scale': recipe.head_lr_scale,
+        }
+    pooling = source_pooling(saved, run_dir)
+    if pooling and 'pooling' in config.model:
+        values['model.pooling'] = pooling
+    changes, taken = [], []
+    for dotted, value in values.items():
+        if dotted in given:
+            continue
+        parent_key, _, key = dotted.rpartition('.')
+        parent = config_lib.get(config, parent_key) if parent_key else config
+        if key not in parent:
+            continue
+        taken.append(f'{dotted}={value}')
+        if parent[key] != value:
+            changes.append(f'{dotted}: {parent[key]!r} -> {value!r}')
+            parent[key] = type(parent[key])(value)
+    why = 'a linear probe' if t.freeze_backbone else f'{config.model.hidden_size} wide'
+    t.start_defaults = f'{", ".join(taken) or "nothing"} (start: {why})'
+    return changes
