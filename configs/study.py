@@ -4,8 +4,12 @@ from the pretrained encoder and from scratch, summarised as a table and a plot.
   python launch.py study --config configs/study.py:digits --workdir runs/study
 
 The claim it makes, per label budget: at the same fine-tuning budget on every arm (steps,
-batch, optimizer; for text also the pretraining's vocabulary), this is the test score of
-the checkpoint each run selects on its validation split. Validation: data.eval_fraction
+batch, optimizer; for text also the pretraining's vocabulary), each arm at its own
+learning rate, this is the test score of the checkpoint each run selects on its
+validation split. The rate: by default each arm's start's (pretrained / imported: their
+encoder's fine-tuning recipe, core/recipe.py; scratch: finetune.learning_rate; linear
+probe: probe_learning_rate); with --config.learning_rates="(1e-4,3e-4,1e-3)" every arm
+runs at each rate and the one validation prefers is reported. Validation: data.eval_fraction
 of each class of the training examples, by seed (the same split for every budget of a
 seed). Test: the task's own split, read once at the end of each run (digits: 389 images;
 pydoc_topics: 268 paragraphs). Reported as a mean and a 95% interval (Student t) over

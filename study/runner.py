@@ -2,16 +2,18 @@
 
 WORKDIR/config.json             the study's resolved config
 WORKDIR/pretrain/               the pretraining run (unless `pretrain_workdir` names one)
-WORKDIR/runs/<arm>/<budget>/seed<k>/   one fine-tuning workdir per run
+WORKDIR/runs/<arm>/<budget>/seed<k>/   one fine-tuning workdir per run (with a
+                                       `learning_rates` grid: .../seed<k>/lr<rate>/)
 WORKDIR/study.json, study.csv   per-run results and the table (study/report.py)
 WORKDIR/study.png               test accuracy against labelled examples, one line per arm
 
 The claim a study makes: at a fixed training budget (the same steps, batch, optimizer and,
-for text, vocabulary on every arm), the checkpoint each run selects on its validation split
-(carved from the labelled examples by seed, the same for every budget of a seed) scores
-this on the test split, which no run reads before its end: a mean and a 95% interval over
-seeds per arm and budget, and the paired pretrained - scratch difference with its own
-interval. Steps-to-target count validation rows.
+for text, vocabulary on every arm; each arm at its own learning rate: its start's, or the
+rate of `learning_rates` validation chose), the checkpoint each run selects on its
+validation split (carved from the labelled examples by seed, the same for every budget of
+a seed) scores this on the test split, which no run reads before its end: a mean and a
+95% interval over seeds per arm and budget, and the paired pretrained - scratch
+difference with its own interval. Steps-to-target count validation rows.
 
 Every run is an ordinary stage run in its own workdir, so the study resumes for free: a run
 whose summary says it completed is read, not redone; a run cut off midway resumes from its
