@@ -23,7 +23,13 @@ of train.tsv validates; without test_files there is no test split);
 .jsonl too); --config.task_type=regression for a numeric label. Low-label studies:
 --config.train_examples=10 (per class) or 0.1 (fraction), chosen by seed, nested.
 Transfer modes: --config.transfer.freeze_backbone=true (linear probe),
---config.transfer.freeze_layers=K, --config.transfer.layer_decay=0.8.
+--config.transfer.freeze_layers=K, --config.transfer.layer_decay=0.8,
+--config.transfer.head_lr_scale=10 (the new head's rate, times the encoder's).
+
+With init_from, the optimizer keys below (and the pooling) follow the start, not this
+file: the recipe for the adopted encoder's width (core/recipe.py, docs/recipe.md; the
+tiny MLM encoder's row is this file's values, an imported MiniLM gets lr 1e-4 with the
+head at x10 and its mean pooling). A --config.key on the command line always wins.
 """
 
 import ml_collections
@@ -78,7 +84,9 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.eval.evaluate_split = 'test'  # what `launch.py evaluate` scores: test | validation
     c.early_stopping_patience = 0  # evals without a new best before stopping (0: off)
 
-    # BERT fine-tuning: AdamW, lr 2e-5..5e-5 (small models take more), 10% warmup, linear.
+    # AdamW, 10% warmup, linear decay; lr 1e-3 for tiny from scratch (and the tiny MLM
+    # encoder), BERT's 3e-5 for the larger presets. With init_from, the start's recipe
+    # (core/recipe.py) sets these unless the command line gives them.
     c.batch_size = 32
     c.total_steps = 600 if tiny else 3000
     c.warmup_steps = 60 if tiny else 300
