@@ -182,15 +182,27 @@ def test_ctrl_c_stops_a_run_with_a_line_not_a_traceback(tmp_path, pydoc_vocab):
     args = ['pretrain', '--config', 'configs/bert_mlm.py:tiny', '--workdir', str(workdir)]
     args += [*SMALL_RUN, f'--config.data.vocab_file={pydoc_vocab}', '--config.total_steps=100000']
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    # Started as a terminal's foreground job is: with Ctrl-C's default action. A process
+    # started in the background by a non-interactive shell (as a CI runner may start the
+    # suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt.
     with open(tmp_path / 'log', 'w') as log:
-        proc = subprocess.Popen([sys.executable, 'launch.py', *args], cwd=ROOT, env=env, stderr=log)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if 'first step done' in (tmp_path / 'log').read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+        proc = subprocess.Popen(
+            [sys.executable, 'launch.py', *args],
+            cwd=ROOT,
+            env=env,
+            stderr=log,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if 'first step done' in (tmp_path / 'log').read_text():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()  # a run that ignored the signal must not outlive the test
     stderr = (tmp_path / 'log').read_text()
     assert 'Traceback' not in stderr, stderr[-3000:]
     assert 'interrupted (Ctrl-C): the run stops here; rerun the same command to resume it' in stderr
