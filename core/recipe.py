@@ -59,8 +59,8 @@ OFF = 'none'
 
 
 def warmup_steps(total_steps: int) -> int:
-    """WARMUP_FRACTION of the steps, at least one (the first step at rate 0 keeps the
-    start exact where it is read back), fewer than all."""
+    """WARMUP_FRACTION of the steps, rounded up, so at least one (the first step, at rate
+    0, leaves the start as it was), and fewer than all (a 1-step run: none)."""
     return max(0, min(math.ceil(WARMUP_FRACTION * total_steps), total_steps - 1))
 
 

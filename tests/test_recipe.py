@@ -267,3 +267,18 @@ def test_pooler_pooling_reads_berts_pooler():
     c.model.pooler = False
     with pytest.raises(ConfigError, match='model.pooler=false'):
         task.check_config(c)
+
+
+def test_a_clip_text_tower_start_pools_as_clip_trained_it(tmp_path):
+    from configs import clip
+    from core import trainer
+
+    saved = clip.get_config('tiny').to_dict()
+    saved['model']['text']['pooling'] = 'mean'  # the image tower keeps cls
+    (tmp_path / 'config.json').write_text(json.dumps(saved))
+    c = text_cls.get_config('tiny')
+    c.init_from = str(tmp_path)
+    c.init_subtree = 'text_backbone'
+    trainer.follow_start(c)
+    assert c.model.pooling == 'mean' and c.model.layer_norm == 'pre'
+    assert c.transfer.start_defaults.endswith('model.pooling=mean (start: 128 wide)')
