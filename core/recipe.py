@@ -140,6 +140,8 @@ def apply(
     if config.model.get('patch_size'):  # an image encoder: the preset's values
         t.start_defaults = 'nothing (start: an image encoder)'
         return []
+    if config.get('init_subtree') == 'text_backbone':  # a CLIP run's text tower: model.text
+        saved = {**saved, 'model': saved.get('model', {}).get('text', {})}
     recipe = recipe_for(config.model.hidden_size)
     values = {}
     if not t.freeze_backbone:

@@ -158,8 +158,6 @@ def follow_start(config: ml_collections.ConfigDict) -> None:
     for change in config_lib.adopt_architecture(config, saved, subtree):
         logging.info('init_from %s: %s', config.init_from, change)
     run_dir = config_lib.run_directory(config.init_from)
-    if subtree == 'text_backbone':  # a CLIP run keeps its text tower's keys under model.text
-        saved = {**saved, 'model': saved.get('model', {}).get('text', {})}
     for change in recipe.apply(config, saved, run_dir, config_lib.COMMAND_LINE_KEYS):
         logging.info('init_from %s: fine-tuning default %s', config.init_from, change)
     if config.get('transfer', {}).get('start_defaults'):
