@@ -61,14 +61,19 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     # Model. vocab_size is the WordPiece vocabulary trained on the corpus (or the size of
     # the given vocab.txt, which must not exceed it).
     c.model = ml_collections.ConfigDict()
-    c.model.vocab_size = 8192 if preset == 'tiny' else 30522
+    # tiny: 4096, sized to its 1.5 MB corpus (8192 gave 0.02 lower held-out accuracy, 2048
+    # 0.01 lower; README, "What the default run gives").
+    c.model.vocab_size = 4096 if preset == 'tiny' else 30522
     c.model.hidden_size = hidden
     c.model.num_layers = layers
     c.model.num_heads = heads
     c.model.mlp_dim = mlp
     c.model.max_len = 512
     c.model.type_vocab_size = 2
-    c.model.dropout_rate = 0.1
+    # tiny: none. A short run of a small model underfits (its train and held-out accuracy
+    # agree), so dropout only slows it (+0.01 held-out accuracy without; Geiping and
+    # Goldstein, "Cramming", 2022, found the same). Fine-tuning configs set their own.
+    c.model.dropout_rate = 0.0 if preset == 'tiny' else 0.1
     c.model.attention_dropout_rate = 0.0  # >0 leaves the fused attention path
     c.model.activation = 'gelu'
     c.model.layer_norm = 'post'  # BERT
@@ -81,12 +86,12 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.image_size = 0
 
     # Optimization. BERT: AdamW, beta2 0.999, eps 1e-6, wd 0.01, linear warmup + decay.
-    # tiny is sized for a 2-core CPU (about 6 minutes); the others follow BERT's phase-1
+    # tiny is sized for a 2-core CPU (about 9 minutes); the others follow BERT's phase-1
     # recipe (batch 256, seq 128, 1M steps in the paper; here 100k as a starting point).
-    c.total_steps = 1200 if preset == 'tiny' else 100_000
+    c.total_steps = 2400 if preset == 'tiny' else 100_000
     c.batch_size = 32 if preset == 'tiny' else 256  # global
-    c.learning_rate = 1e-3 if preset == 'tiny' else 1e-4  # small models take a higher lr
-    c.warmup_steps = 120 if preset == 'tiny' else 10_000
+    c.learning_rate = 2e-3 if preset == 'tiny' else 1e-4  # small models take a higher lr
+    c.warmup_steps = 240 if preset == 'tiny' else 10_000
     c.grad_accum_steps = 1  # micro-batches per step (batch_size is the whole step)
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = 'adamw'  # adamw | lamb
