@@ -205,7 +205,8 @@ def test_a_run_takes_the_architecture_of_the_run_it_starts_from(tmp_path):
     assert c.model.num_layers == 3 and c.model.hidden_size == 64 and c.model.pooler is True
     assert c.model.layer_norm_eps == 1e-7 and c.data.lowercase is False
     assert c.model.dropout_rate == 0.3  # the fine-tune's own choice stays
-    assert 'model.num_layers: 2 -> 3' in changes and len(changes) == 5
+    assert 'model.num_layers: 2 -> 3' in changes and len(changes) == 6
+    assert 'model.vocab_size: 8192 -> 4096' in changes  # the MLM preset's corpus-sized one
     assert config_lib.adopt_architecture(c, saved) == []  # idempotent: a resume compares equal
     # A key given on the command line is the user's: kept (the restore reports a mismatch).
     c = text_cls.get_config('tiny')
@@ -233,6 +234,22 @@ def test_a_run_takes_the_architecture_of_the_run_it_starts_from(tmp_path):
     c = text_cls.get_config('tiny')
     config_lib.adopt_architecture(c, two_tower, 'text_backbone')
     assert c.model.num_layers == 3 and c.model.layer_norm == 'pre'
+
+
+def test_fine_tuning_from_the_default_mlm_run_trains_with_dropout():
+    """The quick start's MLM run trains without dropout (docs/mlm_tiny.md: a short run of a
+    small model underfits); what starts from it adopts its shapes, 4096-token vocabulary
+    included, but keeps BERT's fine-tuning dropout 0.1 (SimCSE needs it: its two views
+    are two dropout masks)."""
+    from configs import bert_mlm, simcse, text_cls, token_cls
+
+    saved = bert_mlm.get_config('tiny').to_dict()
+    assert saved['model']['dropout_rate'] == 0.0 and saved['model']['vocab_size'] == 4096
+    for stage in (text_cls, token_cls, simcse):
+        c = stage.get_config('tiny')
+        config_lib.adopt_architecture(c, saved)
+        assert c.model.vocab_size == 4096
+        assert c.model.dropout_rate == 0.1, stage.__name__
 
 
 def test_a_key_added_since_a_run_was_saved_does_not_block_its_resume(tmp_path):
