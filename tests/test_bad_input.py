@@ -109,7 +109,7 @@ def test_workdir_of_another_config_is_refused_then_overwritten(finished_run, pyd
     vocab = f'--config.data.vocab_file={pydoc_vocab}'
     r = run(finished_run, '--config.total_steps=2', vocab, '--config.learning_rate=0.5')
     assert r.returncode == 1
-    assert 'holds a run with a different config (learning_rate: 0.001 -> 0.5)' in r.stderr
+    assert 'holds a run with a different config (learning_rate: 0.002 -> 0.5)' in r.stderr
     assert '--config.overwrite=true' in r.stderr
     r = run(
         finished_run,

@@ -2,10 +2,11 @@
 any layout, dropout on (README, "Parallelism").
 
 Every run starts in a fresh workdir and trains its own vocabulary (no shared vocab.txt),
-with the default dropout 0.1: 1 device, pmap over 8 devices, jit over data / fsdp / tensor
-meshes, 2 processes x 4 devices (jit and pmap) and gradient accumulation all draw each
-example's dropout masks (and SimCLR's augmentations) from (seed, step, global row of the
-example), so they agree up to float reassociation. The runs are tests/test_topology.py's.
+with dropout 0.1 (tests/conftest.py's SMALL_RUN sets it; the tiny MLM preset has none):
+1 device, pmap over 8 devices, jit over data / fsdp / tensor meshes, 2 processes x 4
+devices (jit and pmap) and gradient accumulation all draw each example's dropout masks
+(and SimCLR's augmentations) from (seed, step, global row of the example), so they agree
+up to float reassociation. The runs are tests/test_topology.py's.
 """
 
 import json

@@ -164,5 +164,5 @@ def test_a_finished_run_continues_to_a_larger_total_steps(tmp_path, finished, py
     # Any other key still makes it another run, and the message names it and the fix.
     r = run(workdir, *short(pydoc_vocab, steps=4), '--config.learning_rate=0.5')
     assert r.returncode == 1, r.stderr[-2000:]
-    assert 'holds a run with a different config (learning_rate: 0.001 -> 0.5)' in r.stderr
+    assert 'holds a run with a different config (learning_rate: 0.002 -> 0.5)' in r.stderr
     assert 'total_steps' in r.stderr  # the keys that may change are named
