@@ -145,12 +145,12 @@ def test_a_finished_run_continues_to_a_larger_total_steps(tmp_path, finished, py
     r = run(workdir, *short(pydoc_vocab, steps=4))
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'resumed from {workdir}/checkpoints/2' in r.stderr
-    # Linear decay from 1e-3: it ended at step 2, now it ends at step 4.
+    # Linear decay from 2e-3 (the tiny preset's lr): it ended at step 2, now it ends at step 4.
     assert (
         'total_steps 2 -> 4: the linear learning-rate schedule now ends at step 4 (was 2)'
         in r.stderr
     )
-    assert 'at step 2 the learning rate goes from 0 to 0.0005' in r.stderr
+    assert 'at step 2 the learning rate goes from 0 to 0.001' in r.stderr
     assert read_json(workdir / 'summary.json')['steps'] == 4
     assert read_json(workdir / 'config.json')['total_steps'] == 4
     with open(workdir / 'config_history.jsonl') as f:
