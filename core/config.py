@@ -13,7 +13,7 @@ from collections.abc import Callable
 import ml_collections
 from absl import logging
 
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 
 # Keys that may change between restarts of the same run without making it another run:
 # its length (a finished run continues to a larger total_steps; the learning-rate schedule
@@ -297,6 +297,18 @@ class WorkdirPlan:
         return os.path.join(self.workdir, STAGING)
 
 
+def read_json(path: str):
+    """A JSON file; one that cannot be read (cut short, not UTF-8) is a DataError naming it."""
+    try:
+        with open(path, encoding='utf-8-sig') as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(
+            f'{path} cannot be read as JSON ({e}); the file is damaged or incomplete: restore '
+            'or copy it again'
+        ) from e
+
+
 def _saved_config(path: str) -> dict:
     try:
         with open(path) as f:
@@ -513,8 +525,7 @@ def saved_run_config(path: str) -> dict:
     run = run_directory(path)
     if run is None:
         return {}
-    with open(os.path.join(run, 'config.json')) as f:
-        return json.load(f)
+    return read_json(os.path.join(run, 'config.json'))
 
 
 def _tokens(vocab_file: str) -> list[str]:

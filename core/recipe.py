@@ -29,7 +29,6 @@ docs/recipe.md has the table and the measurements that chose it.
 """
 
 import dataclasses
-import json
 import math
 import os
 
@@ -37,7 +36,7 @@ import ml_collections
 from absl import logging
 
 from core import config as config_lib
-from core.errors import DataError
+from core.config import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +67,6 @@ def recipe_for(hidden_size: int) -> Recipe:
     return next(r for r in RECIPES if hidden_size <= r.up_to_hidden)
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding='utf-8-sig') as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(
-            f'{path} cannot be read as JSON ({e}); the file is damaged: restore or copy it again'
-        ) from None
-
-
 # sentence-transformers' Pooling modes that pretrax's model.pooling has.
 _POOLING_MODES = {'pooling_mode_mean_tokens': 'mean', 'pooling_mode_cls_token': 'cls'}
 
@@ -90,12 +79,12 @@ def sentence_pooling(directory: str) -> str | None:
     modules = os.path.join(directory, 'modules.json')
     folders = []
     if os.path.isfile(modules):
-        folders = [m.get('path', '') for m in _read_json(modules) if 'Pooling' in m.get('type', '')]
+        folders = [m.get('path', '') for m in read_json(modules) if 'Pooling' in m.get('type', '')]
     for folder in folders:
         where = os.path.join(directory, folder, 'config.json')
         if not os.path.isfile(where):
             continue
-        modes = [k for k, on in _read_json(where).items() if k.startswith('pooling_mode_') and on]
+        modes = [k for k, on in read_json(where).items() if k.startswith('pooling_mode_') and on]
         if len(modes) == 1 and modes[0] in _POOLING_MODES:
             return _POOLING_MODES[modes[0]]
         logging.warning(
@@ -116,7 +105,7 @@ def source_pooling(saved: dict, run_dir: str | None) -> str | None:
         return model['pooling']
     info = {}
     if run_dir and os.path.isfile(os.path.join(run_dir, 'import.json')):
-        info = _read_json(os.path.join(run_dir, 'import.json'))
+        info = read_json(os.path.join(run_dir, 'import.json'))
     pooling = info.get('pooling')
     if 'pooling' not in info and os.path.isdir(info.get('source', '')):
         pooling = sentence_pooling(info['source'])

@@ -53,8 +53,7 @@ def _read_summary(workdir: str) -> dict:
     path = os.path.join(workdir, 'summary.json')
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    return config_lib.read_json(path)
 
 
 def _train_time_at(workdir: str, step: int) -> float:

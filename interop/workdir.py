@@ -7,7 +7,6 @@ text classification (text), SimCLR and image classification (ViT), CLIP
 (`image_backbone`, `text_backbone`), and workdirs written by `import-hf`.
 """
 
-import json
 import os
 import warnings
 
@@ -17,23 +16,12 @@ import numpy as np
 from flax import linen as nn
 
 from core import checkpoint as ckpt_lib
-from core.errors import CheckpointError, ConfigError, DataError
+from core.config import read_json
+from core.errors import CheckpointError, ConfigError
 from models.bert import BertConfig, TextEncoder
 from models.vit import VisionEncoder, VitConfig
 
 IMPORT_INFO = 'import.json'  # what `import-hf` wrote: source, architecture, initialised heads
-
-
-def read_json(path: str) -> dict:
-    """A JSON file; one that cannot be read (cut short, not UTF-8) is a DataError naming it."""
-    try:
-        with open(path, encoding='utf-8-sig') as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise DataError(
-            f'{path} cannot be read as JSON ({e}); the file is damaged or incomplete: restore '
-            'or copy it again'
-        ) from e
 
 
 def read_config(workdir: str) -> dict:

@@ -3,6 +3,7 @@ message naming the input, the problem and the fix (core/cli.py error_message). A
 files the tools write: exactly the path asked for, with the usual permissions."""
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -99,6 +100,14 @@ def case(tmp_path, text_run, exported, name):
             f'init_from {text_run} is a text model (params/backbone), and this run trains an '
             'image model; give --config.init_from a run with an image encoder'
         )
+    if name == 'fine-tune from a run whose config.json is cut short':
+        start = str(t / 'start')
+        shutil.copytree(text_run, start)
+        config = os.path.join(start, 'config.json')
+        with open(config, 'r+') as f:
+            f.truncate(len(f.read()) // 2)
+        args = ['finetune', '--config', 'configs/text_cls.py:tiny', '--workdir', str(t / 'w')]
+        return [*args, f'--config.init_from={start}'], f'{config} cannot be read as JSON ('
     if name == 'study with a non-finite learning rate':
         args = ['study', '--config', 'configs/study.py:digits', '--workdir', str(t / 'w')]
         return [*args, '--config.finetune.learning_rate=nan'], (
@@ -139,6 +148,7 @@ CASES = [
     'data file that is a directory',
     'workdir under a file',
     'image fine-tune from a text run',
+    'fine-tune from a run whose config.json is cut short',
     'study with a non-finite learning rate',
     'import of a truncated model.safetensors',
     'import of a truncated config.json',
