@@ -5,7 +5,7 @@ Run (the default: the embedded `digits_captions` pairs, every digit of the digit
 training split (1408; 302 held out for retrieval; the 389 test images are never read)
 with a generated caption such as "a bold handwritten seven, leaning right"; about 2 minutes on
 2 CPU cores; held-out image->text recall@1 0.24 (CLIP) / 0.08 (SigLIP) against a chance
-level of 0.006, see README):
+level of 0.006, see docs/results.md):
 
   python launch.py pretrain --config configs/clip.py:tiny --workdir runs/clip
   python launch.py pretrain --config configs/clip.py:tiny,sigmoid --workdir runs/siglip

@@ -4,7 +4,7 @@ Run (the default: the embedded digits, 10 classes at 16x16; 1797 images: 1408 fo
 training, of which a tenth of each class (140) is held out for validation by seed, and a
 fixed test split of 389), from a SimCLR run and from scratch with the same budget (under
 a minute each on 2 CPU cores; test accuracy 0.987 from SimCLR, 0.882 from scratch; see
-README):
+docs/results.md):
 
   python launch.py pretrain --config configs/vit_simclr.py:tiny --workdir runs/simclr
   python launch.py finetune --config configs/image_cls.py:tiny --workdir runs/digits \

@@ -3,7 +3,7 @@ r"""Unsupervised SimCSE: a BERT sentence encoder trained by contrasting two drop
 Run (the default: BERT-tiny, the same architecture as configs/bert_mlm.py:tiny, on the
 sentences of the embedded CPython docs + stdlib docstrings; 5 minutes on 2 CPU cores;
 held-out twin-finding accuracy 0.77 from scratch, 0.93 after MLM; k-NN / linear-probe
-accuracy on the pydoc-topic task in README):
+accuracy on the pydoc-topic task in docs/results.md):
 
   python launch.py pretrain --config configs/simcse.py:tiny --workdir runs/simcse
 

@@ -20,14 +20,14 @@ Presets:
   digits  SimCLR ViT on the embedded digits (configs/vit_simclr.py:tiny), then digits
           classification (configs/image_cls.py:tiny) at 1%..100% of the labels, 3 seeds,
           arms pretrained / scratch / linear_probe; 400 steps a fine-tuning. 40 minutes on
-          2 CPU cores with a SimCLR run reused (README has the table: pretraining +0.49
+          2 CPU cores with a SimCLR run reused (docs/study.md has the table: pretraining +0.49
           test accuracy at 1 label per class, +0.05 with every label, paired intervals
           above zero at every budget).
   text    MLM BERT-tiny on the embedded CPython docs (configs/bert_mlm.py:tiny), then the
           pydoc_topics classification (configs/text_cls.py:tiny; the scratch arm gets the
           pretraining's vocabulary, so both arms tokenize alike); with
           --config.imported=DIR (a `launch.py import-hf` workdir) a third arm fine-tunes that
-          imported checkpoint, with its own architecture and vocabulary. README has the
+          imported checkpoint, with its own architecture and vocabulary. docs/study.md has the
           table (10% and all labels, 3 seeds: +0.270 and +0.215 test accuracy, paired
           intervals above zero).
   smoke   a minute-sized digits study for tests: 2 budgets, 1 seed, a few steps.

@@ -4,7 +4,7 @@ Run (the default: the embedded pydoc_topics task, which CPython documentation to
 paragraph comes from, 13 classes; 899 paragraphs: 631 for training, of which a tenth of
 each topic (62) is held out for validation by seed, and 268 for the fixed test split),
 from an MLM run and from scratch with the same budget and vocabulary (2-3 minutes each on
-2 CPU cores; test accuracy 0.700 from MLM, 0.549 from scratch, means of 3 seeds; README):
+2 CPU cores; test accuracy 0.700 from MLM, 0.549 from scratch, means of 3 seeds; docs/results.md):
 
   python launch.py pretrain --config configs/bert_mlm.py:tiny --workdir runs/mlm
   python launch.py finetune --config configs/text_cls.py:tiny --workdir runs/cls \
@@ -61,7 +61,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
         del c.data[key]
 
     # From scratch without a vocab_file, the WordPiece vocabulary is trained on the task's
-    # text: 8192 tokens (README's from-scratch figures; the MLM preset's 4096 is sized to
+    # text: 8192 tokens (docs/results.md's from-scratch figures; the MLM preset's 4096 is sized to
     # its corpus). With init_from the start's vocabulary and architecture are adopted.
     c.model.vocab_size = 8192 if tiny else c.model.vocab_size
     c.model.dropout_rate = 0.1  # BERT's fine-tuning dropout (the tiny MLM preset has none)

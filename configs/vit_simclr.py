@@ -4,7 +4,7 @@ Run (the default: a small ViT on the embedded scikit-learn digits, 8x8 grayscale
 resized to 16x16: the 1408 images of their training split, 302 of them held out to score
 the probes; the 389 test images are left to image_cls; 6.5 to 8.5 minutes on 2 CPU cores;
 on the frozen backbone, linear probe 0.964 (0.884 for the same probe at random init),
-5-labels-per-class probe 0.901 (0.545), 20-NN 0.983 (0.503); README has the details):
+5-labels-per-class probe 0.901 (0.545), 20-NN 0.983 (0.503); docs/results.md has the details):
 
   python launch.py pretrain --config configs/vit_simclr.py:tiny --workdir runs/simclr
 

@@ -1,5 +1,5 @@
 """Bad input stops the run before compiling, with exit code 1 and a message naming the
-problem and the fix. The same table is in README.md."""
+problem and the fix. The same table is in docs/errors.md."""
 
 import shutil
 

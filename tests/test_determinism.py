@@ -1,5 +1,5 @@
 """Same config, seed and data: the same vocabulary and the same run in any new workdir and on
-any layout, dropout on (README, "Parallelism").
+any layout, dropout on (docs/pretraining.md, "Parallelism").
 
 Every run starts in a fresh workdir and trains its own vocabulary (no shared vocab.txt),
 with dropout 0.1 (tests/conftest.py's SMALL_RUN sets it; the tiny MLM preset has none):

@@ -53,7 +53,7 @@ def max_err(a, b) -> float:
 
 
 def report(what: str, errors: dict[str, float]) -> None:
-    """Prints the figures README.md quotes, with
+    """Prints the figures docs/results.md quotes, with
     `pytest tests/test_interop.py -s -k "match or exact or export"`."""
     print(f'\n{what}: ' + ', '.join(f'{k} max abs error {v:.1e}' for k, v in errors.items()))
 

@@ -86,7 +86,7 @@ def test_the_recipe_rows_follow_the_encoder_width():
         2e-5,
     ]
     # The tiny row is the tiny preset's own from-scratch values: a tiny pretrax encoder,
-    # pretrained or not, is fine-tuned as the measured README runs were.
+    # pretrained or not, is fine-tuned as the measured runs of docs/results.md were.
     tiny = text_cls.get_config('tiny')
     assert recipe.recipe_for(tiny.model.hidden_size).learning_rate == tiny.learning_rate
     assert tiny.warmup_steps == recipe.warmup_steps(tiny.total_steps)

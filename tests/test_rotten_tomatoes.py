@@ -1,4 +1,4 @@
-"""scripts/rotten_tomatoes.py, the README's second real text task: its splits are disjoint
+"""scripts/rotten_tomatoes.py, docs/results.md's second real text task: its splits are disjoint
 and the same on every machine, and it never replaces files it did not write. Run on a small
 stand-in for the package's data file (same name and columns), not the 9.4 MB wheel."""
 
