@@ -9,18 +9,20 @@ multi-host code without a cluster.
 """
 
 import argparse
-import importlib
 import os
 import socket
 import subprocess
 import sys
 
+# stage: (an example config, what --workdir is). pretrain and finetune run config.task
+# from the registry (core/task.py TASKS); evaluate scores a fine-tuning run; study runs both.
 STAGES = {
-    'pretrain': 'pretrain.main',
-    'finetune': 'finetune.main',
-    'evaluate': 'finetune.evaluate',
-    'study': 'study.main',
+    'pretrain': ('configs/bert_mlm.py:tiny', 'Directory for checkpoints, metrics and logs.'),
+    'finetune': ('configs/text_cls.py:tiny', 'Directory for checkpoints, metrics and logs.'),
+    'evaluate': ('configs/text_cls.py:tiny', 'The fine-tuning run to evaluate.'),
+    'study': ('configs/study.py:digits', 'Directory of the study and all its runs.'),
 }
+DRY_RUN = ('pretrain', 'finetune')  # the stages that take --dry_run
 # Single-process tools with their own flags (--from, --to, --input, ...): interop/main.py.
 TOOLS = ('import-hf', 'export-hf', 'embed')
 
@@ -57,6 +59,49 @@ def _spawn_local(stage: str, n: int, rest: list[str]) -> int:
     return next((c for c in codes if c), 0)
 
 
+def run_stage(stage: str, config, workdir: str, dry_run: bool) -> dict:
+    """What a stage does with its config and workdir; returns its summary (or plan)."""
+    from core import memory_plan, trainer
+
+    if dry_run:  # compile the train step for the mesh, print the memory plan; no training
+        return memory_plan.run(config, workdir, stage)
+    if stage == 'evaluate':  # the validation-selected checkpoint, scored on the test split
+        return trainer.evaluate_checkpoint(config, workdir, 'finetune')
+    if stage == 'study':
+        from study import runner
+
+        return runner.run_study(config, workdir)
+    return trainer.train_and_evaluate(config, workdir, stage)
+
+
+def absl_main(stage: str, argv: list[str]) -> None:
+    """Defines the stage's flags (--config, --workdir, --dry_run) and runs it under absl."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from core import cli
+
+    example, workdir_help = STAGES[stage]
+    config = config_flags.DEFINE_config_file('config', None, f'Config file, e.g. {example}')
+    workdir = flags.DEFINE_string('workdir', None, workdir_help)
+    dry_run = None
+    if stage in DRY_RUN:
+        dry_run = flags.DEFINE_bool(
+            'dry_run',
+            False,
+            'Compile the train step for the configured mesh without training; print the memory '
+            'plan (parameters, optimizer state, activations per device; FLOPs) and write '
+            'WORKDIR/memory_plan.json.',
+        )
+    flags.mark_flags_as_required(['config', 'workdir'])
+
+    def main(unused_argv):
+        planned = dry_run is not None and dry_run.value
+        cli.run_stage(lambda c, w: run_stage(stage, c, w, planned), config.value, workdir.value)
+
+    app.run(main, argv=[f'launch.py {stage}', *argv])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog='launch.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,14 +123,11 @@ def main(argv: list[str]) -> int:
         parser.error('--coordinator_address needs --num_processes and --process_id')
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from absl import app
-
     from core import cli, distributed
 
     cli.check_config_overrides(rest)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    module = importlib.import_module(STAGES[args.stage])
-    app.run(module.main, argv=[f'launch.py {args.stage}', *rest])
+    absl_main(args.stage, rest)
     return 0
 
 

@@ -60,7 +60,6 @@ from core import train_state, trainer
 from data import augment as augment_lib
 from data import text as text_lib
 from data.tokenizer import make_tokenizer
-from pretrain import train as pretrain_train
 
 CONFIGS = {'bert_mlm': bert_mlm.get_config, 'vit_simclr': vit_simclr.get_config}
 WHICH = ('text', 'images', 'images224', 'images224npz')
@@ -164,7 +163,6 @@ def build(config: ml_collections.ConfigDict, build_dir: str) -> tuple[trainer.Ru
     run = trainer.set_up(
         config,
         build_dir,
-        pretrain_train.TASKS,
         'pretrain',
         write_config=False,
         build_dir=build_dir,

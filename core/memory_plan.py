@@ -82,9 +82,7 @@ def _jit_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Confi
     return config, note
 
 
-def make_plan(
-    config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
-) -> dict:
+def make_plan(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     """Builds the run, compiles its train step for the mesh and returns the plan (every
     process takes part: building the run and compiling are collective)."""
     config, note = _jit_config(config)
@@ -92,7 +90,7 @@ def make_plan(
     if jax.process_index() == 0:
         shutil.rmtree(scratch, ignore_errors=True)  # a plan stopped half-way left it
     try:
-        run = trainer.set_up(config, workdir, tasks, stage, write_config=False, build_dir=scratch)
+        run = trainer.set_up(config, workdir, stage, write_config=False, build_dir=scratch)
         batch = abstract_batch(_first_batch(run.task), run.mesh)
         state = state_lib.abstract_state(
             run.task.init_params, run.tx, run.mesh, run.init_rng, run.shardings
@@ -206,9 +204,9 @@ def format_plan(plan: dict) -> str:
     return '\n'.join(lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     """Makes the plan; process 0 prints it and writes WORKDIR/memory_plan.json."""
-    plan = make_plan(config, workdir, tasks, stage)
+    plan = make_plan(config, workdir, stage)
     if jax.process_index() == 0:
         path = os.path.join(workdir, PLAN_FILE)
         with open(path + '.tmp', 'w') as f:

@@ -18,6 +18,21 @@ from jax.sharding import Mesh
 
 from core import step as step_lib
 
+# The task registry: config.task -> the module that defines it, by stage.
+TASKS = {
+    'pretrain': {
+        'mlm': 'pretrain.mlm',
+        'simclr': 'pretrain.simclr',
+        'clip': 'pretrain.clip',
+        'simcse': 'pretrain.simcse',
+    },
+    'finetune': {
+        'text_cls': 'finetune.text_cls',
+        'image_cls': 'finetune.image_cls',
+        'token_cls': 'finetune.token_cls',
+    },
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:

@@ -37,7 +37,7 @@ from core import step as step_lib
 from core import train_state as state_lib
 from core import watchdog as watchdog_lib
 from core.errors import UserError
-from core.task import Runtime, Scorer, Task
+from core.task import TASKS, Runtime, Scorer, Task
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -66,8 +66,10 @@ def _train_time_at(workdir: str, step: int) -> float:
     return times[-1] if times else 0.0
 
 
-def task_module(config, tasks: dict[str, str], stage: str):
-    """The module of `config.task` (tasks: name -> module path, the stage's table)."""
+def task_module(config, stage: str, tasks: dict[str, str] | None = None):
+    """The module of `config.task`, from the stage's table of the registry (core/task.py)
+    or `tasks` (name -> module path)."""
+    tasks = TASKS[stage] if tasks is None else tasks
     if config.task not in tasks:
         raise config_lib.ConfigError(
             f'--config.task={config.task!r} is not a {stage} task; expected one of {sorted(tasks)}'
@@ -166,9 +168,9 @@ def follow_start(config: ml_collections.ConfigDict) -> None:
 def set_up(
     config: ml_collections.ConfigDict,
     workdir: str,
-    tasks: dict[str, str],
     stage: str,
     *,
+    tasks: dict[str, str] | None = None,
     write_config: bool = True,
     build_dir: str | None = None,
 ) -> RunSetup:
@@ -183,7 +185,7 @@ def set_up(
     workdir gets no config.json (a later run there may have any config), and a `build_dir`
     for what the task derives.
     """
-    module = task_module(config, tasks, stage)
+    module = task_module(config, stage, tasks)
     follow_start(config)
     config_lib.check_common(config)
     module.check_config(config)
@@ -241,11 +243,16 @@ def set_up(
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stage: str,
+    *,
+    tasks: dict[str, str] | None = None,
 ) -> dict:
-    """Runs (or resumes) `config.task` of `tasks` in `workdir`; returns the summary."""
+    """Runs (or resumes) `config.task` of the `stage` (pretrain | finetune) in `workdir`;
+    returns the summary."""
     started = time.time()
-    run = set_up(config, workdir, tasks, stage)
+    run = set_up(config, workdir, stage, tasks=tasks)
     mesh, task, tx, shardings, stepper = run.mesh, run.task, run.tx, run.shardings, run.stepper
     init_rng, dropout_rng = run.init_rng, run.dropout_rng
     is_main = jax.process_index() == 0
@@ -676,14 +683,14 @@ EVALUATE_SPLITS = ('test', 'validation')
 
 
 def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, tasks: dict[str, str], stage: str
+    config: ml_collections.ConfigDict, workdir: str, stage: str = 'finetune'
 ) -> dict:
     """Scores the validation-selected checkpoint of the run in `workdir` (the kept one
     best on its eval rows) on the test split, or on the validation split with
     `eval.evaluate_split=validation` (or when the task has no test split); writes
     WORKDIR/evaluation.json, naming the split, and, where the task can,
     WORKDIR/predictions.jsonl of that split."""
-    module = task_module(config, tasks, stage)
+    module = task_module(config, stage)
     follow_start(config)
     config_lib.check_common(config)
     module.check_config(config)

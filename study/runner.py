@@ -34,7 +34,7 @@ from absl import logging
 
 from core import config as config_lib
 from core import metrics as metrics_lib
-from core import recipe
+from core import recipe, trainer
 from core.errors import ConfigError, UserError
 
 ARMS = ('pretrained', 'scratch', 'linear_probe', 'imported')
@@ -226,8 +226,6 @@ def result_row(run: Run, workdir: str, metric: str, target: float) -> dict:
 
 def run_pretraining(config, workdir: str) -> str:
     """The pretraining's workdir: reused when complete, else run (or resumed) here."""
-    from pretrain import train as pretrain_train
-
     if config.pretrain_workdir:
         if not completed(config.pretrain_workdir):
             raise UserError(
@@ -242,14 +240,14 @@ def run_pretraining(config, workdir: str) -> str:
         logging.info('study: the pretraining in %s is complete; reusing it', path)
         return path
     logging.info('study: pretraining in %s', path)
-    pretrain_train.train_and_evaluate(ml_collections.ConfigDict(config.pretrain.to_dict()), path)
+    pretrain_config = ml_collections.ConfigDict(config.pretrain.to_dict())
+    trainer.train_and_evaluate(pretrain_config, path, 'pretrain')
     jax.clear_caches()
     return path
 
 
 def run_study(config, workdir: str) -> dict:
     """Runs what is missing of the study in `workdir`, then writes its table and plot."""
-    from finetune import train as finetune_train
     from study import report
 
     started = time.time()
@@ -270,7 +268,7 @@ def run_study(config, workdir: str) -> dict:
             logging.info('study: run %d/%d %s is complete', i + 1, len(runs), run.path)
         else:
             logging.info('study: run %d/%d %s', i + 1, len(runs), run.path)
-            finetune_train.train_and_evaluate(finetune_config(config, run, pretrain_dir), path)
+            trainer.train_and_evaluate(finetune_config(config, run, pretrain_dir), path, 'finetune')
             jax.clear_caches()  # each run compiles its own step; keep memory flat
         if is_main:  # process 0 wrote the run's files; the others may not see them yet
             rows.append(result_row(run, path, metric, config.target_accuracy))

@@ -7,12 +7,11 @@ import importlib
 import pytest
 
 from core import config as config_lib
+from core import task as task_lib
 from core.errors import ConfigError
-from finetune import train as finetune_train
-from pretrain import train as pretrain_train
 from study import runner
 
-TASKS = {**pretrain_train.TASKS, **finetune_train.TASKS}
+TASKS = {**task_lib.TASKS['pretrain'], **task_lib.TASKS['finetune']}
 
 
 def check(config_file: str, preset: str, **overrides) -> None:

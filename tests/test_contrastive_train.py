@@ -117,7 +117,7 @@ def text_encoder(text_config: dict) -> tuple[TextEncoder, jax.Array, jax.Array]:
 
 
 def run_init_rng(seed: int = 0) -> jax.Array:
-    """The key the trainer initialises its params with (pretrain/train.py)."""
+    """The key the trainer initialises its params with (core/trainer.py)."""
     return jax.random.split(jax.random.key(seed))[0]
 
 

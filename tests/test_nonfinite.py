@@ -167,7 +167,7 @@ def test_a_nonfinite_gradient_norm_stops_the_run_before_a_checkpoint_saves_it(
     config.total_steps, config.checkpoint_every, config.log_every = 4, 1, 1
     workdir = str(tmp_path / 'inf')
     with pytest.raises(trainer.NonFiniteLossError) as e:
-        trainer.train_and_evaluate(config, workdir, {'mlm': __name__}, 'pretrain')
+        trainer.train_and_evaluate(config, workdir, 'pretrain', tasks={'mlm': __name__})
     assert 'the gradient norm became non-finite at step 1' in str(e.value)
     assert 'there is no checkpoint yet' in str(e.value)
     assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 
+from core import trainer
 from data import images, labelled, text
 
 # ---------------------------------------------------------------------------------------
@@ -158,8 +159,6 @@ def _text_config(workdir, vocab, **data):
 def test_the_test_split_is_read_once_after_training_on_the_selected_checkpoint(
     tmp_path, monkeypatch, pydoc_vocab
 ):
-    from core import trainer
-    from finetune import train as finetune_train
 
     train_tsv = _write_tsv(tmp_path / 'train.tsv', 48, 0)
     test_tsv = _write_tsv(tmp_path / 'test.tsv', 10, 1)
@@ -174,7 +173,7 @@ def test_the_test_split_is_read_once_after_training_on_the_selected_checkpoint(
         return read(pattern, **kw)
 
     monkeypatch.setattr(labelled, 'read_labelled_text', spy)
-    summary = finetune_train.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir, 'finetune')
 
     assert len(reads) == 1, 'the test split is read exactly once'
     before = reads[0]
@@ -194,25 +193,24 @@ def test_the_test_split_is_read_once_after_training_on_the_selected_checkpoint(
 
     # The evaluate stage: the same checkpoint on the test split by default, on the
     # validation split when asked; predictions of the split it scored.
-    report = trainer.evaluate_checkpoint(config, workdir, finetune_train.TASKS, 'finetune')
+    report = trainer.evaluate_checkpoint(config, workdir)
     assert report['split'] == 'test' and report['step'] == selected
     assert report['accuracy'] == pytest.approx(tests[0]['accuracy'], abs=1e-6)
     with open(os.path.join(workdir, 'predictions.jsonl')) as f:
         assert len(f.readlines()) == 10
     config.eval.evaluate_split = 'validation'
-    report = trainer.evaluate_checkpoint(config, workdir, finetune_train.TASKS, 'finetune')
+    report = trainer.evaluate_checkpoint(config, workdir)
     assert report['split'] == 'validation'
     assert report['accuracy'] == pytest.approx(evals[selected]['accuracy'], abs=1e-6)
     config.eval.evaluate_split = 'test'
     assert len(reads) == 2  # the first evaluate read it; the second did not
 
     # A finished run started again reads nothing and scores nothing again.
-    again = finetune_train.train_and_evaluate(config, workdir)
+    again = trainer.train_and_evaluate(config, workdir, 'finetune')
     assert again == summary and _rows(workdir) == rows and len(reads) == 2
 
 
 def test_embedded_text_task_scores_its_fixed_test_split(tmp_path, monkeypatch, pydoc_vocab):
-    from finetune import train as finetune_train
 
     calls = []
     task = labelled.pydoc_topics_task
@@ -222,7 +220,7 @@ def test_embedded_text_task_scores_its_fixed_test_split(tmp_path, monkeypatch, p
     workdir = str(tmp_path / 'topics')
     config = _text_config(workdir, pydoc_vocab)
     config.total_steps = 2
-    summary = finetune_train.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir, 'finetune')
     assert calls == ['train', 'test']
     tests = [r for r in _rows(workdir) if r['split'] == 'test']
     assert len(tests) == 1 and summary['test_step'] == tests[0]['step'] == 2
@@ -237,7 +235,6 @@ def test_embedded_text_task_scores_its_fixed_test_split(tmp_path, monkeypatch, p
 
 def test_split_config_errors(tmp_path, pydoc_vocab):
     from core.errors import ConfigError, DataError
-    from finetune import train as finetune_train
 
     workdir = str(tmp_path / 'w')
     train_tsv = _write_tsv(tmp_path / 'train.tsv', 8, 0)
@@ -245,7 +242,7 @@ def test_split_config_errors(tmp_path, pydoc_vocab):
     def fails(error, match, **data):
         config = _text_config(workdir, pydoc_vocab, **data)
         with pytest.raises(error, match=match):
-            finetune_train.train_and_evaluate(config, workdir)
+            trainer.train_and_evaluate(config, workdir, 'finetune')
 
     fails(ConfigError, 'give one', files=train_tsv, test_files=train_tsv, test_split='test')
     fails(ConfigError, 'ships its own test split', test_files=train_tsv)
@@ -256,7 +253,7 @@ def test_split_config_errors(tmp_path, pydoc_vocab):
     config = _text_config(workdir, pydoc_vocab)
     config.eval.evaluate_split = 'dev'
     with pytest.raises(ConfigError, match='evaluate_split'):
-        finetune_train.train_and_evaluate(config, workdir)
+        trainer.train_and_evaluate(config, workdir, 'finetune')
 
 
 def test_a_test_image_folder_is_opened_only_when_asked(tmp_path):
@@ -299,7 +296,6 @@ def test_image_split_config_errors(tmp_path):
 
 def test_digits_test_images_are_read_once_at_the_end(tmp_path, monkeypatch):
     from configs import image_cls as image_config
-    from finetune import train as finetune_train
 
     workdir = str(tmp_path / 'digits')
     read = images.digits_images
@@ -313,7 +309,7 @@ def test_digits_test_images_are_read_once_at_the_end(tmp_path, monkeypatch):
     c = image_config.get_config('tiny')
     c.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
     c.update(batch_size=32, total_steps=2, warmup_steps=1, eval_every=1, checkpoint_every=1)
-    summary = finetune_train.train_and_evaluate(c, workdir)
+    summary = trainer.train_and_evaluate(c, workdir, 'finetune')
     rows = _rows(workdir)
     assert [split for split, _ in calls] == ['train', 'test']
     assert calls[1][1] == len(rows) - 1  # everything but the test row was written before

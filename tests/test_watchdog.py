@@ -38,8 +38,8 @@ def small_config(vocab: str, *overrides: str):
 def slow_eval_run(tmp_path_factory, pydoc_vocab):
     """A run whose evals sleep EVAL_SLEEP s, with watchdog_secs=WATCHDOG_SECS, in this process
     (os._exit patched so that a watchdog firing is recorded, not fatal): (workdir, exits)."""
+    from core import trainer
     from pretrain import mlm
-    from pretrain import train as pretrain_train
 
     workdir = str(tmp_path_factory.mktemp('slow_eval') / 'run')
     config = small_config(
@@ -65,7 +65,7 @@ def slow_eval_run(tmp_path_factory, pydoc_vocab):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mlm, 'build', with_slow_eval)
         mp.setattr(os, '_exit', exits.append)
-        pretrain_train.train_and_evaluate(config, workdir)
+        trainer.train_and_evaluate(config, workdir, 'pretrain')
     return workdir, exits
 
 
@@ -147,9 +147,7 @@ def test_compile_listener_sees_a_recompile_on_this_thread_only():
 
 HANG = """
 import dataclasses, sys, time
-from absl import app
-from core import cli
-import pretrain.main
+import launch
 from pretrain import mlm
 
 build = mlm.build
@@ -167,9 +165,7 @@ def with_stalling_input(*args):
     return dataclasses.replace(task, train_iter=batches(task.train_iter))
 
 mlm.build = with_stalling_input
-sys.argv = ['pretrain.main', *sys.argv[1:]]
-cli.check_config_overrides(sys.argv[1:])
-app.run(pretrain.main.main)
+sys.exit(launch.main(['pretrain', *sys.argv[1:]]))
 """
 
 
