@@ -371,20 +371,77 @@ def test_regression_metrics_match_reference():
     got = metrics.regression_metrics(targets, predictions)
     assert got['mse'] == pytest.approx(np.mean((targets - predictions) ** 2))
     assert got['pearson'] == pytest.approx(np.corrcoef(targets, predictions)[0, 1])
-    try:
-        from scipy import stats
-    except ImportError:  # numpy reference: average ranks by brute force
 
-        def ranks(x):
-            return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2 for v in x])
+    def ranks(x):  # average ranks by brute force
+        return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2 for v in x])
 
-        expected = np.corrcoef(ranks(targets), ranks(predictions))[0, 1]
-    else:
-        expected = stats.spearmanr(targets, predictions).statistic
-        assert got['pearson'] == pytest.approx(stats.pearsonr(targets, predictions).statistic)
+    expected = np.corrcoef(ranks(targets), ranks(predictions))[0, 1]
     assert got['spearman'] == pytest.approx(expected)
-    assert metrics.average_ranks([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
 
     constant = metrics.regression_metrics([0.1, 0.1, 0.1], [1.0, 2.0, 3.0])
     assert constant['pearson'] == 0.0 and constant['spearman'] == 0.0
     assert np.isnan(metrics.regression_metrics([1, 2], [np.nan, 1.0])['pearson'])
+
+
+# Figures worked out by hand (and returned by the hand-written metrics before they used
+# scikit-learn / scipy), pinned so that moving to the libraries keeps every figure.
+CLASSIFICATION_CASES = [
+    # labels, predictions, num_classes -> accuracy, macro_f1, matthews_corrcoef
+    ([0, 1, 1, 2], [1, 1, 1, 1], 3, 1 / 2, (0 + 2 / 3 + 0) / 3, 0.0),  # one class predicted
+    ([1, 1, 1, 1], [1, 0, 1, 2], 3, 1 / 2, (0 + 2 / 3 + 0) / 3, 0.0),  # one class in the labels
+    ([0, 0, 0], [0, 0, 0], 2, 1.0, 1.0, 0.0),  # one class in both
+    ([2], [2], 3, 1.0, 1.0, 0.0),  # one example
+    ([0, 1, 0, 1], [0, 1, 1, 1], 4, 3 / 4, (2 / 3 + 4 / 5) / 2, 1 / 3**0.5),  # 2, 3 absent
+    ([True, False, True], [True, True, True], 2, 2 / 3, (0 + 4 / 5) / 2, 0.0),  # bool ids
+]
+
+
+@pytest.mark.parametrize('labels, predictions, k, accuracy, macro_f1, mcc', CLASSIFICATION_CASES)
+def test_classification_metrics_pinned(labels, predictions, k, accuracy, macro_f1, mcc):
+    got = metrics.classification_metrics(np.array(labels), np.array(predictions), k)
+    assert set(got) == {'accuracy', 'macro_f1', 'matthews_corrcoef'}
+    assert all(type(v) is float for v in got.values())
+    assert got['accuracy'] == pytest.approx(accuracy, rel=1e-12)
+    assert got['macro_f1'] == pytest.approx(macro_f1, rel=1e-12)
+    assert got['matthews_corrcoef'] == pytest.approx(mcc, rel=1e-12, abs=0)
+
+
+def test_classification_metrics_refuse_bad_ids():
+    with pytest.raises(DataError, match='expected integer class ids in labels'):
+        metrics.classification_metrics([0.0, 1.0], [0, 1], 2)
+    with pytest.raises(DataError, match='predictions hold class ids from -1 to 1'):
+        metrics.classification_metrics([0, 1], [-1, 1], 2)
+    with pytest.raises(DataError, match='expected as many predictions as labels, found 1 and 2'):
+        metrics.classification_metrics([0, 1], [0], 2)
+    with pytest.raises(DataError, match=r'shape \[N\], found shape \(1, 2\)'):
+        metrics.classification_metrics([[0, 1]], [[0, 1]], 2)
+
+
+REGRESSION_CASES = [
+    # targets, predictions -> pearson, spearman, mse
+    ([0.1, 0.1, 0.1], [1.0, 2.0, 3.0], 0.0, 0.0, ((0.9**2) + (1.9**2) + (2.9**2)) / 3),
+    ([1, 2, 3], [5, 5, 5], 0.0, 0.0, (16 + 9 + 4) / 3),  # constant predictions, int inputs
+    ([1.0], [2.0], 0.0, 0.0, 1.0),  # one example: constant on both sides
+    ([1.0, 2.0], [3.0, 1.0], -1.0, -1.0, 2.5),
+    ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0], -1.0, -1.0, 8 / 3),
+    # Ties: ranks [1, 2.5, 2.5, 4] and [1, 4, 2.5, 2.5]; centred values give 1 / (√2 √2).
+    ([1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 2.0], 0.5, 0.5, 2 / 4),
+]
+
+
+@pytest.mark.parametrize('targets, predictions, pearson, spearman, mse', REGRESSION_CASES)
+def test_regression_metrics_pinned(targets, predictions, pearson, spearman, mse):
+    got = metrics.regression_metrics(np.array(targets), np.array(predictions))
+    assert set(got) == {'pearson', 'spearman', 'mse'}
+    assert all(type(v) is float for v in got.values())
+    assert got['pearson'] == pytest.approx(pearson, rel=1e-12, abs=0)
+    assert got['spearman'] == pytest.approx(spearman, rel=1e-12, abs=0)
+    assert got['mse'] == pytest.approx(mse, rel=1e-12)
+
+
+def test_regression_metrics_non_finite():
+    diverged = metrics.regression_metrics([1.0, 2.0, 3.0], [1.0, np.inf, 2.0])
+    assert np.isnan(diverged['pearson']) and np.isnan(diverged['spearman'])
+    assert diverged['mse'] == np.inf
+    with pytest.raises(DataError, match='1 regression targets are NaN or infinite'):
+        metrics.regression_metrics([1.0, np.nan], [1.0, 2.0])
