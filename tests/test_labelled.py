@@ -8,7 +8,7 @@ import pytest
 
 from core.errors import ConfigError, DataError
 from data import labelled
-from data.labelled import LabelMap, align_tags, entity_f1, select_train_examples
+from data.labelled import LabelMap, align_tags, select_train_examples
 from data.tokenizer import WordPiece
 from finetune import metrics
 
@@ -291,31 +291,35 @@ def test_align_tags_truncates_whole_words(tiny_wordpiece):
         align_tags(tokens, tags[:2], tiny_wordpiece, 8)
 
 
+# --- finetune/metrics ----------------------------------------------------------------------
+
+
 def test_entity_f1_hand_checked():
     true = [['B-PER', 'I-PER', 'O', 'B-LOC']]
-    assert entity_f1(true, true)['f1'] == 1.0
-    wrong_type = entity_f1(true, [['B-PER', 'I-PER', 'O', 'B-ORG']])
+    assert metrics.entity_f1(true, true)['f1'] == 1.0
+    wrong_type = metrics.entity_f1(true, [['B-PER', 'I-PER', 'O', 'B-ORG']])
     assert (wrong_type['precision'], wrong_type['recall'], wrong_type['f1']) == (0.5, 0.5, 0.5)
-    partial = entity_f1([['B-PER', 'I-PER', 'I-PER']], [['B-PER', 'I-PER', 'O']])
+    partial = metrics.entity_f1([['B-PER', 'I-PER', 'I-PER']], [['B-PER', 'I-PER', 'O']])
     assert partial['f1'] == 0.0 and partial['pred_entities'] == 1
     # I- after O starts a chunk, so it matches B- I- at the same span.
-    assert entity_f1([['O', 'B-PER', 'I-PER', 'O']], [['O', 'I-PER', 'I-PER', 'O']])['f1'] == 1.0
-    assert entity_f1([[]], [[]])['f1'] == 0.0
-    assert labelled.entity_chunks(['B-PER', 'I-LOC', 'I-LOC', 'B-LOC']) == [
+    ill_formed = metrics.entity_f1([['O', 'B-PER', 'I-PER', 'O']], [['O', 'I-PER', 'I-PER', 'O']])
+    assert ill_formed['f1'] == 1.0
+    assert metrics.entity_f1([[]], [[]])['f1'] == 0.0
+    assert metrics.entity_chunks(['B-PER', 'I-LOC', 'I-LOC', 'B-LOC']) == [
         ('PER', 0, 1),
         ('LOC', 1, 3),
         ('LOC', 3, 4),
     ]
-    assert labelled.entity_chunks(['S-PER', 'B-LOC', 'E-LOC', 'I-LOC', 'O', 'E-ORG']) == [
+    assert metrics.entity_chunks(['S-PER', 'B-LOC', 'E-LOC', 'I-LOC', 'O', 'E-ORG']) == [
         ('PER', 0, 1),
         ('LOC', 1, 3),
         ('LOC', 3, 4),
         ('ORG', 5, 6),
     ]
     with pytest.raises(DataError, match="tag '3' is not an IOB2"):
-        entity_f1([['3']], [['O']])
+        metrics.entity_f1([['3']], [['O']])
     with pytest.raises(DataError, match='sentence 0'):
-        entity_f1([['O', 'O']], [['O']])
+        metrics.entity_f1([['O', 'O']], [['O']])
 
 
 def test_entity_f1_two_sentences_by_hand():
@@ -327,14 +331,11 @@ def test_entity_f1_two_sentences_by_hand():
         ['B-PER', 'I-PER', 'O', 'B-LOC', 'O'],  # both right
         ['B-ORG', 'I-LOC', 'B-MISC', 'O'],  # ORG right; LOC(1,2) spurious; MISC(2,3) too short
     ]
-    got = entity_f1(true, pred)
+    got = metrics.entity_f1(true, pred)
     assert (got['true_entities'], got['pred_entities'], got['correct_entities']) == (4, 5, 3)
     assert got['precision'] == pytest.approx(3 / 5)
     assert got['recall'] == pytest.approx(3 / 4)
     assert got['f1'] == pytest.approx(2 / 3)
-
-
-# --- finetune/metrics ----------------------------------------------------------------------
 
 
 def test_classification_metrics_match_sklearn():
