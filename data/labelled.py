@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from core.errors import ConfigError, DataError
+from core.files import atomic_write
 from data.text import (
     heldout_indices,
     json_kind,
@@ -400,11 +401,9 @@ class LabelMap:
         directory = os.path.dirname(path) or '.'
         os.makedirs(directory, exist_ok=True)
         content = {'regression': self.regression, 'classes': self.classes}
-        tmp = f'{path}.tmp{os.getpid()}'
-        with open(tmp, 'w', encoding='utf-8') as f:
+        with atomic_write(path, encoding='utf-8') as f:
             json.dump(content, f, indent=1, ensure_ascii=False)
             f.write('\n')
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> 'LabelMap':
