@@ -565,11 +565,7 @@ def train_and_evaluate(
 
 def _kept_steps(workdir: str) -> list[int]:
     directory = os.path.join(workdir, 'checkpoints')
-    kept = (
-        sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-        if os.path.isdir(directory)
-        else []
-    )
+    kept = ckpt_lib.saved_steps(directory)
     if not kept:
         raise ckpt_lib.CheckpointError(
             f'no checkpoint in {directory}: train first (python launch.py finetune ...)'
