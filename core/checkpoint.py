@@ -122,14 +122,19 @@ def merged_data_state(directory: str) -> dict:
     return merged
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The steps in a checkpoints/ directory, ascending ([] without one): those its
+    CheckpointManager lists, readable or not (recovery moves damaged ones aside), and no
+    save in flight (<step>.orbax-checkpoint-tmp-*)."""
+    return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
+
+
 def saved_data_shards(workdir: str) -> int | None:
     """The number of data shards of the run whose checkpoints are in `workdir`, from the
     newest step whose data state reads (None without one: fixed for a run, so any step
     tells; a damaged one is left to the resume to report)."""
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    if not os.path.isdir(directory):
-        return None
-    for step in sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True):
+    for step in reversed(saved_steps(directory)):
         try:
             return merged_data_state(os.path.join(directory, str(step), 'data'))['num_shards']
         except (OSError, ValueError, KeyError):
@@ -358,10 +363,9 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
     step). The latest step is taken when none is named."""
     path = os.path.abspath(path)
     for candidate in (os.path.join(path, 'checkpoints'), path):
-        if os.path.isdir(candidate):
-            steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
-            if steps:
-                return candidate, max(steps)
+        steps = saved_steps(candidate)
+        if steps:
+            return candidate, steps[-1]
     parent, name = os.path.split(path)
     if name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
         return parent, int(name)

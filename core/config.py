@@ -14,6 +14,7 @@ import ml_collections
 from absl import logging
 
 from core.errors import ConfigError, DataError
+from core.files import atomic_write
 
 # Keys that may change between restarts of the same run without making it another run:
 # its length (a finished run continues to a larger total_steps; the learning-rate schedule
@@ -391,10 +392,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.overwrite = False
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
+    with atomic_write(os.path.join(workdir, 'config.json')) as f:
         f.write(config.to_json(indent=2))
-    os.replace(path + '.tmp', path)
 
 
 def _previous_dir(workdir: str) -> str:

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from core import sharding as sharding_lib
 from core import train_state as state_lib
 from core import trainer
+from core.files import atomic_write
 
 PLAN_FILE = 'memory_plan.json'
 # Where the task writes what it derives from the data (vocab.txt, labels.json) during the
@@ -209,9 +210,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     plan = make_plan(config, workdir, stage)
     if jax.process_index() == 0:
         path = os.path.join(workdir, PLAN_FILE)
-        with open(path + '.tmp', 'w') as f:
+        with atomic_write(path) as f:
             json.dump(plan, f, indent=2)
-        os.replace(path + '.tmp', path)
         print(format_plan(plan))
         print(f'written to {path}', flush=True)
     return plan

@@ -14,6 +14,8 @@ from typing import Any
 
 from absl import logging
 
+from core.files import atomic_write
+
 
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
@@ -40,10 +42,8 @@ class MetricWriter:
         if not os.path.exists(self._path):
             return
         rows = [line for line, row in _rows(self._path) if row['step'] <= step]
-        tmp = self._path + '.tmp'
-        with open(tmp, 'w') as f:
+        with atomic_write(self._path) as f:
             f.writelines(rows)
-        os.replace(tmp, self._path)
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -60,10 +60,8 @@ class MetricWriter:
     def write_summary(self, summary: dict) -> None:
         if not self.enabled:
             return
-        path = os.path.join(self.workdir, 'summary.json')
-        with open(path + '.tmp', 'w') as f:
+        with atomic_write(os.path.join(self.workdir, 'summary.json')) as f:
             json.dump(summary, f, indent=2, sort_keys=True)
-        os.replace(path + '.tmp', path)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -37,6 +37,7 @@ from core import step as step_lib
 from core import train_state as state_lib
 from core import watchdog as watchdog_lib
 from core.errors import UserError
+from core.files import atomic_write
 from core.task import TASKS, Runtime, Scorer, Task
 
 
@@ -571,11 +572,7 @@ def train_and_evaluate(
 
 def _kept_steps(workdir: str) -> list[int]:
     directory = os.path.join(workdir, 'checkpoints')
-    kept = (
-        sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-        if os.path.isdir(directory)
-        else []
-    )
+    kept = ckpt_lib.saved_steps(directory)
     if not kept:
         raise ckpt_lib.CheckpointError(
             f'no checkpoint in {directory}: train first (python launch.py finetune ...)'
@@ -739,14 +736,11 @@ def evaluate_checkpoint(
     if jax.process_index() == 0:
         if rows is not None:
             out = os.path.join(workdir, 'predictions.jsonl')
-            with open(out + '.tmp', 'w') as f:
+            with atomic_write(out) as f:
                 f.writelines(json.dumps(r) + '\n' for r in rows)
-            os.replace(out + '.tmp', out)
             report['predictions'] = out
             logging.info('evaluate: %d predictions written to %s', len(rows), out)
-        out = os.path.join(workdir, 'evaluation.json')
-        with open(out + '.tmp', 'w') as f:
+        with atomic_write(os.path.join(workdir, 'evaluation.json')) as f:
             json.dump(report, f, indent=2, sort_keys=True)
-        os.replace(out + '.tmp', out)
     task.close()
     return report

@@ -35,6 +35,7 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, DataError
+from core.files import atomic_write
 from data.pipeline import read_options, shuffle_forever
 from data.text import Subset, heldout_indices, jsonl_field, jsonl_records, read_lines
 from data.tokenizer import FixedLengthEncoder, WordPiece
@@ -825,14 +826,13 @@ def write_digits_captions(directory: str, image_size: int = 8, limit: int | None
     n = len(images) if limit is None else min(limit, len(images))
     os.makedirs(os.path.join(directory, 'images'), exist_ok=True)
     path = os.path.join(directory, 'captions.jsonl')
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    with atomic_write(path, encoding='utf-8') as f:
         for i in range(n):
             name = f'images/{i:04d}.png'
             image = conform_image(images[i], image_size, 1, resize=True)
             Image.fromarray(image[:, :, 0], mode='L').save(os.path.join(directory, name))
             record = {'image': name, 'caption': captions[i], 'label': int(labels[i])}
             f.write(json.dumps(record) + '\n')
-    os.replace(path + '.tmp', path)
     return path
 
 

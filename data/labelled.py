@@ -9,7 +9,7 @@ workdir, turns them into ids, so train, eval and a later `evaluate` run agree on
 
 Token classification (NER-style) sentences are dicts `{'tokens': [str], 'tags': [str]}`,
 read from CoNLL files or `.jsonl` (`read_token_files`); `align_tags` puts each word's tag on
-its first WordPiece and `entity_f1` scores predicted tags as entity chunks.
+its first WordPiece.
 
 Three splits: training; validation (the periodic eval rows, the best checkpoint, early
 stopping), given or carved out of the training examples by `validation_split`; and test,
@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from core.errors import ConfigError, DataError
+from core.files import atomic_write
 from data.text import (
     heldout_indices,
     json_kind,
@@ -400,11 +401,9 @@ class LabelMap:
         directory = os.path.dirname(path) or '.'
         os.makedirs(directory, exist_ok=True)
         content = {'regression': self.regression, 'classes': self.classes}
-        tmp = f'{path}.tmp{os.getpid()}'
-        with open(tmp, 'w', encoding='utf-8') as f:
+        with atomic_write(path, encoding='utf-8') as f:
             json.dump(content, f, indent=1, ensure_ascii=False)
             f.write('\n')
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> 'LabelMap':
@@ -681,89 +680,4 @@ def align_tags(
         'labels': labels,
         'label_weights': weights,
         'num_words': num_words,
-    }
-
-
-_TAG = re.compile(r'([BIES])-(.+)')
-
-
-def _split_tag(tag: str) -> tuple[str, str]:
-    """'B-PER' -> ('B', 'PER'), 'O' -> ('O', '')."""
-    if tag == 'O':
-        return 'O', ''
-    match = _TAG.fullmatch(tag)
-    if match is None:
-        raise DataError(
-            f'tag {tag!r} is not an IOB2 / IOBES tag; expected "O" or a prefix B-, I-, E-, S- '
-            'and an entity type ("B-PER"); integer tag ids (as some datasets store them) must '
-            'be mapped to their names first'
-        )
-    return match.group(1), match.group(2)
-
-
-def entity_chunks(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Entity chunks (type, start, end exclusive) of one tag sequence.
-
-    A chunk starts at B-X or S-X, and at I-X / E-X that does not continue a chunk of type X
-    (after O, after another type, or after a chunk that ended with E- / S-); it ends before
-    a B-, S-, O or a tag of another type, and after E- / S-. This is how seqeval's default
-    (conlleval) mode reads tags, so an ill-formed I-X still counts as an entity."""
-    chunks = []
-    start, chunk_type, prev_prefix = None, '', 'O'
-    for i, tag in enumerate(tags):
-        prefix, kind = _split_tag(tag)
-        continues = (
-            start is not None
-            and kind == chunk_type
-            and prefix in ('I', 'E')
-            and prev_prefix in ('B', 'I')
-        )
-        if start is not None and not continues:
-            chunks.append((chunk_type, start, i))
-            start = None
-        if prefix != 'O' and start is None:
-            start, chunk_type = i, kind
-        if prefix in ('E', 'S') and start is not None:
-            chunks.append((chunk_type, start, i + 1))
-            start = None
-        prev_prefix = prefix
-    if start is not None:
-        chunks.append((chunk_type, start, len(tags)))
-    return chunks
-
-
-def entity_f1(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict:
-    """Micro precision, recall and F1 over entity chunks, as seqeval scores NER by default.
-
-    A predicted chunk is correct only when its type, start and end all match a true chunk
-    (a partial chunk is a miss). Returns `precision`, `recall`, `f1` (0.0 when undefined:
-    no predicted or no true chunks) and the counts `true_entities`, `pred_entities`,
-    `correct_entities`."""
-    if len(true_tags) != len(pred_tags):
-        raise DataError(
-            f'expected predictions for every sentence, found {len(true_tags)} true and '
-            f'{len(pred_tags)} predicted sentences'
-        )
-    n_true = n_pred = n_correct = 0
-    for s, (true, pred) in enumerate(zip(true_tags, pred_tags)):
-        if len(true) != len(pred):
-            raise DataError(
-                f'sentence {s}: {len(true)} true tags but {len(pred)} predicted; predict a tag '
-                'for every word (words cut by truncation as "O")'
-            )
-        true_chunks = set(entity_chunks(true))
-        pred_chunks = set(entity_chunks(pred))
-        n_true += len(true_chunks)
-        n_pred += len(pred_chunks)
-        n_correct += len(true_chunks & pred_chunks)
-    precision = n_correct / n_pred if n_pred else 0.0
-    recall = n_correct / n_true if n_true else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        'precision': precision,
-        'recall': recall,
-        'f1': f1,
-        'true_entities': n_true,
-        'pred_entities': n_pred,
-        'correct_entities': n_correct,
     }

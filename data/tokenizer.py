@@ -16,6 +16,7 @@ from tokenizers import BertWordPieceTokenizer
 
 from core import config as config_lib
 from core.errors import ConfigError, DataError
+from core.files import atomic_write
 from data import text as text_lib
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -104,11 +105,9 @@ def train_wordpiece(
     )
     directory = os.path.dirname(out_file) or '.'
     os.makedirs(directory, exist_ok=True)
-    tmp = out_file + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with atomic_write(out_file, encoding='utf-8') as f:  # never a half-written vocabulary
         vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
         f.writelines(token + '\n' for token, _ in vocab)
-    os.replace(tmp, out_file)  # atomic: a crash never leaves a half-written vocabulary
     return WordPiece(out_file, lowercase)
 
 

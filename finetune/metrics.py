@@ -1,8 +1,9 @@
-"""Evaluation metrics of fine-tuned classifiers and regressors, in numpy on the host.
+"""Evaluation metrics of fine-tuned classifiers, regressors and taggers, in numpy on the host.
 
-Definitions follow scikit-learn / scipy (accuracy, macro F1, Matthews correlation,
-Pearson, Spearman with average ranks for ties), so the figures compare with published
-ones, without making either library a dependency of the core path.
+scikit-learn computes accuracy, macro F1 and the Matthews correlation, scipy Pearson and
+Spearman (average ranks for ties), so the figures compare with published ones. This module
+checks the inputs (a DataError names the fault) and handles the degenerate cases. Entity F1
+of token classification is written here, as seqeval scores it (seqeval is not a dependency).
 
 Degenerate cases return 0.0 instead of NaN, so that metrics rows stay numbers that plots
 and best-checkpoint selection can compare: the Matthews correlation when only one class is
@@ -10,7 +11,13 @@ predicted (or present), a correlation when the targets or the predictions are co
 Non-finite regression predictions (a diverged model) give NaN correlations, on purpose.
 """
 
+import re
+import warnings
+from collections.abc import Sequence
+
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sk_metrics
 
 from core.errors import DataError
 
@@ -34,20 +41,15 @@ def _check_pair(a_name: str, a, b_name: str, b) -> tuple[np.ndarray, np.ndarray]
     return a, b
 
 
-def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
-    """int64 [num_classes, num_classes]: row = true class, column = predicted class."""
-    labels, predictions = _check_pair('labels', labels, 'predictions', predictions)
-    for name, ids in (('labels', labels), ('predictions', predictions)):
-        if ids.dtype.kind not in 'iub':
-            raise DataError(f'expected integer class ids in {name}, found dtype {ids.dtype}')
-        if ids.min() < 0 or ids.max() >= num_classes:
-            raise DataError(
-                f'{name} hold class ids from {ids.min()} to {ids.max()}, outside 0..'
-                f"{num_classes - 1} for num_classes={num_classes}; pass the label map's "
-                'num_classes'
-            )
-    flat = labels.astype(np.int64) * num_classes + predictions.astype(np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+def _check_class_ids(name: str, ids: np.ndarray, num_classes: int) -> None:
+    if ids.dtype.kind not in 'iub':
+        raise DataError(f'expected integer class ids in {name}, found dtype {ids.dtype}')
+    if ids.min() < 0 or ids.max() >= num_classes:
+        raise DataError(
+            f'{name} hold class ids from {ids.min()} to {ids.max()}, outside 0..'
+            f"{num_classes - 1} for num_classes={num_classes}; pass the label map's "
+            'num_classes'
+        )
 
 
 def classification_metrics(labels, predictions, num_classes: int) -> dict[str, float]:
@@ -56,50 +58,27 @@ def classification_metrics(labels, predictions, num_classes: int) -> dict[str, f
     `macro_f1` averages the per-class F1 over the classes that occur in the labels or the
     predictions (scikit-learn's `f1_score(average='macro')`): a class absent from both has
     no defined F1 and is left out rather than counted as 0. `matthews_corrcoef` is the
-    multi-class MCC (Gorodkin's R_K, as scikit-learn computes it); 0.0 when it is undefined
-    (a single class predicted, or a single class in the labels)."""
-    c = confusion_matrix(labels, predictions, num_classes).astype(np.float64)
-    n = c.sum()
-    correct = np.trace(c)
-    true_counts = c.sum(axis=1)
-    pred_counts = c.sum(axis=0)
-    tp = np.diag(c)
-    # F1 = 2TP / (2TP + FP + FN) = 2TP / (true count + predicted count).
-    denominators = true_counts + pred_counts
-    present = denominators > 0
-    macro_f1 = float(np.mean(2 * tp[present] / denominators[present]))
-    cov_true_pred = correct * n - true_counts @ pred_counts
-    cov_pred = n * n - pred_counts @ pred_counts
-    cov_true = n * n - true_counts @ true_counts
-    mcc = 0.0 if cov_pred * cov_true == 0 else cov_true_pred / np.sqrt(cov_pred * cov_true)
+    multi-class MCC (Gorodkin's R_K); scikit-learn gives 0.0 when it is undefined (a single
+    class predicted, or a single class in the labels)."""
+    labels, predictions = _check_pair('labels', labels, 'predictions', predictions)
+    _check_class_ids('labels', labels, num_classes)
+    _check_class_ids('predictions', predictions, num_classes)
+    with warnings.catch_warnings():
+        # One class in labels and predictions alike: the MCC's 0.0 is the answer, not a misuse.
+        warnings.filterwarnings('ignore', 'A single label was found', UserWarning)
+        mcc = sk_metrics.matthews_corrcoef(labels, predictions)
     return {
-        'accuracy': float(correct / n),
-        'macro_f1': macro_f1,
+        'accuracy': float(sk_metrics.accuracy_score(labels, predictions)),
+        'macro_f1': float(sk_metrics.f1_score(labels, predictions, average='macro')),
         'matthews_corrcoef': float(mcc),
     }
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; 0.0 when either side is constant."""
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        return float('nan')
+def _correlation(statistic, x: np.ndarray, y: np.ndarray) -> float:
+    """scipy's `statistic` (pearsonr, spearmanr), 0.0 rather than NaN when a side is constant."""
     if np.ptp(x) == 0 or np.ptp(y) == 0:  # tested before centring, which leaves rounding noise
         return 0.0
-    x = x - x.mean()
-    y = y - y.mean()
-    norm = np.sqrt(x @ x) * np.sqrt(y @ y)
-    # Clipped: rounding can put a perfect correlation a hair outside [-1, 1].
-    return float(np.clip((x @ y) / norm, -1.0, 1.0))
-
-
-def average_ranks(values) -> np.ndarray:
-    """1-based ranks of `values`, ties given the mean of the ranks they span (as
-    scipy.stats.rankdata's default)."""
-    values = _as_1d('values', values)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)  # last rank of each distinct value
-    starts = ends - counts + 1  # first rank
-    return ((starts + ends) / 2.0)[inverse.reshape(-1)]
+    return float(statistic(x, y).statistic)
 
 
 def regression_metrics(targets, predictions) -> dict[str, float]:
@@ -119,7 +98,92 @@ def regression_metrics(targets, predictions) -> dict[str, float]:
     if not np.all(np.isfinite(predictions)):
         return {'pearson': float('nan'), 'spearman': float('nan'), 'mse': mse}
     return {
-        'pearson': _pearson(targets, predictions),
-        'spearman': _pearson(average_ranks(targets), average_ranks(predictions)),
+        'pearson': _correlation(stats.pearsonr, targets, predictions),
+        'spearman': _correlation(stats.spearmanr, targets, predictions),
         'mse': mse,
+    }
+
+
+_TAG = re.compile(r'([BIES])-(.+)')
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """'B-PER' -> ('B', 'PER'), 'O' -> ('O', '')."""
+    if tag == 'O':
+        return 'O', ''
+    match = _TAG.fullmatch(tag)
+    if match is None:
+        raise DataError(
+            f'tag {tag!r} is not an IOB2 / IOBES tag; expected "O" or a prefix B-, I-, E-, S- '
+            'and an entity type ("B-PER"); integer tag ids (as some datasets store them) must '
+            'be mapped to their names first'
+        )
+    return match.group(1), match.group(2)
+
+
+def entity_chunks(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Entity chunks (type, start, end exclusive) of one tag sequence.
+
+    A chunk starts at B-X or S-X, and at I-X / E-X that does not continue a chunk of type X
+    (after O, after another type, or after a chunk that ended with E- / S-); it ends before
+    a B-, S-, O or a tag of another type, and after E- / S-. This is how seqeval's default
+    (conlleval) mode reads tags, so an ill-formed I-X still counts as an entity."""
+    chunks = []
+    start, chunk_type, prev_prefix = None, '', 'O'
+    for i, tag in enumerate(tags):
+        prefix, kind = _split_tag(tag)
+        continues = (
+            start is not None
+            and kind == chunk_type
+            and prefix in ('I', 'E')
+            and prev_prefix in ('B', 'I')
+        )
+        if start is not None and not continues:
+            chunks.append((chunk_type, start, i))
+            start = None
+        if prefix != 'O' and start is None:
+            start, chunk_type = i, kind
+        if prefix in ('E', 'S') and start is not None:
+            chunks.append((chunk_type, start, i + 1))
+            start = None
+        prev_prefix = prefix
+    if start is not None:
+        chunks.append((chunk_type, start, len(tags)))
+    return chunks
+
+
+def entity_f1(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict:
+    """Micro precision, recall and F1 over entity chunks, as seqeval scores NER by default.
+
+    A predicted chunk is correct only when its type, start and end all match a true chunk
+    (a partial chunk is a miss). Returns `precision`, `recall`, `f1` (0.0 when undefined:
+    no predicted or no true chunks) and the counts `true_entities`, `pred_entities`,
+    `correct_entities`."""
+    if len(true_tags) != len(pred_tags):
+        raise DataError(
+            f'expected predictions for every sentence, found {len(true_tags)} true and '
+            f'{len(pred_tags)} predicted sentences'
+        )
+    n_true = n_pred = n_correct = 0
+    for s, (true, pred) in enumerate(zip(true_tags, pred_tags)):
+        if len(true) != len(pred):
+            raise DataError(
+                f'sentence {s}: {len(true)} true tags but {len(pred)} predicted; predict a tag '
+                'for every word (words cut by truncation as "O")'
+            )
+        true_chunks = set(entity_chunks(true))
+        pred_chunks = set(entity_chunks(pred))
+        n_true += len(true_chunks)
+        n_pred += len(pred_chunks)
+        n_correct += len(true_chunks & pred_chunks)
+    precision = n_correct / n_pred if n_pred else 0.0
+    recall = n_correct / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        'precision': precision,
+        'recall': recall,
+        'f1': f1,
+        'true_entities': n_true,
+        'pred_entities': n_pred,
+        'correct_entities': n_correct,
     }

@@ -21,6 +21,7 @@ from core.task import Runtime, Scorer, Task
 from data import labelled
 from data.tokenizer import make_tokenizer
 from finetune import classify
+from finetune import metrics as metrics_lib
 from models.bert import BertConfig
 from models.classifier import TokenClassifier
 
@@ -151,7 +152,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
 
         def evaluate(stepper, params) -> dict[str, float]:
             predicted = predicted_tags(stepper, params)
-            scores = labelled.entity_f1([s['tags'] for s in sentences], predicted)
+            scores = metrics_lib.entity_f1([s['tags'] for s in sentences], predicted)
             hits = sum(p == t for s, ps in zip(sentences, predicted) for p, t in zip(ps, s['tags']))
             return {
                 'entity_f1': scores['f1'],

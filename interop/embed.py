@@ -28,6 +28,7 @@ from absl import logging
 
 from core import checkpoint as ckpt_lib
 from core.errors import ConfigError, DataError
+from core.files import atomic_write
 from data import images as images_lib
 from data import text as text_lib
 from data.tokenizer import FixedLengthEncoder, WordPiece
@@ -206,13 +207,8 @@ def embed(
         # Exactly the path given (np.save would add .npy to a name without it), atomically.
         output = os.path.abspath(output)
         os.makedirs(os.path.dirname(output), exist_ok=True)
-        try:
-            with open(output + '.tmp', 'wb') as f:
-                np.save(f, result)
-            os.replace(output + '.tmp', output)
-        finally:
-            if os.path.isfile(output + '.tmp'):
-                os.remove(output + '.tmp')
+        with atomic_write(output, 'wb') as f:
+            np.save(f, result)
         logging.info(
             'embed: %s features %s of %s -> %s', features, result.shape, input_path, output
         )

@@ -47,17 +47,9 @@ def checkpoint_path(workdir: str, step: int | None) -> str:
         return workdir
     path = os.path.join(workdir, 'checkpoints', str(step))
     if not os.path.isdir(path):
-        raise CheckpointError(
-            f'{workdir} has no checkpoint {step}; kept steps: {kept_steps(workdir)}'
-        )
+        kept = ckpt_lib.saved_steps(os.path.join(workdir, 'checkpoints'))
+        raise CheckpointError(f'{workdir} has no checkpoint {step}; kept steps: {kept}')
     return path
-
-
-def kept_steps(workdir: str) -> list[int]:
-    directory = os.path.join(workdir, 'checkpoints')
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def saved_params(path: str) -> dict:

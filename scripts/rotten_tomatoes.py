@@ -84,6 +84,7 @@ def main() -> None:
         )
     os.makedirs(args.out, exist_ok=True)
     for path, part in files.items():
+        # By hand, not core.files.atomic_write: the script runs on its own, outside the package.
         with open(path + '.tmp', 'w', encoding='utf-8') as f:
             f.write(texts[path])
         os.replace(path + '.tmp', path)

@@ -13,9 +13,12 @@ import csv
 import json
 import math
 import os
+from typing import IO
 
 import numpy as np
 from scipy import stats
+
+from core.files import atomic_write
 
 CONFIDENCE = 0.95
 
@@ -185,7 +188,7 @@ def _error_bars(rows: list[dict], mean: str, low: str, high: str) -> np.ndarray:
     )
 
 
-def plot(path: str, table: list[dict], metric: str, target: float, title: str) -> None:
+def plot(out: str | IO, table: list[dict], metric: str, target: float, title: str) -> None:
     """Left: the test metric against labelled examples (log scale), one line per arm, 95%
     intervals over seeds as error bars. Right (when the study has a scratch arm): each
     arm's paired difference to scratch, with its 95% interval."""
@@ -239,23 +242,18 @@ def plot(path: str, table: list[dict], metric: str, target: float, title: str) -
         ax.grid(True, which='both', alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out, format='png', dpi=120)
     plt.close(fig)
 
 
 def write(workdir: str, result: dict) -> None:
     """study.json (everything), study.csv (the table), study.png; each replaced atomically."""
-    path = os.path.join(workdir, 'study.json')
-    with open(path + '.tmp', 'w') as f:
+    with atomic_write(os.path.join(workdir, 'study.json')) as f:
         json.dump(result, f, indent=2)
-    os.replace(path + '.tmp', path)
-    path = os.path.join(workdir, 'study.csv')
-    with open(path + '.tmp', 'w', newline='') as f:
+    with atomic_write(os.path.join(workdir, 'study.csv'), newline='') as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: t[k] for k in COLUMNS} for t in result['table'])
-    os.replace(path + '.tmp', path)
-    path = os.path.join(workdir, 'study.png')
     title = f'{result["study"]}: pretrained vs from scratch'
-    plot(path + '.tmp.png', result['table'], result['metric'], result['target'], title)
-    os.replace(path + '.tmp.png', path)
+    with atomic_write(os.path.join(workdir, 'study.png'), 'wb') as f:
+        plot(f, result['table'], result['metric'], result['target'], title)

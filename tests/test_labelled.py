@@ -8,7 +8,7 @@ import pytest
 
 from core.errors import ConfigError, DataError
 from data import labelled
-from data.labelled import LabelMap, align_tags, entity_f1, select_train_examples
+from data.labelled import LabelMap, align_tags, select_train_examples
 from data.tokenizer import WordPiece
 from finetune import metrics
 
@@ -291,31 +291,35 @@ def test_align_tags_truncates_whole_words(tiny_wordpiece):
         align_tags(tokens, tags[:2], tiny_wordpiece, 8)
 
 
+# --- finetune/metrics ----------------------------------------------------------------------
+
+
 def test_entity_f1_hand_checked():
     true = [['B-PER', 'I-PER', 'O', 'B-LOC']]
-    assert entity_f1(true, true)['f1'] == 1.0
-    wrong_type = entity_f1(true, [['B-PER', 'I-PER', 'O', 'B-ORG']])
+    assert metrics.entity_f1(true, true)['f1'] == 1.0
+    wrong_type = metrics.entity_f1(true, [['B-PER', 'I-PER', 'O', 'B-ORG']])
     assert (wrong_type['precision'], wrong_type['recall'], wrong_type['f1']) == (0.5, 0.5, 0.5)
-    partial = entity_f1([['B-PER', 'I-PER', 'I-PER']], [['B-PER', 'I-PER', 'O']])
+    partial = metrics.entity_f1([['B-PER', 'I-PER', 'I-PER']], [['B-PER', 'I-PER', 'O']])
     assert partial['f1'] == 0.0 and partial['pred_entities'] == 1
     # I- after O starts a chunk, so it matches B- I- at the same span.
-    assert entity_f1([['O', 'B-PER', 'I-PER', 'O']], [['O', 'I-PER', 'I-PER', 'O']])['f1'] == 1.0
-    assert entity_f1([[]], [[]])['f1'] == 0.0
-    assert labelled.entity_chunks(['B-PER', 'I-LOC', 'I-LOC', 'B-LOC']) == [
+    ill_formed = metrics.entity_f1([['O', 'B-PER', 'I-PER', 'O']], [['O', 'I-PER', 'I-PER', 'O']])
+    assert ill_formed['f1'] == 1.0
+    assert metrics.entity_f1([[]], [[]])['f1'] == 0.0
+    assert metrics.entity_chunks(['B-PER', 'I-LOC', 'I-LOC', 'B-LOC']) == [
         ('PER', 0, 1),
         ('LOC', 1, 3),
         ('LOC', 3, 4),
     ]
-    assert labelled.entity_chunks(['S-PER', 'B-LOC', 'E-LOC', 'I-LOC', 'O', 'E-ORG']) == [
+    assert metrics.entity_chunks(['S-PER', 'B-LOC', 'E-LOC', 'I-LOC', 'O', 'E-ORG']) == [
         ('PER', 0, 1),
         ('LOC', 1, 3),
         ('LOC', 3, 4),
         ('ORG', 5, 6),
     ]
     with pytest.raises(DataError, match="tag '3' is not an IOB2"):
-        entity_f1([['3']], [['O']])
+        metrics.entity_f1([['3']], [['O']])
     with pytest.raises(DataError, match='sentence 0'):
-        entity_f1([['O', 'O']], [['O']])
+        metrics.entity_f1([['O', 'O']], [['O']])
 
 
 def test_entity_f1_two_sentences_by_hand():
@@ -327,14 +331,11 @@ def test_entity_f1_two_sentences_by_hand():
         ['B-PER', 'I-PER', 'O', 'B-LOC', 'O'],  # both right
         ['B-ORG', 'I-LOC', 'B-MISC', 'O'],  # ORG right; LOC(1,2) spurious; MISC(2,3) too short
     ]
-    got = entity_f1(true, pred)
+    got = metrics.entity_f1(true, pred)
     assert (got['true_entities'], got['pred_entities'], got['correct_entities']) == (4, 5, 3)
     assert got['precision'] == pytest.approx(3 / 5)
     assert got['recall'] == pytest.approx(3 / 4)
     assert got['f1'] == pytest.approx(2 / 3)
-
-
-# --- finetune/metrics ----------------------------------------------------------------------
 
 
 def test_classification_metrics_match_sklearn():
@@ -371,20 +372,77 @@ def test_regression_metrics_match_reference():
     got = metrics.regression_metrics(targets, predictions)
     assert got['mse'] == pytest.approx(np.mean((targets - predictions) ** 2))
     assert got['pearson'] == pytest.approx(np.corrcoef(targets, predictions)[0, 1])
-    try:
-        from scipy import stats
-    except ImportError:  # numpy reference: average ranks by brute force
 
-        def ranks(x):
-            return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2 for v in x])
+    def ranks(x):  # average ranks by brute force
+        return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2 for v in x])
 
-        expected = np.corrcoef(ranks(targets), ranks(predictions))[0, 1]
-    else:
-        expected = stats.spearmanr(targets, predictions).statistic
-        assert got['pearson'] == pytest.approx(stats.pearsonr(targets, predictions).statistic)
+    expected = np.corrcoef(ranks(targets), ranks(predictions))[0, 1]
     assert got['spearman'] == pytest.approx(expected)
-    assert metrics.average_ranks([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
 
     constant = metrics.regression_metrics([0.1, 0.1, 0.1], [1.0, 2.0, 3.0])
     assert constant['pearson'] == 0.0 and constant['spearman'] == 0.0
     assert np.isnan(metrics.regression_metrics([1, 2], [np.nan, 1.0])['pearson'])
+
+
+# Figures worked out by hand (and returned by the hand-written metrics before they used
+# scikit-learn / scipy), pinned so that moving to the libraries keeps every figure.
+CLASSIFICATION_CASES = [
+    # labels, predictions, num_classes -> accuracy, macro_f1, matthews_corrcoef
+    ([0, 1, 1, 2], [1, 1, 1, 1], 3, 1 / 2, (0 + 2 / 3 + 0) / 3, 0.0),  # one class predicted
+    ([1, 1, 1, 1], [1, 0, 1, 2], 3, 1 / 2, (0 + 2 / 3 + 0) / 3, 0.0),  # one class in the labels
+    ([0, 0, 0], [0, 0, 0], 2, 1.0, 1.0, 0.0),  # one class in both
+    ([2], [2], 3, 1.0, 1.0, 0.0),  # one example
+    ([0, 1, 0, 1], [0, 1, 1, 1], 4, 3 / 4, (2 / 3 + 4 / 5) / 2, 1 / 3**0.5),  # 2, 3 absent
+    ([True, False, True], [True, True, True], 2, 2 / 3, (0 + 4 / 5) / 2, 0.0),  # bool ids
+]
+
+
+@pytest.mark.parametrize('labels, predictions, k, accuracy, macro_f1, mcc', CLASSIFICATION_CASES)
+def test_classification_metrics_pinned(labels, predictions, k, accuracy, macro_f1, mcc):
+    got = metrics.classification_metrics(np.array(labels), np.array(predictions), k)
+    assert set(got) == {'accuracy', 'macro_f1', 'matthews_corrcoef'}
+    assert all(type(v) is float for v in got.values())
+    assert got['accuracy'] == pytest.approx(accuracy, rel=1e-12)
+    assert got['macro_f1'] == pytest.approx(macro_f1, rel=1e-12)
+    assert got['matthews_corrcoef'] == pytest.approx(mcc, rel=1e-12, abs=0)
+
+
+def test_classification_metrics_refuse_bad_ids():
+    with pytest.raises(DataError, match='expected integer class ids in labels'):
+        metrics.classification_metrics([0.0, 1.0], [0, 1], 2)
+    with pytest.raises(DataError, match='predictions hold class ids from -1 to 1'):
+        metrics.classification_metrics([0, 1], [-1, 1], 2)
+    with pytest.raises(DataError, match='expected as many predictions as labels, found 1 and 2'):
+        metrics.classification_metrics([0, 1], [0], 2)
+    with pytest.raises(DataError, match=r'shape \[N\], found shape \(1, 2\)'):
+        metrics.classification_metrics([[0, 1]], [[0, 1]], 2)
+
+
+REGRESSION_CASES = [
+    # targets, predictions -> pearson, spearman, mse
+    ([0.1, 0.1, 0.1], [1.0, 2.0, 3.0], 0.0, 0.0, ((0.9**2) + (1.9**2) + (2.9**2)) / 3),
+    ([1, 2, 3], [5, 5, 5], 0.0, 0.0, (16 + 9 + 4) / 3),  # constant predictions, int inputs
+    ([1.0], [2.0], 0.0, 0.0, 1.0),  # one example: constant on both sides
+    ([1.0, 2.0], [3.0, 1.0], -1.0, -1.0, 2.5),
+    ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0], -1.0, -1.0, 8 / 3),
+    # Ties: ranks [1, 2.5, 2.5, 4] and [1, 4, 2.5, 2.5]; centred values give 1 / (√2 √2).
+    ([1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 2.0], 0.5, 0.5, 2 / 4),
+]
+
+
+@pytest.mark.parametrize('targets, predictions, pearson, spearman, mse', REGRESSION_CASES)
+def test_regression_metrics_pinned(targets, predictions, pearson, spearman, mse):
+    got = metrics.regression_metrics(np.array(targets), np.array(predictions))
+    assert set(got) == {'pearson', 'spearman', 'mse'}
+    assert all(type(v) is float for v in got.values())
+    assert got['pearson'] == pytest.approx(pearson, rel=1e-12, abs=0)
+    assert got['spearman'] == pytest.approx(spearman, rel=1e-12, abs=0)
+    assert got['mse'] == pytest.approx(mse, rel=1e-12)
+
+
+def test_regression_metrics_non_finite():
+    diverged = metrics.regression_metrics([1.0, 2.0, 3.0], [1.0, np.inf, 2.0])
+    assert np.isnan(diverged['pearson']) and np.isnan(diverged['spearman'])
+    assert diverged['mse'] == np.inf
+    with pytest.raises(DataError, match='1 regression targets are NaN or infinite'):
+        metrics.regression_metrics([1.0, np.nan], [1.0, 2.0])

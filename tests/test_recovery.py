@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from core import checkpoint
+from core.errors import CheckpointError
 from interop import workdir as wd
 from tests.conftest import ROOT, SMALL_RUN, launch, tree_digest
 
@@ -121,6 +122,20 @@ def test_a_damaged_newest_step_is_moved_aside_and_the_run_resumes(
     damaged = tree_digest(workdir / 'checkpoints' / '4')
     r = launch(*command(workdir, pydoc_vocab, '--config.data.shards=2'))
     check_resumed_from_2(workdir, r, damaged, expected)
+
+
+def test_saved_steps_are_the_steps_orbax_would_restore_damaged_or_not(tmp_path):
+    """Every finished step directory, readable or not (recovery moves the damaged ones
+    aside); not a save in flight, a step moved aside, or anything else in checkpoints/."""
+    directory = tmp_path / 'checkpoints'
+    for name in ('2/state', '12', '30.orbax-checkpoint-tmp-1700000000', '4.corrupt', 'old_7'):
+        (directory / name).mkdir(parents=True)
+    (directory / '9').write_text('a file, not a step')
+    assert checkpoint.saved_steps(str(directory)) == [2, 12]
+    assert checkpoint.saved_steps(str(tmp_path / 'none')) == []
+    assert checkpoint.resolve_checkpoint(str(tmp_path)) == (str(directory), 12)
+    with pytest.raises(CheckpointError, match=r'kept steps: \[2, 12\]'):
+        wd.checkpoint_path(str(tmp_path), 3)
 
 
 def test_the_leftover_reads_of_a_failed_restore_log_nothing(caplog):
