@@ -259,6 +259,11 @@ class Checkpointer:
             },
         )
 
+    def last_good(self) -> str:
+        """Where a run stopped by an error can go back to, in words (for its message)."""
+        kept = self.latest_step()
+        return f'the last good checkpoint is step {kept}' if kept else 'there is no checkpoint yet'
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

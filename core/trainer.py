@@ -6,23 +6,23 @@ steps-to-target. A task with a test split (`Task.test`) has it read and scored o
 the run completes, on the checkpoint validation selected (`score_test`).
 
 One trainer serves every objective; a task module (`pretrain/mlm.py`, `pretrain/simclr.py`,
-..., `finetune/classify.py`) says what is learned from what, and how it is evaluated.
+..., `finetune/classify.py`) says what is learned from what, and how it is evaluated. What
+the loop keeps track of (pauses, clocks, eval history, SIGTERM, the non-finite guard, train
+rows) is in core/loop.py, one object a concern.
 """
 
-import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import os
 import shutil
-import signal
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
@@ -30,19 +30,14 @@ from jax.experimental import multihost_utils
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import flops as flops_lib
+from core import loop, optim, recipe
 from core import metrics as metrics_lib
-from core import optim, recipe
 from core import sharding as sharding_lib
 from core import step as step_lib
 from core import train_state as state_lib
 from core import watchdog as watchdog_lib
-from core.errors import UserError
 from core.files import atomic_write
 from core.task import TASKS, Runtime, Scorer, Task
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """The loss or the gradient norm became NaN or Inf; the message gives the step."""
 
 
 def _sync(name: str) -> None:
@@ -174,6 +169,7 @@ def set_up(
     tasks: dict[str, str] | None = None,
     write_config: bool = True,
     build_dir: str | None = None,
+    evaluating: bool = False,
 ) -> RunSetup:
     """Config checks -> mesh -> workdir check -> task -> optimizer -> state shardings ->
     step -> workdir written.
@@ -184,17 +180,23 @@ def set_up(
     aside, the staged files in, and writes config.json; a failed start leaves the workdir
     as it found it. A dry run (core/memory_plan.py) passes write_config=False, so the
     workdir gets no config.json (a later run there may have any config), and a `build_dir`
-    for what the task derives.
+    for what the task derives. `evaluate_checkpoint` sets up a finished run (`evaluating`):
+    nothing is written, and the training stream is built but not read.
     """
     module = task_module(config, stage, tasks)
     follow_start(config)
     config_lib.check_common(config)
     module.check_config(config)
     is_main = jax.process_index() == 0
+    if evaluating and not os.path.isfile(os.path.join(workdir, 'config.json')):
+        raise config_lib.ConfigError(
+            f'{workdir} holds no run (no config.json); give the --workdir of a {stage} run'
+        )
 
     # Mesh, then what this start finds in the workdir (nothing is written yet).
     mesh, batch_shards = make_mesh(config)
     config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
+    write_config = write_config and not evaluating
     plan = config_lib.check_workdir(config, workdir) if write_config else None
     fresh = plan is not None and plan.fresh
     if fresh:
@@ -213,7 +215,9 @@ def set_up(
             per_host_batch=config.batch_size // jax.process_count(),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            data_shards=data_shards(config, build_dir if fresh else workdir),
+            data_shards=jax.process_count()
+            if evaluating
+            else data_shards(config, build_dir if fresh else workdir),
         )
         task = module.build(config, build_dir or workdir, runtime)
 
@@ -253,14 +257,10 @@ def train_and_evaluate(
     """Runs (or resumes) `config.task` of the `stage` (pretrain | finetune) in `workdir`;
     returns the summary."""
     started = time.time()
+    # Set-up: checks, mesh, task, optimizer, step; a new run's workdir written.
     run = set_up(config, workdir, stage, tasks=tasks)
-    mesh, task, tx, shardings, stepper = run.mesh, run.task, run.tx, run.shardings, run.stepper
-    init_rng, dropout_rng = run.init_rng, run.dropout_rng
+    task, stepper, train_iter = run.task, run.stepper, run.task.train_iter
     is_main = jax.process_index() == 0
-    train_iter = task.train_iter
-
-    # How the run starts, in order: this workdir's own checkpoint (resume); else init_from
-    # (params only); else from scratch.
     checkpointer = ckpt_lib.Checkpointer(
         workdir,
         every=config.checkpoint_every,
@@ -268,22 +268,14 @@ def train_and_evaluate(
         best_metric=task.metric,
     )
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    abstract = state_lib.abstract_state(task.init_params, tx, mesh, init_rng, shardings)
-    start_step, state = checkpointer.restore_latest(abstract, train_iter)
-    if start_step is not None:
-        writer.truncate_after(start_step)
-        logging.info('resumed from %s/%d', checkpointer.directory, start_step)
-    else:
-        start_step = 0
-        writer.truncate_after(-1)  # the rows of an attempt that saved no checkpoint
-        state, _ = state_lib.create_sharded_state(task.init_params, tx, mesh, init_rng, shardings)
-        if config.init_from:
-            state = restore_init_from(task, state, abstract.params, config.init_from)
+
+    # Restore: this workdir's own checkpoint (resume); else init_from (params); else scratch.
+    start_step, state = restore(run, config, checkpointer, writer)
     num_params = state_lib.count_params(state.params)
     logging.info(
         'model: %.2fM parameters; mesh %s; %s over %d devices, %d processes',
         num_params / 1e6,
-        dict(mesh.shape),
+        dict(run.mesh.shape),
         config.parallelism,
         jax.device_count(),
         jax.process_count(),
@@ -300,11 +292,8 @@ def train_and_evaluate(
     if is_main:
         config_lib.record_resume(run.plan, config, start_step)
     state = stepper.put_state(state)
-    peak = flops_lib.peak_flops_per_device(config.peak_tflops, config.get('precision', 'float32'))
 
-    # The watchdog guards progress: phases that are slow by nature (compilation, evals, saves,
-    # the test scoring) run inside `paused(phase)`, which also stops the throughput clock.
-    pending: list[dict] = []  # device metrics of the steps since the last log row
+    # What the loop keeps track of (core/loop.py).
     stacks = 'watchdog_stacks.txt'
     if jax.process_count() > 1:
         stacks = f'watchdog_stacks.process{jax.process_index()}.txt'
@@ -312,235 +301,103 @@ def train_and_evaluate(
         config.watchdog_secs, stacks_path=os.path.join(workdir, stacks)
     )
     progress = metrics_lib.Progress(
-        start_step, config.total_steps, sync=lambda: jax.block_until_ready(pending)
+        start_step, config.total_steps, sync=lambda: jax.block_until_ready(train_rows.pending)
+    )
+    pauses = loop.Pauses(watchdog, progress)
+    clock = loop.TrainClock(_train_time_at(workdir, start_step))
+    history = loop.EvalHistory(task.metric, config.get('early_stopping_patience', 0))
+    guard = loop.NonFiniteGuard(config.get('skip_nonfinite_steps', 0), checkpointer.last_good)
+    loss_rise = loop.LossRise(functools.partial(loss_rise_message, config))
+    peak = flops_lib.peak_flops_per_device(config.peak_tflops, config.get('precision', 'float32'))
+    train_rows = loop.TrainRows(
+        config, task, writer, progress, watchdog, guard, loss_rise, peak, start_step
     )
 
-    @contextlib.contextmanager
-    def paused(phase: str):
-        """`phase` counts neither as training time nor against the watchdog. The clock stops
-        first, waiting for the steps dispatched so far (under the watchdog), so every step
-        before the pause is timed in full."""
-        with progress.paused(), watchdog.paused(phase):
-            yield
-
-    def compile_began() -> None:
-        progress.pause()
-        watchdog.pause('compiling')
-
-    def compile_ended() -> None:
-        watchdog.resume()
-        progress.resume()
-
-    eval_history = []
-    # The training clock of eval rows (`train_time_sec`): seconds spent training, evals left
-    # out and compilation kept in, carried across restarts; it measures time-to-accuracy.
-    clock = {'offset': _train_time_at(workdir, start_step), 'start': time.perf_counter()}
-    clock['eval'] = 0.0
-
-    health = {}  # what summary.json says of a run gone wrong (loss_rose_step, collapsed_step)
-
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, params) -> None:
         began = time.perf_counter()
-        train_time = clock['offset'] + began - clock['start'] - clock['eval']
-        with paused(f'evaluating at step {step}'):
-            result = task.evaluate(stepper, state.params)
-        clock['eval'] += time.perf_counter() - began
+        train_time = clock.now()
+        with pauses.paused(f'evaluating at step {step}'):
+            result = task.evaluate(stepper, params)
+        clock.leave_out(began)
         writer.write(step, 'eval', {**result, 'train_time_sec': train_time})
-        eval_history.append({'step': step, **result})
+        history.add(step, result)
         logging.info(
             'eval step %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
         )
 
     if start_step == 0:
-        run_eval(0)  # every run shows its own starting point
+        run_eval(0, state.params)  # every run shows its own starting point
 
-    # Early stopping: `early_stopping_patience` evals without a new best of task.metric.
-    patience = config.get('early_stopping_patience', 0)
-    early_stopped = False
-
-    def best_so_far() -> dict:
-        return max(eval_history, key=lambda r: r.get(task.metric, -np.inf))
-
-    def stop_early(step: int) -> bool:
-        if not patience or not eval_history or eval_history[-1]['step'] != step:
-            return False
-        return len(eval_history) - 1 - eval_history.index(best_so_far()) >= patience
-
-    # SIGTERM (preemption): finish the step, save, exit 0. On several processes the signal
-    # may reach them at different steps: they agree at the next step where every process
-    # checks (a log, eval or save step), so all save the same step and none is left waiting
-    # in a collective.
-    sigterm: list[bool] = []
-    preempted = False
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
-
-    def agreed_preemption(check_point: bool) -> bool:
-        if jax.process_count() == 1:
-            return bool(sigterm)
-        if not check_point:
-            return False
-        flags = multihost_utils.process_allgather(np.array([len(sigterm) > 0], np.int32))
-        return bool(np.any(flags))
-
-    last_logged = start_step
-    step = start_step
-
-    # skip_nonfinite_steps: how many updates were skipped, in all and in a row.
-    skipped = {'total': 0, 'streak': 0}
-    max_skipped = config.get('skip_nonfinite_steps', 0)
-
-    def last_good() -> str:
-        kept = checkpointer.latest_step()
-        return f'the last good checkpoint is step {kept}' if kept else 'there is no checkpoint yet'
-
-    def count_skipped(host: list[dict]) -> list[dict]:
-        """Counts the skipped steps among `host` (the steps since the last log row); returns
-        the others. Raises once more than `skip_nonfinite_steps` were skipped in a row."""
-        for i, h in enumerate(host):
-            if not h['skipped']:
-                skipped['streak'] = 0
-                continue
-            skipped['total'] += 1
-            skipped['streak'] += 1
-            logging.warning(
-                'step %d: non-finite loss or gradient norm, update skipped', last_logged + i + 1
-            )
-            if skipped['streak'] > max_skipped:
-                raise NonFiniteLossError(
-                    f'{skipped["streak"]} steps in a row up to step {last_logged + i + 1} had a '
-                    'non-finite loss or gradient norm '
-                    f'(skip_nonfinite_steps={max_skipped}); {last_good()}. '
-                    'Lower learning_rate, raise warmup_steps or check the data'
-                )
-        return [h for h in host if not h['skipped']]
-
-    loss_start = []  # the loss of the first step of this start of the run
-
-    def check_loss_rise(steps: str, step: int, loss: float | None, first: float | None):
-        """Warns once when a train row's loss is more than twice (and 1 nat above) the loss
-        of the first step of this start of the run (computed before its update): a
-        diverging run, not noise."""
-        if loss is None or 'loss_rose_step' in health:
-            return
-        if not loss_start:
-            if first is None or not np.isfinite(first):  # every step skipped: no start yet
-                return
-            loss_start.append(float(first))
-        if loss > 2 * loss_start[0] and loss > loss_start[0] + 1.0:
-            health['loss_rose_step'] = step
-            logging.warning('%s', loss_rise_message(config, steps, loss, loss_start[0]))
-
-    def flush_metrics(step: int) -> None:
-        nonlocal pending, last_logged
-        if not pending:
-            return
-        watchdog.phase = f'waiting for steps {last_logged + 1}-{step} to finish (their metrics)'
-        host = jax.device_get(pending)
-        if max_skipped:
-            host = count_skipped(host) or [
-                {k: v for k, v in host[-1].items() if k in ('learning_rate', 'skipped')}
-            ]
-        rows = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-        if max_skipped:
-            rows.pop('skipped')
-            rows['skipped_steps'] = float(skipped['total'])  # by this start of the run
-        # A non-finite gradient norm stops the run like a non-finite loss: its update has
-        # already made the parameters NaN, and no checkpoint may save them.
-        for i, h in enumerate(host):
-            what = [k for k in ('loss', 'grad_norm') if k in h and not np.isfinite(h[k])]
-            if what:
-                name = 'loss' if what[0] == 'loss' else 'gradient norm'
-                raise NonFiniteLossError(
-                    f'the {name} became non-finite at step {last_logged + i + 1} (steps '
-                    f'{last_logged + 1}-{step} checked); {last_good()}. '
-                    'Lower learning_rate, raise warmup_steps or check the data'
-                )
-        # Training steps only: no eval, save or compile in the interval counts, and a row
-        # whose only step is the compiled first one carries no throughput.
-        per_step, eta = progress.update(step)
-        if per_step is not None:
-            rows['examples_per_sec'] = config.batch_size / per_step
-            if task.tokens_per_example:
-                rows['tokens_per_sec'] = config.batch_size * task.tokens_per_example / per_step
-            rows['step_time_ms'] = per_step * 1e3
-            if peak and task.flops_per_step:
-                rows['mfu'] = task.flops_per_step / per_step / (peak * jax.device_count())
-        writer.write(step, 'train', rows)
-        progress.log(step, rows, eta)
-        check_loss_rise(f'{last_logged + 1}-{step}', step, rows.get('loss'), host[0].get('loss'))
-        pending, last_logged = [], step
-
-    compiling = watchdog_lib.CompileListener(compile_began, compile_ended)
+    # The loop: step; at log, eval and save steps the train row, the eval, the checkpoint.
+    step, preempted, early_stopped = start_step, False, False
+    compiling = watchdog_lib.CompileListener(pauses.compile_began, pauses.compile_ended)
     try:
-        for step in range(start_step + 1, config.total_steps + 1):
-            watchdog.phase = f'reading the batch of step {step}'
-            batch = stepper.put_batch(next(train_iter))
-            watchdog.phase = f'running step {step}'
-            if step == start_step + 1:
-                # Compiling happens in the dispatch: left out of the watchdog and the
-                # throughput (this step is not timed); its execution is guarded.
-                with paused('compiling the train step'):
-                    state, metrics = stepper.train(state, batch, dropout_rng)
-                jax.block_until_ready(metrics)
-                progress.start(step)
-                logging.info('first step done (compiled) after %.1fs', time.time() - started)
-            else:
-                state, metrics = stepper.train(state, batch, dropout_rng)
-            pending.append(metrics)
-            watchdog.ping()
-            due_eval = step % config.eval_every == 0 or step == config.total_steps
-            due_save = step % config.checkpoint_every == 0 or step == config.total_steps
-            boundary = step % config.log_every == 0 or due_save or due_eval
-            preempted = agreed_preemption(boundary)
-            if boundary or preempted:
-                flush_metrics(step)  # also guards checkpoints against a non-finite state
-            if due_eval:
-                run_eval(step)
-                early_stopped = stop_early(step)
-            if due_save or preempted or early_stopped:
-                with paused(f'saving the checkpoint of step {step}'):
-                    checkpointer.save(
+        with loop.Preemption() as preemption:
+            for step in range(start_step + 1, config.total_steps + 1):
+                watchdog.phase = f'reading the batch of step {step}'
+                batch = stepper.put_batch(next(train_iter))
+                watchdog.phase = f'running step {step}'
+                if step == start_step + 1:
+                    # Compiling happens in the dispatch: left out of the watchdog and the
+                    # throughput (this step is not timed); its execution is guarded.
+                    with pauses.paused('compiling the train step'):
+                        state, metrics = stepper.train(state, batch, run.dropout_rng)
+                    jax.block_until_ready(metrics)
+                    progress.start(step)
+                    logging.info('first step done (compiled) after %.1fs', time.time() - started)
+                else:
+                    state, metrics = stepper.train(state, batch, run.dropout_rng)
+                train_rows.add(metrics)
+                watchdog.ping()
+                due_eval = step % config.eval_every == 0 or step == config.total_steps
+                due_save = step % config.checkpoint_every == 0 or step == config.total_steps
+                boundary = step % config.log_every == 0 or due_save or due_eval
+                preempted = preemption.agreed(boundary)
+                if boundary or preempted:
+                    train_rows.flush(step)  # also guards checkpoints against a NaN state
+                if due_eval:
+                    run_eval(step, state.params)
+                    early_stopped = history.should_stop(step)
+                if due_save or preempted or early_stopped:
+                    with pauses.paused(f'saving the checkpoint of step {step}'):
+                        checkpointer.save(
+                            step,
+                            stepper.get_state(state),
+                            train_iter,
+                            config,
+                            force=preempted or early_stopped or step == config.total_steps,
+                            metrics=history.at(step),
+                        )
+                if early_stopped:
+                    best = history.best()
+                    logging.info(
+                        'early stopping at step %d: %s has not improved for %d evals (best '
+                        '%.4f at step %d)',
                         step,
-                        stepper.get_state(state),
-                        train_iter,
-                        config,
-                        force=bool(preempted) or early_stopped or step == config.total_steps,
-                        metrics=eval_history[-1]
-                        if eval_history and eval_history[-1]['step'] == step
-                        else None,
+                        task.metric,
+                        history.patience,
+                        best[task.metric],
+                        best['step'],
                     )
-            if early_stopped:
-                best = best_so_far()
-                logging.info(
-                    'early stopping at step %d: %s has not improved for %d evals (best %.4f '
-                    'at step %d)',
-                    step,
-                    task.metric,
-                    patience,
-                    best[task.metric],
-                    best['step'],
-                )
-                break
-            if preempted:
-                logging.warning('SIGTERM: saved step %d; exiting to be restarted', step)
-                break
+                    break
+                if preempted:
+                    logging.warning('SIGTERM: saved step %d; exiting to be restarted', step)
+                    break
     finally:
         compiling.close()
         watchdog.stop()
         checkpointer.close()
-        best_checkpoint = checkpointer.best_step()
-        signal.signal(signal.SIGTERM, previous_handler)
         if hasattr(train_iter, 'close'):
             train_iter.close()
         task.close()
 
+    # Summary: the test split once, on the checkpoint validation selected; summary.json.
     completed = not preempted and (step == config.total_steps or early_stopped)
-    # The test split, once, on the checkpoint validation selected (nothing read it before).
     test_figures = {}
+    best_checkpoint = checkpointer.best_step()
     if completed and task.test is not None:
         selected = best_checkpoint if best_checkpoint is not None else latest_kept_step(workdir)
         test_figures = score_test(run, config, workdir, writer, selected)
-
     summary = {
         'stage': stage,
         'task': task.name,
@@ -551,23 +408,44 @@ def train_and_evaluate(
         'flops_per_step': task.flops_per_step,
         'wall_time_sec': time.time() - started,
     }
-    if eval_history:
-        final = eval_history[-1]
-        best = max(eval_history, key=lambda r: r.get(task.metric, -np.inf))
+    if history.rows:
+        final, best = history.rows[-1], history.best()
         summary.update({f'final_{k}': v for k, v in final.items() if k != 'step'})
         summary.update({f'best_{task.metric}': best.get(task.metric), 'best_step': best['step']})
         summary['best_checkpoint_step'] = best_checkpoint
         summary.update(task.summary_extras(final))
     summary.update(test_figures)
-    collapsed = collapsed_since(eval_history) if completed else None  # judged at the end
+    if loss_rise.step is not None:
+        summary['loss_rose_step'] = loss_rise.step
+    collapsed = collapsed_since(history.rows) if completed else None  # judged at the end
     if collapsed is not None:
-        health['collapsed_step'] = collapsed
-        logging.warning('%s', collapse_message(config, collapsed, eval_history[-1]['step']))
-    summary.update(health)
+        summary['collapsed_step'] = collapsed
+        logging.warning('%s', collapse_message(config, collapsed, history.rows[-1]['step']))
     if not preempted:
         writer.write_summary(summary)
     writer.close()
     return summary
+
+
+def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
+    """(start step, state): this workdir's newest good checkpoint (its metrics rows after
+    that step dropped); else a new state, with `init_from`'s params when given."""
+    task = run.task
+    abstract = state_lib.abstract_state(
+        task.init_params, run.tx, run.mesh, run.init_rng, run.shardings
+    )
+    start_step, state = checkpointer.restore_latest(abstract, task.train_iter)
+    if start_step is not None:
+        writer.truncate_after(start_step)
+        logging.info('resumed from %s/%d', checkpointer.directory, start_step)
+        return start_step, state
+    writer.truncate_after(-1)  # the rows of an attempt that saved no checkpoint
+    state, _ = state_lib.create_sharded_state(
+        task.init_params, run.tx, run.mesh, run.init_rng, run.shardings
+    )
+    if config.init_from:
+        state = restore_init_from(task, state, abstract.params, config.init_from)
+    return 0, state
 
 
 def _kept_steps(workdir: str) -> list[int]:
@@ -687,33 +565,8 @@ def evaluate_checkpoint(
     `eval.evaluate_split=validation` (or when the task has no test split); writes
     WORKDIR/evaluation.json, naming the split, and, where the task can,
     WORKDIR/predictions.jsonl of that split."""
-    module = task_module(config, stage)
-    follow_start(config)
-    config_lib.check_common(config)
-    module.check_config(config)
-    if not os.path.isfile(os.path.join(workdir, 'config.json')):
-        raise config_lib.ConfigError(
-            f'{workdir} holds no run (no config.json); give the --workdir of a {stage} run'
-        )
-    mesh, batch_shards = make_mesh(config)
-    config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
-    runtime = Runtime(
-        mesh=mesh,
-        parallelism=config.parallelism,
-        per_host_batch=config.batch_size // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        data_shards=jax.process_count(),  # the training stream is built but not read
-    )
-    task = module.build(config, workdir, runtime)
-    tx, schedule = optim.make_optimizer(config)
-    rng = jax.random.key(config.seed)
-    shardings = state_lib.state_shardings(task.init_params, tx, mesh, rng)
-    if config.parallelism == 'pmap':
-        stepper = step_lib.PmapStepper(task.loss_fn, tx, schedule, 1)
-    else:
-        stepper = step_lib.JitStepper(mesh, shardings, task.loss_fn, tx, schedule, 1)
-    run = RunSetup(mesh, task, tx, rng, rng, shardings, stepper)
+    run = set_up(config, workdir, stage, evaluating=True)
+    task, stepper = run.task, run.stepper
     step = best_kept_step(workdir, task.metric)
     params = checkpoint_params(run, workdir, step, config.parallelism)
 

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from core import checkpoint as ckpt_lib
+from core import loop
 from core.step import train_step
 from core.train_state import TrainState
 from tests.conftest import SMALL_RUN, launch
@@ -166,7 +167,7 @@ def test_a_nonfinite_gradient_norm_stops_the_run_before_a_checkpoint_saves_it(
     config.data.vocab_file = pydoc_vocab
     config.total_steps, config.checkpoint_every, config.log_every = 4, 1, 1
     workdir = str(tmp_path / 'inf')
-    with pytest.raises(trainer.NonFiniteLossError) as e:
+    with pytest.raises(loop.NonFiniteLossError) as e:
         trainer.train_and_evaluate(config, workdir, 'pretrain', tasks={'mlm': __name__})
     assert 'the gradient norm became non-finite at step 1' in str(e.value)
     assert 'there is no checkpoint yet' in str(e.value)

@@ -1,0 +1,224 @@
+"""What the training loop keeps track of, one small object a concern (core/trainer.py runs
+the loop): the pauses of the watchdog and the throughput clock, the training clock of eval
+rows, the eval history and early stopping, SIGTERM and the processes' agreement on it, the
+non-finite guard, the loss-rise warning, and the train rows made from the steps' metrics.
+"""
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from core import metrics as metrics_lib
+from core import watchdog as watchdog_lib
+from core.errors import UserError
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss or the gradient norm became NaN or Inf; the message gives the step."""
+
+
+ADVICE = 'Lower learning_rate, raise warmup_steps or check the data'
+
+
+class Pauses:
+    """Phases that are slow by nature (compilation, evals, saves, the test scoring) count
+    neither as training time nor against the watchdog."""
+
+    def __init__(self, watchdog: watchdog_lib.Watchdog, progress: metrics_lib.Progress):
+        self.watchdog, self.progress = watchdog, progress
+
+    @contextlib.contextmanager
+    def paused(self, phase: str) -> Iterator[None]:
+        """The clock stops first, waiting for the steps dispatched so far (under the
+        watchdog), so every step before the pause is timed in full."""
+        with self.progress.paused(), self.watchdog.paused(phase):
+            yield
+
+    def compile_began(self) -> None:
+        self.progress.pause()
+        self.watchdog.pause('compiling')
+
+    def compile_ended(self) -> None:
+        self.watchdog.resume()
+        self.progress.resume()
+
+
+class TrainClock:
+    """The training clock of eval rows (`train_time_sec`): seconds spent training, evals
+    left out and compilation kept in, carried across restarts; it measures time-to-accuracy."""
+
+    def __init__(self, offset: float):
+        self.offset, self.start, self.evals = offset, time.perf_counter(), 0.0
+
+    def now(self) -> float:
+        return self.offset + time.perf_counter() - self.start - self.evals
+
+    def leave_out(self, since: float) -> None:
+        """The time from perf_counter() value `since` to now was not training."""
+        self.evals += time.perf_counter() - since
+
+
+class EvalHistory:
+    """The eval rows of this start of the run; early stopping after `patience` evals without
+    a new best of `metric` (0: never)."""
+
+    def __init__(self, metric: str, patience: int):
+        self.metric, self.patience = metric, patience
+        self.rows: list[dict] = []
+
+    def add(self, step: int, result: dict) -> None:
+        self.rows.append({'step': step, **result})
+
+    def best(self) -> dict:
+        return max(self.rows, key=lambda r: r.get(self.metric, -np.inf))
+
+    def at(self, step: int) -> dict | None:
+        """The eval row of `step`, if the last eval was at that step."""
+        return self.rows[-1] if self.rows and self.rows[-1]['step'] == step else None
+
+    def should_stop(self, step: int) -> bool:
+        if not self.patience or self.at(step) is None:
+            return False
+        return len(self.rows) - 1 - self.rows.index(self.best()) >= self.patience
+
+
+class Preemption:
+    """SIGTERM (preemption): finish the step, save, exit 0. On several processes the signal
+    may reach them at different steps: they agree at the next step where every process
+    checks (a log, eval or save step), so all save the same step and none is left waiting
+    in a collective. A context: the handler is installed inside it."""
+
+    def __enter__(self) -> 'Preemption':
+        self.signalled: list[bool] = []
+        self._previous = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, check_point: bool) -> bool:
+        if jax.process_count() == 1:
+            return bool(self.signalled)
+        if not check_point:
+            return False
+        flags = multihost_utils.process_allgather(np.array([bool(self.signalled)], np.int32))
+        return bool(np.any(flags))
+
+
+class NonFiniteGuard:
+    """A NaN/Inf loss or gradient norm stops the run (its update has already made the
+    parameters NaN, and no checkpoint may save them), unless `skip_nonfinite_steps` > 0:
+    then such updates were skipped by the step and the run stops after more in a row."""
+
+    def __init__(self, max_skipped: int, last_good: Callable[[], str]):
+        self.max_skipped, self.last_good = max_skipped, last_good
+        self.total = self.streak = 0  # skipped updates, in all and in a row
+
+    def drop_skipped(self, host: list[dict], first: int) -> list[dict]:
+        """Counts the skipped steps among `host` (steps `first`, `first` + 1, ...); returns
+        the others. Raises once more than `max_skipped` were skipped in a row."""
+        for i, h in enumerate(host):
+            if not h['skipped']:
+                self.streak = 0
+                continue
+            self.total += 1
+            self.streak += 1
+            logging.warning('step %d: non-finite loss or gradient norm, update skipped', first + i)
+            if self.streak > self.max_skipped:
+                raise NonFiniteLossError(
+                    f'{self.streak} steps in a row up to step {first + i} had a non-finite loss '
+                    f'or gradient norm (skip_nonfinite_steps={self.max_skipped}); '
+                    f'{self.last_good()}. {ADVICE}'
+                )
+        return [h for h in host if not h['skipped']]
+
+    def check(self, host: list[dict], first: int, last: int) -> None:
+        for i, h in enumerate(host):
+            what = [k for k in ('loss', 'grad_norm') if k in h and not np.isfinite(h[k])]
+            if what:
+                name = 'loss' if what[0] == 'loss' else 'gradient norm'
+                raise NonFiniteLossError(
+                    f'the {name} became non-finite at step {first + i} (steps {first}-{last} '
+                    f'checked); {self.last_good()}. {ADVICE}'
+                )
+
+
+class LossRise:
+    """Warns once when a train row's loss is more than twice (and 1 nat above) the loss of
+    the first step of this start of the run (computed before its update): a diverging run,
+    not noise. `step` is the row where it did (None: it did not)."""
+
+    def __init__(self, message: Callable[[str, float, float], str]):
+        self.message = message  # (steps, loss, start) -> the warning
+        self.start: float | None = None
+        self.step: int | None = None
+
+    def check(self, steps: str, step: int, loss: float | None, first: float | None) -> None:
+        if loss is None or self.step is not None:
+            return
+        if self.start is None:
+            if first is None or not np.isfinite(first):  # every step skipped: no start yet
+                return
+            self.start = float(first)
+        if loss > 2 * self.start and loss > self.start + 1.0:
+            self.step = step
+            logging.warning('%s', self.message(steps, loss, self.start))
+
+
+class TrainRows:
+    """The steps' device metrics since the last train row, made into that row at a log,
+    eval or save step: averaged, checked (non-finite, loss rise), with the throughput of the
+    training steps among them (no eval, save or compile in the interval counts, and a row
+    whose only step is the compiled first one carries no throughput)."""
+
+    def __init__(
+        self, config, task, writer, progress, watchdog, guard, loss_rise, peak, start_step
+    ):
+        self.config, self.task, self.writer = config, task, writer
+        self.progress, self.watchdog, self.guard, self.loss_rise = (
+            progress,
+            watchdog,
+            guard,
+            loss_rise,
+        )
+        self.peak = peak  # FLOP/s per device, 0 when not known
+        self.pending: list[dict] = []
+        self.last = start_step  # the step of the last row
+
+    def add(self, metrics: dict) -> None:
+        self.pending.append(metrics)
+
+    def flush(self, step: int) -> None:
+        if not self.pending:
+            return
+        first = self.last + 1
+        self.watchdog.phase = f'waiting for steps {first}-{step} to finish (their metrics)'
+        host = jax.device_get(self.pending)
+        if self.guard.max_skipped:
+            host = self.guard.drop_skipped(host, first) or [
+                {k: v for k, v in host[-1].items() if k in ('learning_rate', 'skipped')}
+            ]
+        rows = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        if self.guard.max_skipped:
+            rows.pop('skipped')
+            rows['skipped_steps'] = float(self.guard.total)  # by this start of the run
+        self.guard.check(host, first, step)
+        per_step, eta = self.progress.update(step)
+        if per_step is not None:
+            batch, task = self.config.batch_size, self.task
+            rows['examples_per_sec'] = batch / per_step
+            if task.tokens_per_example:
+                rows['tokens_per_sec'] = batch * task.tokens_per_example / per_step
+            rows['step_time_ms'] = per_step * 1e3
+            if self.peak and task.flops_per_step:
+                rows['mfu'] = task.flops_per_step / per_step / (self.peak * jax.device_count())
+        self.writer.write(step, 'train', rows)
+        self.progress.log(step, rows, eta)
+        self.loss_rise.check(f'{first}-{step}', step, rows.get('loss'), host[0].get('loss'))
+        self.pending, self.last = [], step
