@@ -35,6 +35,7 @@ from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, DataError
+from data import tfds_source
 from data.pipeline import read_options, shuffle_forever
 from data.text import Subset, heldout_indices, jsonl_field, jsonl_records, read_lines
 from data.tokenizer import FixedLengthEncoder, WordPiece
@@ -500,30 +501,6 @@ class FolderImages(_Conformed):
         return self._paths[i]
 
 
-def _open_tfds(name: str, split: str, data_dir: str | None):
-    """`tfds.data_source` of a prepared dataset; never downloads nor prepares one."""
-    import tensorflow_datasets as tfds
-
-    try:
-        # download=False: a run only reads a prepared dataset (see data/text.py TfdsText).
-        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-    except Exception as e:  # tfds raises several types for a dataset not prepared
-        raise DataError(
-            f'TFDS dataset {name!r} split {split!r} could not be opened from '
-            f'{data_dir or "the default data_dir"} ({type(e).__name__}: {e}). Prepare it '
-            'first (tfds build, file_format=array_record) and pass --config.data.data_dir, '
-            'or use --config.data.files for local files'
-        ) from e
-
-
-def _require_field(name: str, first: dict, field: str, key: str) -> None:
-    if first and field not in first:
-        raise DataError(
-            f'TFDS dataset {name!r} has no feature {field!r} (features: {sorted(first)}); '
-            f'set --config.data.{key}'
-        )
-
-
 class _TfdsSource(_Conformed):
     """A TFDS split read with `tfds.data_source`: images come back decoded as numpy
     (TFDS decodes them with Pillow, no TensorFlow); encoded bytes are decoded here."""
@@ -533,9 +510,9 @@ class _TfdsSource(_Conformed):
     def __init__(self, name, split, data_dir, image_field, image_size, channels, resize):
         super().__init__(image_size, channels, resize)
         self.name, self.split, self.image_field = name, split, image_field
-        self._source = _open_tfds(name, split, data_dir)
+        self._source = tfds_source.open_split(name, split, data_dir)
         self._first = self._source[0] if len(self._source) else {}
-        _require_field(name, self._first, image_field, 'image_field')
+        tfds_source.require_feature(name, self._first, image_field, 'image_field')
 
     def __len__(self) -> int:
         return len(self._source)
@@ -594,7 +571,7 @@ class TfdsPairs(_TfdsSource):
         resize: bool = False,
     ):
         super().__init__(name, split, data_dir, image_field, image_size, channels, resize)
-        _require_field(name, self._first, text_field, 'text_field')
+        tfds_source.require_feature(name, self._first, text_field, 'text_field')
         self.text_field = text_field
 
     def _load(self, i: int) -> tuple[np.ndarray, dict]:
