@@ -14,7 +14,7 @@ import numpy as np
 
 from core import probe
 from core.task import Runtime
-from data import images as images_lib
+from data import pipeline
 from data.text import Subset
 
 
@@ -106,7 +106,7 @@ def array_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]
 def image_batches(source, runtime: Runtime) -> list[dict]:
     """One pass over an image source as this host's padded batches (image, label, valid)."""
     return fixed_batches(
-        lambda **kw: images_lib.image_dataset(source, **kw), len(source), runtime, full_only=False
+        lambda **kw: pipeline.image_dataset(source, **kw), len(source), runtime, full_only=False
     )
 
 
