@@ -351,6 +351,15 @@ def labelled_subset(source: Sequence, indices: np.ndarray) -> Sequence:
     return _Subset(source, np.asarray(indices))
 
 
+def probe_subset(source, limit: int, seed: int = 0):
+    """At most `limit` items of `source`, a fixed random choice (all when limit <= 0): the
+    labelled images a feature probe fits on, or the pairs a retrieval eval embeds."""
+    if limit <= 0 or len(source) <= limit:
+        return source
+    rng = np.random.default_rng(seed)
+    return Subset(source, np.sort(rng.permutation(len(source))[:limit]))
+
+
 def num_classes(source: Sequence) -> int:
     """How many classes the labels of an image source index (0: it has no labels).
 

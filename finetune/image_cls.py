@@ -165,7 +165,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
                 f'labels span [{labels.min()}, {labels.max()}] but the training images have '
                 f'{num_classes} classes; every label must occur in training'
             )
-        predictor = classify.Predictor(model, inputs, evaluators.image_batches(source, runtime))
+        batches = evaluators.fixed_batches(
+            lambda **kw: pipeline.image_dataset(source, **kw), len(source), runtime, full_only=False
+        )
+        predictor = classify.Predictor(model, inputs, batches)
         return classify.scorer(predictor, labels, label_map)
 
     def test() -> Scorer:

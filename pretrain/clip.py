@@ -14,7 +14,7 @@ from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.task import Runtime, Task
-from data import image_splits, pipeline, shards
+from data import image_sources, image_splits, pipeline, shards
 from data.tokenizer import make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import TwoTower
@@ -99,7 +99,7 @@ class RetrievalEval:
     """Embeds every held-out pair (at most `limit`) with both towers and scores recall@1."""
 
     def __init__(self, model: TwoTower, source, tokenize, runtime: Runtime, limit: int):
-        source = evaluators.probe_subset(source, limit)
+        source = image_sources.probe_subset(source, limit)
         self.batches = evaluators.fixed_batches(
             lambda **kw: pipeline.pair_dataset(source, tokenize, **kw),
             len(source),

@@ -89,6 +89,13 @@ def simclr_loss_fn(model: SimClrModel, aug: augment_lib.AugmentConfig, temperatu
     return loss_fn
 
 
+def image_batches(source, runtime: Runtime) -> list[dict]:
+    """One pass over an image source as this host's padded batches (image, label, valid)."""
+    return evaluators.fixed_batches(
+        lambda **kw: pipeline.image_dataset(source, **kw), len(source), runtime, full_only=False
+    )
+
+
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
     del workdir
     m = config.model
@@ -122,13 +129,13 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     probe = None
     num_classes = image_sources.num_classes(train_source)
     if num_classes > 1:
-        probe_train = evaluators.probe_subset(train_source, config.eval.probe_train_examples)
+        probe_train = image_sources.probe_subset(train_source, config.eval.probe_train_examples)
         probe = evaluators.FeatureProbe(
             lambda params, batch: model.apply(
                 {'params': params}, batch['image'].astype(jnp.float32) / 255.0, method='features'
             ),
-            evaluators.image_batches(probe_train, runtime),
-            evaluators.image_batches(eval_source, runtime),
+            image_batches(probe_train, runtime),
+            image_batches(eval_source, runtime),
             num_classes=num_classes,
             knn_k=config.eval.knn_k,
             knn_temperature=config.eval.knn_temperature,
