@@ -14,8 +14,6 @@ import numpy as np
 
 from core import probe
 from core.task import Runtime
-from data import images as images_lib
-from data.text import Subset
 
 
 def pad_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -81,14 +79,6 @@ def summed_loss(stepper, params, batches: Sequence[dict]) -> dict[str, float]:
     return {k: float(v) / denominator for k, v in totals.items()}
 
 
-def probe_subset(source, limit: int, seed: int = 0):
-    """At most `limit` items of `source`, a fixed random choice (all when limit <= 0)."""
-    if limit <= 0 or len(source) <= limit:
-        return source
-    rng = np.random.default_rng(seed)
-    return Subset(source, np.sort(rng.permutation(len(source))[:limit]))
-
-
 def array_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]:
     """Host-side arrays (all rows, every host) -> this host's padded batches of its rows
     (rows i with i % process_count == process_index), the same count on every host."""
@@ -101,13 +91,6 @@ def array_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]
         pad_rows({k: v[i * per_host : (i + 1) * per_host] for k, v in mine.items()}, per_host)
         for i in range(count)
     ]
-
-
-def image_batches(source, runtime: Runtime) -> list[dict]:
-    """One pass over an image source as this host's padded batches (image, label, valid)."""
-    return fixed_batches(
-        lambda **kw: images_lib.image_dataset(source, **kw), len(source), runtime, full_only=False
-    )
 
 
 class FeatureProbe:

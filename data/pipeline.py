@@ -4,17 +4,22 @@ MLM: documents -> (host shard) -> shuffle + repeat (train) -> WordPiece ids + [S
 concatenate and split into `seq_len - 2` chunks -> [CLS] chunk [SEP] with BERT masking ->
 per-host batches. Every random choice comes from Grain's per-element generators, so the
 iterator state saved in a checkpoint is enough to continue with the same examples.
+
+SimCSE: sentences -> fixed-length token ids (`sentence_dataset`). Images and image-text
+pairs: a source of data/image_sources.py or data/pair_sources.py -> per-host batches of
+uint8 images (and caption token ids) (`image_dataset`, `pair_dataset`).
 """
 
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
 
+from core.errors import ConfigError, DataError
 from data.masking import MaskingSpec, mask_tokens
-from data.tokenizer import WordPiece
+from data.tokenizer import FixedLengthEncoder, WordPiece
 
 
 class _EpochShuffled:
@@ -196,3 +201,115 @@ def sentence_dataset(
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
+
+
+# --- images and image-text pairs -----------------------------------------------------------
+
+
+class ImageExample(grain.transforms.Map):
+    """A source item -> {'image': uint8 [S, S, C], 'label': int32}."""
+
+    def map(self, item: dict) -> dict[str, np.ndarray]:
+        return {
+            'image': np.asarray(item['image'], np.uint8),
+            'label': np.int32(item.get('label', -1)),
+        }
+
+
+class PairExample(grain.transforms.Map):
+    """A pair {'image', 'caption'} -> {'image', 'input_ids', 'input_mask'}."""
+
+    def __init__(self, tokenize: Callable[[str], np.ndarray]):
+        self.tokenize = tokenize
+
+    def map(self, item: dict) -> dict[str, np.ndarray]:
+        ids = np.asarray(self.tokenize(item['caption']), np.int32)
+        if ids.ndim != 1:
+            raise DataError(
+                f'the caption tokenizer returned shape {ids.shape} for {item["caption"]!r}; '
+                'expected [seq_len] token ids (see caption_tokenizer)'
+            )
+        return {
+            'image': np.asarray(item['image'], np.uint8),
+            'input_ids': ids,
+            'input_mask': (ids != 0).astype(np.int32),
+        }
+
+
+def _batches(
+    source: Sequence,
+    example: grain.transforms.Map,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    shard_index: int,
+    shard_count: int,
+    prefetch: int,
+) -> grain.IterDataset:
+    if batch_size < 1:
+        raise ConfigError(f'batch_size must be at least 1, found {batch_size}')
+    if not 0 <= shard_index < shard_count:
+        raise ConfigError(
+            f'shard_index must lie in [0, shard_count={shard_count}), found {shard_index}'
+        )
+    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    if train:
+        if len(ds) == 0:
+            raise DataError(
+                f'process {shard_index} of {shard_count} gets no training items: the data has '
+                f'only {len(source)}; give more data or run on fewer processes'
+            )
+        ds = shuffle_forever(ds, seed)  # a new order every epoch
+    threads = getattr(source, 'read_threads', 0)  # a plain sequence: in memory
+    ds = ds.map(example).to_iter_dataset(read_options(threads))
+    ds = ds.batch(batch_size, drop_remainder=train)
+    if prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
+
+
+def image_dataset(
+    source: Sequence,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+    """Batches {'image': uint8 [B, S, S, C], 'label': int32 [B]} for this process
+    (`batch_size` is the per-process batch; `source` yields items of one size, as the
+    sources of data/image_sources.py do).
+
+    Training data is this process's shard, shuffled with `seed`, reshuffled every epoch and
+    repeated forever; eval data is read once, in order, and its last batch may be short
+    (pad it with data.pipeline.pad_batch). The iterator's state (get_state / set_state)
+    is what a checkpoint saves to resume with the same batches."""
+    return _batches(
+        source, ImageExample(), batch_size, seed, train, shard_index, shard_count, prefetch
+    )
+
+
+def pair_dataset(
+    source: Sequence,
+    tokenize: Callable[[str], np.ndarray],
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+    """Batches {'image': uint8 [B, S, S, C], 'input_ids': int32 [B, L], 'input_mask': int32
+    [B, L]} of image-text pairs; `tokenize` maps a caption to L token ids padded with 0
+    (see caption_tokenizer). Order, sharding and checkpointing as in image_dataset."""
+    return _batches(
+        source, PairExample(tokenize), batch_size, seed, train, shard_index, shard_count, prefetch
+    )
+
+
+def caption_tokenizer(wordpiece: WordPiece, seq_len: int) -> FixedLengthEncoder:
+    """The `tokenize` of pair_dataset: [CLS] ids [SEP], truncated, padded with 0."""
+    return FixedLengthEncoder(wordpiece, seq_len)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from core.errors import DataError
+from data import tfds_source
 
 EMBEDDED = ('pydoc', 'pydoc_stdlib')
 
@@ -346,29 +347,10 @@ class TfdsText(Sequence):
     """A TFDS split as a random-access sequence of strings (no TensorFlow needed)."""
 
     def __init__(self, name: str, split: str, field: str, data_dir: str | None = None):
-        import tensorflow_datasets as tfds
-
-        try:
-            # download=False: a run only reads a prepared dataset; tfds' default would start
-            # downloading and preparing a catalog dataset (possibly hundreds of GB, on every
-            # host at once) into data_dir.
-            self._source = tfds.data_source(
-                name, split=split, data_dir=data_dir or None, download=False
-            )
-        except Exception as e:  # tfds raises several types for a dataset not prepared
-            raise DataError(
-                f'TFDS dataset {name!r} split {split!r} could not be opened from '
-                f'{data_dir or "the default data_dir"} ({type(e).__name__}: {e}). Prepare it '
-                'first (tfds build, file_format=array_record) and pass --config.data.data_dir, '
-                'or use --config.data.files for local files'
-            ) from e
+        self._source = tfds_source.open_split(name, split, data_dir)
         self._field = field
         first = self._source[0] if len(self._source) else {}
-        if first and field not in first:
-            raise DataError(
-                f'TFDS dataset {name!r} has no feature {field!r} (features: {sorted(first)}); '
-                'set --config.data.text_field'
-            )
+        tfds_source.require_feature(name, first, field, 'text_field')
 
     def __len__(self) -> int:
         return len(self._source)

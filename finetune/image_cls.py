@@ -1,5 +1,5 @@
 """Image classification with a ViT encoder: the embedded digits, a TFDS image dataset, a
-class-per-folder directory or an .npz (data/images.py).
+class-per-folder directory or an .npz (data/image_sources.py, data/image_splits.py).
 
 Three splits: training; validation (`data.eval_files` / `data.eval_split`, else
 `data.eval_fraction` of each class of the training images, by seed), which the eval rows
@@ -25,8 +25,7 @@ from core import evaluators
 from core import flops as flops_lib
 from core.errors import DataError
 from core.task import Runtime, Scorer, Task
-from data import images as images_lib
-from data import shards
+from data import digits, image_sources, image_splits, pipeline, shards
 from data.labelled import LabelMap
 from data.text import Subset
 from finetune import classify
@@ -45,7 +44,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise config_lib.ConfigError(f'model.pooling={m.pooling!r}; expected cls or gap')
     d = config.data
     if d.get('test_files') or d.get('test_split'):
-        if not d.files and d.name in images_lib.EMBEDDED_IMAGES:
+        if not d.files and d.name in digits.EMBEDDED_IMAGES:
             raise config_lib.ConfigError(
                 f'data.name={d.name!r} ships its own test split; leave data.test_files and '
                 'data.test_split empty, or give your own images with --config.data.files'
@@ -114,10 +113,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     m = config.model
     dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
     vit = VitConfig.from_config(m, dtype=dtype)
-    train_source, eval_source, open_test = images_lib.labelled_image_splits(
+    train_source, eval_source, open_test = image_splits.labelled_image_splits(
         config.data, m.image_size, m.channels
     )
-    num_classes = images_lib.num_classes(train_source)
+    num_classes = image_sources.num_classes(train_source)
     if num_classes < 2:
         raise DataError(
             f'the training images carry {num_classes} classes; image classification needs '
@@ -132,12 +131,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_idx, val_idx = classify.carve_validation(
             train_labels, config, True, 'the training images'
         )
-        eval_source = images_lib.labelled_subset(train_source, val_idx)
-        train_source = images_lib.labelled_subset(train_source, train_idx)
+        eval_source = image_sources.labelled_subset(train_source, val_idx)
+        train_source = image_sources.labelled_subset(train_source, train_idx)
         train_labels = train_labels[train_idx]
     picked = classify.subset(train_labels, config, label_map)
     train_ds = shards.sharded_stream(
-        functools.partial(images_lib.image_dataset, Subset(train_source, picked), train=True),
+        functools.partial(pipeline.image_dataset, Subset(train_source, picked), train=True),
         batch_size=config.batch_size,
         seed=config.seed,
         num_shards=runtime.data_shards,
@@ -166,7 +165,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
                 f'labels span [{labels.min()}, {labels.max()}] but the training images have '
                 f'{num_classes} classes; every label must occur in training'
             )
-        predictor = classify.Predictor(model, inputs, evaluators.image_batches(source, runtime))
+        batches = evaluators.fixed_batches(
+            lambda **kw: pipeline.image_dataset(source, **kw), len(source), runtime, full_only=False
+        )
+        predictor = classify.Predictor(model, inputs, batches)
         return classify.scorer(predictor, labels, label_map)
 
     def test() -> Scorer:

@@ -29,7 +29,7 @@ from absl import logging
 from core import checkpoint as ckpt_lib
 from core.errors import ConfigError, DataError
 from core.files import atomic_write
-from data import images as images_lib
+from data import decode, image_sources
 from data import text as text_lib
 from data.tokenizer import FixedLengthEncoder, WordPiece
 from interop import workdir as wd
@@ -104,20 +104,18 @@ class _FlatFolder(Sequence):
         self.paths = sorted(
             os.path.join(root, e.name)
             for e in os.scandir(root)
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in images_lib.IMAGE_EXTENSIONS
+            if e.is_file() and os.path.splitext(e.name)[1].lower() in decode.IMAGE_EXTENSIONS
         )
         self.image_size, self.channels = image_size, channels
-        images_lib.check_image_files(self.paths, f'the folder {root}')  # every file, up front
+        decode.check_image_files(self.paths, f'the folder {root}')  # every file, up front
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
-        image = images_lib.read_image_file(path, self.channels)
-        return {
-            'image': images_lib.conform_image(image, self.image_size, self.channels, True, path)
-        }
+        image = decode.read_image_file(path, self.channels)
+        return {'image': decode.conform_image(image, self.image_size, self.channels, True, path)}
 
 
 def image_source(path: str, image_size: int, channels: int) -> Sequence:
@@ -125,16 +123,16 @@ def image_source(path: str, image_size: int, channels: int) -> Sequence:
     if os.path.isdir(path):
         has_classes = any(e.is_dir() and not e.name.startswith('.') for e in os.scandir(path))
         if has_classes:
-            return images_lib.FolderImages(path, image_size, channels, resize=True)
+            return image_sources.FolderImages(path, image_size, channels, resize=True)
         source = _FlatFolder(path, image_size, channels)
         if not len(source):
             raise DataError(
-                f'{path} holds no images ({", ".join(images_lib.IMAGE_EXTENSIONS)}) nor class '
+                f'{path} holds no images ({", ".join(decode.IMAGE_EXTENSIONS)}) nor class '
                 'folders of them'
             )
         return source
     if path.lower().endswith('.npz') and os.path.isfile(path):
-        return images_lib.npz_images(path, image_size, channels, resize=True)
+        return image_sources.npz_images(path, image_size, channels, resize=True)
     raise DataError(
         f'{path}: a ViT workdir embeds images; give --input an image folder (flat, or one '
         'folder per class) or an .npz with an `images` array'

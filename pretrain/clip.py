@@ -14,8 +14,7 @@ from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.task import Runtime, Task
-from data import images as images_lib
-from data import shards
+from data import image_sources, image_splits, pipeline, shards
 from data.tokenizer import make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import TwoTower
@@ -100,9 +99,9 @@ class RetrievalEval:
     """Embeds every held-out pair (at most `limit`) with both towers and scores recall@1."""
 
     def __init__(self, model: TwoTower, source, tokenize, runtime: Runtime, limit: int):
-        source = evaluators.probe_subset(source, limit)
+        source = image_sources.probe_subset(source, limit)
         self.batches = evaluators.fixed_batches(
-            lambda **kw: images_lib.pair_dataset(source, tokenize, **kw),
+            lambda **kw: pipeline.pair_dataset(source, tokenize, **kw),
             len(source),
             runtime,
             full_only=False,
@@ -143,12 +142,12 @@ def caption_corpus(source, limit: int = 50_000) -> list[str]:
 
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
     m = config.model
-    train_source, eval_source = images_lib.pair_splits(config.data, m.image_size, m.channels)
+    train_source, eval_source = image_splits.pair_splits(config.data, m.image_size, m.channels)
     captions = caption_corpus(train_source)
     tokenizer = make_tokenizer(config, workdir, captions, 'model.text.vocab_size')
-    tokenize = images_lib.caption_tokenizer(tokenizer, config.data.seq_len)
+    tokenize = pipeline.caption_tokenizer(tokenizer, config.data.seq_len)
     train_ds = shards.sharded_stream(
-        functools.partial(images_lib.pair_dataset, train_source, tokenize, train=True),
+        functools.partial(pipeline.pair_dataset, train_source, tokenize, train=True),
         batch_size=config.batch_size,
         seed=config.seed,
         num_shards=runtime.data_shards,
@@ -159,7 +158,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     loss_fn = clip_loss_fn(model, config.loss.type, runtime)
     retrieval = RetrievalEval(model, eval_source, tokenize, runtime, config.eval.max_pairs)
     loss_batches = evaluators.fixed_batches(
-        lambda **kw: images_lib.pair_dataset(eval_source, tokenize, **kw),
+        lambda **kw: pipeline.pair_dataset(eval_source, tokenize, **kw),
         len(eval_source),
         runtime,
         full_only=True,

@@ -14,8 +14,7 @@ from core import evaluators
 from core import flops as flops_lib
 from core.task import Runtime, Task
 from data import augment as augment_lib
-from data import images as images_lib
-from data import shards
+from data import image_sources, image_splits, pipeline, shards
 from models.contrastive import SimClrModel
 from models.encoder import example_rows
 from models.vit import VitConfig
@@ -90,13 +89,20 @@ def simclr_loss_fn(model: SimClrModel, aug: augment_lib.AugmentConfig, temperatu
     return loss_fn
 
 
+def image_batches(source, runtime: Runtime) -> list[dict]:
+    """One pass over an image source as this host's padded batches (image, label, valid)."""
+    return evaluators.fixed_batches(
+        lambda **kw: pipeline.image_dataset(source, **kw), len(source), runtime, full_only=False
+    )
+
+
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
     del workdir
     m = config.model
     vit = vit_config(config)
-    train_source, eval_source = images_lib.image_splits(config.data, m.image_size, m.channels)
+    train_source, eval_source = image_splits.image_splits(config.data, m.image_size, m.channels)
     train_ds = shards.sharded_stream(
-        functools.partial(images_lib.image_dataset, train_source, train=True),
+        functools.partial(pipeline.image_dataset, train_source, train=True),
         batch_size=config.batch_size,
         seed=config.seed,
         num_shards=runtime.data_shards,
@@ -108,7 +114,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     loss_fn = simclr_loss_fn(model, aug, config.loss.temperature, runtime)
 
     loss_batches = evaluators.fixed_batches(
-        lambda **kw: images_lib.image_dataset(eval_source, **kw),
+        lambda **kw: pipeline.image_dataset(eval_source, **kw),
         len(eval_source),
         runtime,
         full_only=True,
@@ -121,15 +127,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             config.batch_size,
         )
     probe = None
-    num_classes = images_lib.num_classes(train_source)
+    num_classes = image_sources.num_classes(train_source)
     if num_classes > 1:
-        probe_train = evaluators.probe_subset(train_source, config.eval.probe_train_examples)
+        probe_train = image_sources.probe_subset(train_source, config.eval.probe_train_examples)
         probe = evaluators.FeatureProbe(
             lambda params, batch: model.apply(
                 {'params': params}, batch['image'].astype(jnp.float32) / 255.0, method='features'
             ),
-            evaluators.image_batches(probe_train, runtime),
-            evaluators.image_batches(eval_source, runtime),
+            image_batches(probe_train, runtime),
+            image_batches(eval_source, runtime),
             num_classes=num_classes,
             knn_k=config.eval.knn_k,
             knn_temperature=config.eval.knn_temperature,

@@ -250,9 +250,9 @@ def test_clip_and_siglip_runs_and_towers_restore(tmp_path, loss):
 
 
 def test_clip_from_local_caption_files(tmp_path):
-    from data import images as images_lib
+    from data import digits
 
-    captions = images_lib.write_digits_captions(str(tmp_path / 'pairs'), limit=200)
+    captions = digits.write_digits_captions(str(tmp_path / 'pairs'), limit=200)
     workdir = str(tmp_path / 'run')
     r = launch(
         'pretrain',

@@ -267,7 +267,7 @@ def test_simclr_vit_restores_at_another_image_size(tmp_path):
 @pytest.mark.slow
 def test_train_examples_per_class_on_images(tmp_path):
     from configs import image_cls
-    from data import images as images_lib
+    from data import image_splits
     from data.labelled import select_train_examples, validation_split
     from finetune.image_cls import source_labels
 
@@ -284,7 +284,7 @@ def test_train_examples_per_class_on_images(tmp_path):
     )
     ok(r)
     config = image_cls.get_config('tiny')
-    pool, _, _ = images_lib.labelled_image_splits(
+    pool, _, _ = image_splits.labelled_image_splits(
         config.data, config.model.image_size, config.model.channels
     )
     kept, _ = validation_split(source_labels(pool), config.data.eval_fraction, 0)

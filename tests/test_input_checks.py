@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.errors import DataError
-from data import images, labelled, text, tokenizer
+from data import image_sources, labelled, pair_sources, text, tokenizer
 from interop import embed
 
 # --- .jsonl field types ---------------------------------------------------------------------
@@ -31,7 +31,7 @@ def read_labelled(path):
 
 
 def read_captions(path):
-    return images.CaptionFilePairs(path)
+    return pair_sources.CaptionFilePairs(path)
 
 
 def read_tokens(path):
@@ -148,7 +148,7 @@ def _line3(kind: str) -> bytes:
         (read_labelled, 'tsv'),
         (read_tokens, 'conll'),
         (embed.read_lines, 'txt'),
-        (lambda p: images.CaptionFilePairs(p), 'tsv'),
+        (lambda p: pair_sources.CaptionFilePairs(p), 'tsv'),
     ],
 )
 def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path, reader, ext):
@@ -233,7 +233,7 @@ def corrupt_folder(root) -> list[str]:
 def test_every_corrupt_image_of_a_folder_is_listed_in_one_message(tmp_path):
     bad = corrupt_folder(tmp_path / 'images')
     with pytest.raises(DataError) as e:
-        images.FolderImages(str(tmp_path / 'images'), image_size=8, channels=1)
+        image_sources.FolderImages(str(tmp_path / 'images'), image_size=8, channels=1)
     message = str(e.value)
     assert '3 of the 14 image files of image folder' in message
     assert 'remove or replace them' in message
@@ -242,7 +242,7 @@ def test_every_corrupt_image_of_a_folder_is_listed_in_one_message(tmp_path):
     # The same folder without them reads, every file (good PNGs and JPEGs) decodable.
     for path in bad:
         os.remove(path)
-    source = images.FolderImages(str(tmp_path / 'images'), image_size=8, channels=1)
+    source = image_sources.FolderImages(str(tmp_path / 'images'), image_size=8, channels=1)
     assert len(source) == 11 and all(source[i]['image'].shape == (8, 8, 1) for i in range(11))
 
 
@@ -254,7 +254,7 @@ def test_a_corrupt_caption_image_is_named_with_its_line(tmp_path):
         '{"image": "a.png", "caption": "one"}\n{"image": "b.png", "caption": "two"}\n',
     )
     with pytest.raises(DataError) as e:
-        images.CaptionFilePairs(path, image_size=8, channels=1)
+        pair_sources.CaptionFilePairs(path, image_size=8, channels=1)
     assert '1 of the 2 image files' in str(e.value)
     assert f'{tmp_path}/b.png ({path} line 2)' in str(e.value)
 
@@ -288,4 +288,4 @@ def test_a_truncated_npz_is_named(tmp_path, keep):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(DataError, match='could not be read as an .npz of arrays'):
-        images.npz_images(str(path))
+        image_sources.npz_images(str(path))

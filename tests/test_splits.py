@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from core import trainer
-from data import images, labelled, text
+from data import digits, image_splits, labelled, text
 
 # ---------------------------------------------------------------------------------------
 # The validation split
@@ -108,13 +108,13 @@ def test_digits_pretraining_never_sees_the_digits_test_images():
     import ml_collections
 
     c = ml_collections.ConfigDict({'name': 'digits', 'eval_fraction': 0.2, 'resize': False})
-    test = _hashes(images.digits_images(8, 1, split='test'))
+    test = _hashes(digits.digits_images(8, 1, split='test'))
     assert sum(test.values()) == 389
-    train, eval_ = images.image_splits(c, 8, 1)
+    train, eval_ = image_splits.image_splits(c, 8, 1)
     assert len(train) + len(eval_) == 1797 - 389
     assert not (_hashes(train) | _hashes(eval_)) & test
     c.name = 'digits_captions'
-    train, eval_ = images.pair_splits(c, 8, 1)
+    train, eval_ = image_splits.pair_splits(c, 8, 1)
     assert len(train) + len(eval_) == 1797 - 389
     assert not (_hashes(train) | _hashes(eval_)) & test
 
@@ -271,7 +271,7 @@ def test_a_test_image_folder_is_opened_only_when_asked(tmp_path):
     c = ml_collections.ConfigDict(
         {'files': folder(tmp_path / 'train', 5, 0), 'test_files': str(tmp_path / 'test')}
     )
-    train, validation, open_test = images.labelled_image_splits(c, 4, 1)
+    train, validation, open_test = image_splits.labelled_image_splits(c, 4, 1)
     assert len(train) == 10 and validation is None  # carved by the caller, by seed
     folder(tmp_path / 'test', 2, 100)  # the test folder exists only from here on
     test = open_test()
@@ -298,14 +298,14 @@ def test_digits_test_images_are_read_once_at_the_end(tmp_path, monkeypatch):
     from configs import image_cls as image_config
 
     workdir = str(tmp_path / 'digits')
-    read = images.digits_images
+    read = digits.digits_images
     calls = []
 
     def spy(*args, split='all', **kw):
         calls.append((split, len(_rows(workdir))))
         return read(*args, split=split, **kw)
 
-    monkeypatch.setattr(images, 'digits_images', spy)
+    monkeypatch.setattr(image_splits, 'digits_images', spy)  # where the splits find it
     c = image_config.get_config('tiny')
     c.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
     c.update(batch_size=32, total_steps=2, warmup_steps=1, eval_every=1, checkpoint_every=1)

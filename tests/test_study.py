@@ -15,7 +15,7 @@ import pytest
 from configs import study as study_config
 from core.errors import ConfigError, UserError
 from core.metrics import read_metrics
-from data import images
+from data import digits
 from study import report, runner
 from tests.conftest import ROOT, launch
 from tests.contract import check_workdir
@@ -197,7 +197,7 @@ def test_smoke_study_runs_resumes_after_a_kill_and_writes_the_table(tmp_path):
     by_key = {(t['arm'], t['budget']): t for t in result['table']}
     # The digits' 1408 training images less a tenth of each class for validation, then 5%
     # of each class of the rest (halves round up).
-    per_class = np.bincount(images.digits_images(split='train').labels)
+    per_class = np.bincount(digits.digits_images(split='train').labels)
     kept = per_class - np.floor(0.1 * per_class + 0.5).astype(int)
     assert by_key[('scratch', 1.0)]['train_examples'] == kept.sum() < 1408
     assert by_key[('scratch', 0.05)]['train_examples'] == np.floor(0.05 * kept + 0.5).sum()
