@@ -614,3 +614,16 @@ def adopt_architecture(
         changed.append(f'{dotted}: {parent[key]!r} -> {value!r}')
         parent[key] = type(parent[key])(value)
     return changed
+
+
+def check_vit(m) -> None:
+    """Image size, patch size and channels must make a whole grid of patches."""
+    if m.image_size <= 0 or m.patch_size <= 0 or m.image_size % m.patch_size:
+        raise ConfigError(
+            f'model.image_size {m.image_size} must be a positive multiple of model.patch_size '
+            f'{m.patch_size}'
+        )
+    if m.channels not in (1, 3):
+        raise ConfigError(f'model.channels={m.channels}; expected 1 or 3')
+    if m.pooling not in ('cls', 'gap'):
+        raise ConfigError(f'model.pooling={m.pooling!r}; expected cls or gap')

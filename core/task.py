@@ -18,6 +18,12 @@ from jax.sharding import Mesh
 
 from core import step as step_lib
 
+
+def compute_dtype(config) -> str:
+    """The dtype a task's model computes in (`precision`; parameters stay float32)."""
+    return 'bfloat16' if config.precision == 'bfloat16' else 'float32'
+
+
 # The task registry: config.task -> the module that defines it, by stage.
 TASKS = {
     'pretrain': {

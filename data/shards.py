@@ -81,6 +81,19 @@ class _ShardedIterator(grain.DatasetIterator):
             it.set_state(state['shards'][str(k)])
 
 
+def training_stream(make_shard: Callable[..., grain.IterDataset], config, runtime):
+    """`sharded_stream` of a run: its global batch, seed and prefetch (config), the data
+    shards this process reads (runtime: core/task.py Runtime)."""
+    return sharded_stream(
+        make_shard,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        num_shards=runtime.data_shards,
+        shards=runtime.data_shard_ids,
+        prefetch=config.data.prefetch,
+    )
+
+
 def sharded_stream(
     make_shard: Callable[..., grain.IterDataset],
     *,

@@ -24,7 +24,7 @@ from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.errors import DataError
-from core.task import Runtime, Scorer, Task
+from core.task import Runtime, Scorer, Task, compute_dtype
 from data import digits, image_sources, image_splits, pipeline, shards
 from data.labelled import LabelMap
 from data.text import Subset
@@ -111,8 +111,7 @@ def position_table_adapter(vit: VitConfig):
 
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
     m = config.model
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    vit = VitConfig.from_config(m, dtype=dtype)
+    vit = VitConfig.from_config(m, dtype=compute_dtype(config))
     train_source, eval_source, open_test = image_splits.labelled_image_splits(
         config.data, m.image_size, m.channels
     )
@@ -135,13 +134,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_source = image_sources.labelled_subset(train_source, train_idx)
         train_labels = train_labels[train_idx]
     picked = classify.subset(train_labels, config, label_map)
-    train_ds = shards.sharded_stream(
+    train_ds = shards.training_stream(
         functools.partial(pipeline.image_dataset, Subset(train_source, picked), train=True),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        num_shards=runtime.data_shards,
-        shards=runtime.data_shard_ids,
-        prefetch=config.data.prefetch,
+        config,
+        runtime,
     )
     logging.info(
         'data: %d train (of %d) / %d validation images, %d classes; %s',

@@ -21,7 +21,7 @@ from absl import logging
 
 from core import config as config_lib
 from core import flops as flops_lib
-from core.task import Runtime, Scorer, Task
+from core.task import Runtime, Scorer, Task, compute_dtype
 from data import labelled
 from data.text import TfdsText
 from data.tokenizer import WordPiece, make_tokenizer
@@ -151,10 +151,8 @@ def tfds_examples(d, split: str) -> list[dict]:
 
 
 def make_model(config, num_classes: int) -> TextClassifier:
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    bert = BertConfig.from_config(config.model)
     return TextClassifier(
-        BertConfig(**{**bert.__dict__, 'dtype': dtype}),
+        BertConfig.from_config(config.model, dtype=compute_dtype(config)),
         num_classes,
         config.model.pooling,
         config.model.head_dropout,

@@ -17,7 +17,7 @@ from absl import logging
 
 from core import config as config_lib
 from core import flops as flops_lib
-from core.task import Runtime, Scorer, Task
+from core.task import Runtime, Scorer, Task, compute_dtype
 from data import labelled
 from data.tokenizer import make_tokenizer
 from finetune import classify
@@ -109,10 +109,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     )
     for r in train_rows:
         del r['num_words']
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    bert = BertConfig.from_config(config.model)
     model = TokenClassifier(
-        BertConfig(**{**bert.__dict__, 'dtype': dtype}),
+        BertConfig.from_config(config.model, dtype=compute_dtype(config)),
         label_map.num_classes,
         config.model.head_dropout,
         config.model.zero_init_head,

@@ -49,10 +49,11 @@ class BertConfig:
     attention_impl: str = 'auto'  # auto | xla | cudnn (models/encoder.py attention_impl)
 
     @classmethod
-    def from_config(cls, model_config) -> 'BertConfig':
+    def from_config(cls, model_config, **overrides) -> 'BertConfig':
         """Builds from a `config.model` ConfigDict (extra keys there are ignored)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(model_config).items() if k in fields})
+        values = {k: v for k, v in dict(model_config).items() if k in fields}
+        return cls(**{**values, **overrides})
 
 
 class TextEmbed(nn.Module):

@@ -13,18 +13,19 @@ from absl import logging
 from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
-from core.task import Runtime, Task
+from core.task import Runtime, Task, compute_dtype
 from data import image_sources, image_splits, pipeline, shards
 from data.tokenizer import make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import TwoTower
-from pretrain import contrastive, simclr
+from models.vit import VitConfig
+from pretrain import contrastive
 
 LOSSES = ('softmax', 'sigmoid')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    simclr.check_vit(config.model)
+    config_lib.check_vit(config.model)
     t = config.model.text  # its width and heads: core/config.py check_common
     if config.loss.type not in LOSSES:
         raise config_lib.ConfigError(f'--config.loss.type={config.loss.type!r}; expected {LOSSES}')
@@ -35,12 +36,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_model(config) -> TwoTower:
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    text = BertConfig.from_config(config.model.text)
-    text = BertConfig(**{**text.__dict__, 'dtype': dtype})
+    dtype = compute_dtype(config)
     return TwoTower(
-        simclr.vit_config(config),
-        text,
+        VitConfig.from_config(config.model, dtype=dtype),
+        BertConfig.from_config(config.model.text, dtype=dtype),
         embed_dim=config.model.embed_dim,
         text_pooling=config.model.text.pooling,
         init_logit_scale=float(np.log(config.loss.init_scale)),
@@ -60,7 +59,7 @@ def clip_loss_fn(model: TwoTower, loss_type: str, runtime: Runtime):
             return contrastive.clip_softmax(img, txt, scale, axis_name)
     else:
         local = contrastive.sigmoid_loss
-    loss = simclr.global_loss(local, runtime, 2)
+    loss = contrastive.global_loss(local, runtime, 2)
 
     def loss_fn(params, batch, rng, train: bool, rows=None):
         inputs = dict(batch, image=batch['image'].astype(jnp.float32) / 255.0)
@@ -146,13 +145,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     captions = caption_corpus(train_source)
     tokenizer = make_tokenizer(config, workdir, captions, 'model.text.vocab_size')
     tokenize = pipeline.caption_tokenizer(tokenizer, config.data.seq_len)
-    train_ds = shards.sharded_stream(
+    train_ds = shards.training_stream(
         functools.partial(pipeline.pair_dataset, train_source, tokenize, train=True),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        num_shards=runtime.data_shards,
-        shards=runtime.data_shard_ids,
-        prefetch=config.data.prefetch,
+        config,
+        runtime,
     )
     model = make_model(config)
     loss_fn = clip_loss_fn(model, config.loss.type, runtime)
@@ -197,7 +193,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_iter=iter(train_ds),
         evaluate=evaluate,
         metric='i2t_recall_at_1',
-        flops_per_step=flops_lib.vit_train_flops(simclr.vit_config(config), config.batch_size)
+        flops_per_step=flops_lib.vit_train_flops(
+            VitConfig.from_config(config.model), config.batch_size
+        )
         + text_flops,
         tokens_per_example=seq,
     )

@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from core import sharding as sharding_lib
+from core.task import Runtime
 
 AxisName = str | tuple[str, ...] | None
 
@@ -235,3 +236,12 @@ def on_mesh(local_loss: Callable[..., dict], mesh: Mesh, num_batched: int) -> Ca
         return jax.tree.map(jnp.sum, sums)
 
     return wrapped
+
+
+def global_loss(local_loss, runtime: Runtime, num_batched: int):
+    """A local contrastive loss made global: under jit, one shard_map over the batch axes
+    of the mesh; under pmap, the pmap device axis."""
+    if runtime.pmap_axis is not None:
+        axis = runtime.pmap_axis
+        return lambda *args: local_loss(*args, axis_name=axis)
+    return on_mesh(local_loss, runtime.mesh, num_batched)

@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 
 from core import config as config_lib
 from core import flops as flops_lib
-from core.task import Runtime, Task
+from core.task import Runtime, Task, compute_dtype
 from data import pipeline, shards, text
 from data.tokenizer import make_tokenizer
 from models.bert import BertConfig, BertForMlm
@@ -39,9 +39,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_model(config) -> BertForMlm:
-    cfg = BertConfig.from_config(config.model)
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    return BertForMlm(BertConfig(**{**cfg.__dict__, 'dtype': dtype}))
+    return BertForMlm(BertConfig.from_config(config.model, dtype=compute_dtype(config)))
 
 
 def dummy_batch(config, batch: int = 1) -> dict[str, jax.Array]:
@@ -105,13 +103,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     train_docs, eval_docs = text.load_corpus(config.data)
     tokenizer = make_tokenizer(config, workdir, train_docs)
     spec = pipeline.masking_spec(tokenizer, config.data)
-    train_ds = shards.sharded_stream(
+    train_ds = shards.training_stream(
         functools.partial(pipeline.mlm_dataset, train_docs, tokenizer, spec),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        num_shards=runtime.data_shards,
-        shards=runtime.data_shard_ids,
-        prefetch=config.data.prefetch,
+        config,
+        runtime,
     )
     baseline_token = pipeline.most_frequent_token(train_docs, tokenizer)
     evals = eval_batches(config, eval_docs, tokenizer, spec, runtime.per_host_batch)

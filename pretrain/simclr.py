@@ -12,7 +12,7 @@ from absl import logging
 from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
-from core.task import Runtime, Task
+from core.task import Runtime, Task, compute_dtype
 from data import augment as augment_lib
 from data import image_sources, image_splits, pipeline, shards
 from models.contrastive import SimClrModel
@@ -22,43 +22,16 @@ from pretrain import contrastive
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    check_vit(config.model)
+    config_lib.check_vit(config.model)
     try:
         augment_lib.AugmentConfig.from_config(config.augment)
     except ValueError as e:
         raise config_lib.ConfigError(f'config.augment: {e}') from e
 
 
-def check_vit(m) -> None:
-    """Image size, patch size and channels must make a whole grid of patches."""
-    if m.image_size <= 0 or m.patch_size <= 0 or m.image_size % m.patch_size:
-        raise config_lib.ConfigError(
-            f'model.image_size {m.image_size} must be a positive multiple of model.patch_size '
-            f'{m.patch_size}'
-        )
-    if m.channels not in (1, 3):
-        raise config_lib.ConfigError(f'model.channels={m.channels}; expected 1 or 3')
-    if m.pooling not in ('cls', 'gap'):
-        raise config_lib.ConfigError(f'model.pooling={m.pooling!r}; expected cls or gap')
-
-
-def vit_config(config) -> VitConfig:
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    return VitConfig.from_config(config.model, dtype=dtype)
-
-
 def projection_flops(hidden: int, proj_hidden: int, proj_dim: int, layers: int) -> float:
     dims = [hidden] + [proj_hidden] * (layers - 1) + [proj_dim]
     return float(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:])))
-
-
-def global_loss(local_loss, runtime: Runtime, num_batched: int):
-    """A local contrastive loss made global: under jit, one shard_map over the batch axes
-    of the mesh; under pmap, the pmap device axis."""
-    if runtime.pmap_axis is not None:
-        axis = runtime.pmap_axis
-        return lambda *args: local_loss(*args, axis_name=axis)
-    return contrastive.on_mesh(local_loss, runtime.mesh, num_batched)
 
 
 def simclr_loss_fn(model: SimClrModel, aug: augment_lib.AugmentConfig, temperature: float, runtime):
@@ -67,7 +40,7 @@ def simclr_loss_fn(model: SimClrModel, aug: augment_lib.AugmentConfig, temperatu
     def local(z1, z2, axis_name):
         return contrastive.nt_xent(z1, z2, temperature, axis_name)
 
-    loss = global_loss(local, runtime, 2)
+    loss = contrastive.global_loss(local, runtime, 2)
 
     def loss_fn(params, batch, rng, train: bool, rows=None):
         aug_rng, dropout_rng = jax.random.split(rng)
@@ -99,15 +72,12 @@ def image_batches(source, runtime: Runtime) -> list[dict]:
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
     del workdir
     m = config.model
-    vit = vit_config(config)
+    vit = VitConfig.from_config(config.model, dtype=compute_dtype(config))
     train_source, eval_source = image_splits.image_splits(config.data, m.image_size, m.channels)
-    train_ds = shards.sharded_stream(
+    train_ds = shards.training_stream(
         functools.partial(pipeline.image_dataset, train_source, train=True),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        num_shards=runtime.data_shards,
-        shards=runtime.data_shard_ids,
-        prefetch=config.data.prefetch,
+        config,
+        runtime,
     )
     model = SimClrModel(vit, m.proj_hidden, m.proj_dim, m.proj_layers)
     aug = augment_lib.AugmentConfig.from_config(config.augment)

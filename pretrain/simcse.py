@@ -20,14 +20,14 @@ from absl import logging
 from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
-from core.task import Runtime, Task
+from core.task import Runtime, Task, compute_dtype
 from data import labelled, pipeline, shards, text
 from data.text import heldout_indices
 from data.tokenizer import FixedLengthEncoder, make_tokenizer
 from models.bert import BertConfig
 from models.contrastive import SimCseModel
 from models.encoder import example_rows
-from pretrain import contrastive, simclr
+from pretrain import contrastive
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -48,11 +48,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_model(config) -> SimCseModel:
-    dtype = 'bfloat16' if config.precision == 'bfloat16' else 'float32'
-    bert = BertConfig.from_config(config.model)
     m = config.model
     return SimCseModel(
-        BertConfig(**{**bert.__dict__, 'dtype': dtype}),
+        BertConfig.from_config(m, dtype=compute_dtype(config)),
         m.pooling,
         m.proj_hidden,
         m.proj_dim,
@@ -66,7 +64,7 @@ def simcse_loss_fn(model: SimCseModel, temperature: float, runtime: Runtime):
     def local(z1, z2, axis_name):
         return contrastive.clip_softmax(z1, z2, 1.0 / temperature, axis_name)
 
-    loss = simclr.global_loss(local, runtime, 2)
+    loss = contrastive.global_loss(local, runtime, 2)
 
     def loss_fn(params, batch, rng, train: bool, rows=None):
         del train  # dropout makes the views, so it is on in eval too (with the eval rng)
@@ -133,13 +131,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     train_sents, eval_sents = text.sentences(train_docs), text.sentences(eval_docs)
     tokenizer = make_tokenizer(config, workdir, train_docs)
     tokenize = FixedLengthEncoder(tokenizer, config.data.seq_len)
-    train_ds = shards.sharded_stream(
+    train_ds = shards.training_stream(
         functools.partial(pipeline.sentence_dataset, train_sents, tokenize),
-        batch_size=config.batch_size,
-        seed=config.seed,
-        num_shards=runtime.data_shards,
-        shards=runtime.data_shard_ids,
-        prefetch=config.data.prefetch,
+        config,
+        runtime,
     )
     model = make_model(config)
     loss_fn = simcse_loss_fn(model, config.loss.temperature, runtime)

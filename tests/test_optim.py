@@ -206,7 +206,7 @@ def _project_model(name: str, scan: bool):
     from models.contrastive import SimClrModel
     from models.vit import VitConfig
     from pretrain import clip as clip_task
-    from pretrain import mlm, simclr
+    from pretrain import mlm
     from pretrain import simcse as simcse_task
 
     if name in ('bert_mlm', 'bert_mlm_pooler'):
@@ -234,7 +234,9 @@ def _project_model(name: str, scan: bool):
         if name == 'simclr_gap':
             c.model.pooling = 'gap'
         m = c.model
-        model = SimClrModel(simclr.vit_config(c), m.proj_hidden, m.proj_dim, m.proj_layers)
+        model = SimClrModel(
+            VitConfig.from_config(c.model), m.proj_hidden, m.proj_dim, m.proj_layers
+        )
         return model, _image(c)
     if name in ('image_cls', 'image_cls_pooler'):
         c = image_cls.get_config('tiny')
