@@ -81,6 +81,11 @@ def test_every_preset_resolves_as_in_the_snapshot(name):
         assert changed == {}, f'{spec}: [type, value] changed (snapshot, now)'
 
 
+def test_every_config_file_is_covered():
+    files = {f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py')}
+    assert files - {'common', '__init__'} == set(PRESETS)
+
+
 def test_the_snapshot_covers_exactly_these_presets():
     specs = [f'{n}.py:{p}' for n, presets in PRESETS.items() for p in presets]
     assert sorted(_snapshot()) == sorted(specs)
