@@ -11,6 +11,7 @@ not compared: config.json is read back as a dict and compared flattened
 (core/config.py check_workdir), checkpoints save `to_dict()` (sorted).
 """
 
+import ast
 import importlib
 import json
 import os
@@ -96,6 +97,27 @@ def test_an_unknown_preset_is_refused(name):
     module = importlib.import_module(f'configs.{name}')
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         module.get_config('huge')
+
+
+def test_configs_import_no_other_package_of_the_project():
+    """ARCHITECTURE: configs import nothing of the project but other configs (the size
+    tables live in configs/common.py, not models/)."""
+    project = {d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d))}
+    for name in os.listdir(os.path.join(ROOT, 'configs')):
+        if not name.endswith('.py'):
+            continue
+        with open(os.path.join(ROOT, 'configs', name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or '']
+            else:
+                continue
+            for module in modules:
+                top = module.split('.')[0]
+                assert top not in project - {'configs'}, f'configs/{name} imports {module}'
 
 
 if __name__ == '__main__':
