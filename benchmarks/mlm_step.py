@@ -36,15 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from configs.common import BERT_SIZES
 from core import flops, sharding
 from models.bert import BertConfig, BertForMlm
 from pretrain.losses import mlm_loss_fn
 
+# configs/common.py's BERT sizes as model.* keys.
 SIZES = {
-    'tiny': dict(hidden_size=128, num_layers=2, num_heads=2, mlp_dim=512),
-    'small': dict(hidden_size=512, num_layers=4, num_heads=8, mlp_dim=2048),
-    'base': dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
-    'large': dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+    name: dict(zip(('hidden_size', 'num_layers', 'num_heads', 'mlp_dim'), row))
+    for name, row in BERT_SIZES.items()
 }
 VOCAB, LENGTH, PREDICTIONS, MAX_LEN, DROPOUT = 30522, 128, 20, 512, 0.1
 

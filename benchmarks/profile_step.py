@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, mlm_step, simclr_step
-from models.vit import VIT_SIZES
+from configs.common import VIT_SIZES
 
 MODELS = [f'mlm-{s}' for s in mlm_step.SIZES] + [f'vit-{s}' for s in ('ti', 's', 'b')]
 SECTIONS = ('profile', 'matmul', 'flags', 'alternate')

@@ -29,12 +29,13 @@ import numpy as np
 
 from benchmarks import common
 from configs import vit_simclr
+from configs.common import VIT_SIZES
 from core import flops, sharding
 from core.task import Runtime
 from data import augment as augment_lib
 from models.contrastive import SimClrModel
 from models.encoder import example_rows
-from models.vit import VIT_SIZES, VitConfig
+from models.vit import VitConfig
 from pretrain import contrastive, simclr
 
 IMAGE, PATCH, CHANNELS = 224, 16, 3

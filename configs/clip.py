@@ -20,68 +20,43 @@ The recipe after the comma picks the loss: `softmax` (CLIP: learned temperature 
 
 import ml_collections
 
-from models.vit import VIT_SIZES
+from configs import common
 
-SIZES = {'tiny': (128, 2, 4, 256), **VIT_SIZES}
+SIZES = {'tiny': (128, 2, 4, 256), **common.VIT_SIZES}
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     preset, _, loss = arg.partition(',')
     loss = loss or 'softmax'
-    if preset not in SIZES:
-        raise ValueError(f'unknown preset {preset!r} for clip; expected one of {list(SIZES)}')
+    sizes = common.size(SIZES, preset, 'clip')
     if loss not in ('softmax', 'sigmoid'):
         raise ValueError(f'unknown loss {loss!r} for clip; expected softmax or sigmoid')
     tiny = preset == 'tiny'
-    hidden, layers, heads, mlp = SIZES[preset]
     c = ml_collections.ConfigDict()
     c.stage = 'pretrain'
     c.task = 'clip'
     c.seed = 0
 
     # Input: image-caption pairs; captions are WordPiece-tokenised ([CLS] ... [SEP]).
-    c.data = ml_collections.ConfigDict()
-    c.data.name = 'digits_captions' if tiny else ''  # embedded generated pairs, or TFDS
-    c.data.files = ''  # captions .jsonl / .tsv; overrides name
-    c.data.eval_files = ''
-    c.data.eval_fraction = 0.2
-    c.data.train_split = 'train'
-    c.data.eval_split = ''
-    c.data.data_dir = ''
+    # tiny: the embedded generated pairs, else a TFDS name; data.files: captions .jsonl / .tsv.
+    c.data = common.data('digits_captions' if tiny else '', eval_fraction=0.2)
     c.data.image_field = 'image'
     c.data.text_field = 'caption'
     c.data.resize = True
     c.data.seq_len = 16 if tiny else 64
     c.data.vocab_file = ''  # empty: train a WordPiece vocabulary on the captions
     c.data.lowercase = True
-    c.data.prefetch = 2
-    # The training stream is cut into this many data shards (0: one per process at the
-    # first start). A run can resume on any process count that divides it: set 8 (say) to
-    # move a run between 1, 2, 4 and 8 hosts. Changing it changes the data order.
-    c.data.shards = 0
 
     # Model: the image tower is a ViT (model.*), the text tower a pre-LN Transformer
     # (model.text.*); both project linearly into a shared embed_dim space.
-    c.model = ml_collections.ConfigDict()
-    c.model.image_size = 16 if tiny else 224
-    c.model.patch_size = 4 if tiny else 16
-    c.model.channels = 1 if tiny else 3
-    c.model.hidden_size = hidden
-    c.model.num_layers = layers
-    c.model.num_heads = heads
-    c.model.mlp_dim = mlp
-    c.model.dropout_rate = 0.0
-    c.model.attention_dropout_rate = 0.0
-    c.model.activation = 'gelu'
-    c.model.layer_norm_eps = 1e-6
-    c.model.pooling = 'cls'
-    c.model.remat = 'none'
-    c.model.attention_impl = 'auto'  # auto: cuDNN flash attention on GPU in bf16, else xla
-    c.model.scan_layers = False  # the image tower's layers under nn.scan: faster compiles
+    c.model = common.vit_encoder(
+        sizes,
+        image_size=16 if tiny else 224,
+        patch_size=4 if tiny else 16,
+        channels=1 if tiny else 3,
+    )
     c.model.embed_dim = 64 if tiny else 512
-    c.model.vocab_size = 0  # the text tower's is model.text.vocab_size
-    c.model.max_len = 0
-    c.model.text = ml_collections.ConfigDict()
+    c.model.text = ml_collections.ConfigDict()  # model.vocab_size: 0, this one's is text's
     c.model.text.vocab_size = 1024 if tiny else 32_000
     c.model.text.hidden_size = 128 if tiny else 512
     c.model.text.num_layers = 2 if tiny else 12
@@ -94,7 +69,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.text.layer_norm = 'pre'
     c.model.text.layer_norm_eps = 1e-6
     c.model.text.pooling = 'cls'  # cls | mean
-    c.model.text.scan_layers = False  # the text tower's, likewise
+    c.model.text.scan_layers = False  # the text tower's layers under nn.scan, likewise
     c.model.text.attention_impl = 'auto'
 
     # Loss over the global batch. softmax: all-gathered, [n, N] logits per device;
@@ -115,32 +90,14 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.warmup_steps = 60 if tiny else 10_000
     c.learning_rate = 1e-3 if tiny else 5e-4
     c.grad_accum_steps = 1
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = 'adamw'
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.98
-    c.optimizer.eps = 1e-6
-    c.optimizer.weight_decay = 0.1 if not tiny else 0.01
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.schedule = 'cosine'
-    c.optimizer.end_learning_rate = 0.0
+    c.optimizer = common.optimizer(b2=0.98, weight_decay=0.01 if tiny else 0.1, schedule='cosine')
 
-    c.precision = 'float32'
-    c.parallelism = 'jit'
-    # Mesh: data/fsdp/tensor size one slice (-1 = the rest of it); dcn_data/dcn_fsdp split
-    # data/fsdp across TPU slices or GPU hosts (docs/launching.md).
-    c.mesh = ml_collections.ConfigDict(
-        {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1}
+    c.update(
+        common.runtime(
+            eval_every=100 if tiny else 5000,
+            eval_steps=5,
+            checkpoint_every=300 if tiny else 5000,
+            keep_checkpoints=3,
+        )
     )
-    c.init_from = ''
-    c.train_examples = ''
-    c.log_every = 50
-    c.eval_every = 100 if tiny else 5000
-    c.eval_steps = 5
-    c.checkpoint_every = 300 if tiny else 5000
-    c.keep_checkpoints = 3
-    c.watchdog_secs = 0
-    c.skip_nonfinite_steps = 0  # see configs/bert_mlm.py
-    c.peak_tflops = 0.0
-    c.overwrite = False
     return c

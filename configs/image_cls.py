@@ -28,58 +28,56 @@ an .npz). Low labels: --config.train_examples=5 (per class). Linear probe:
 
 import ml_collections
 
-from configs import vit_simclr
+from configs import common, vit_simclr
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
-    c = vit_simclr.get_config(arg)  # the same encoder keys, so SimCLR checkpoints fit
-    imagenet = 'imagenet' in arg
+    preset, _, recipe = arg.partition(',')
+    sizes = common.size(vit_simclr.SIZES, preset, 'image_cls')  # SimCLR's: its runs fit
+    if recipe not in ('', 'digits', 'imagenet'):
+        raise ValueError(f'unknown recipe {recipe!r} for image_cls; expected digits or imagenet')
+    imagenet = recipe == 'imagenet'
+    eval_every = 2000 if imagenet else 50
+    c = ml_collections.ConfigDict()
     c.stage = 'finetune'
     c.task = 'image_cls'
-    for key in ('loss', 'augment', 'eval'):
-        del c[key]
-    for key in ('proj_hidden', 'proj_dim', 'proj_layers'):
-        del c.model[key]
-    c.model.head_dropout = 0.0
-    c.model.zero_init_head = True
+    c.seed = 0
 
-    c.transfer = ml_collections.ConfigDict()
-    c.transfer.freeze_backbone = False  # linear probe
-    c.transfer.freeze_layers = 0
-    c.transfer.layer_decay = 1.0 if not imagenet else 0.75
-    c.transfer.head_lr_scale = 1.0  # the new head's lr, times the encoder's
-    # With init_from, learning_rate, warmup_steps, the schedule, head_lr_scale (and a text
-    # start's pooling) follow the start (core/recipe.py, docs/recipe.md) unless given on
-    # the command line; the run records what it took here. 'none': this file's values.
-    c.transfer.start_defaults = ''
-
-    c.init_from = ''
-    c.init_subtree = 'backbone'  # image_backbone for a CLIP checkpoint
-    c.train_examples = ''
     # Validation (eval rows, best checkpoint, early stopping): eval_files / eval_split, else
     # this part of each class of the training images, chosen by seed. Test, scored once at
     # the end on the checkpoint validation picked: an image folder / .npz or a TFDS split
     # (the digits ship their own 389 images).
-    c.data.eval_fraction = 0.1
+    c.data = common.data(
+        'imagenet2012' if imagenet else 'digits',
+        eval_fraction=0.1,
+        eval_split='validation' if imagenet else '',
+    )
+    c.data.label_field = 'label'
+    c.data.resize = True  # resize every image to model.image_size (False: sizes must match)
     c.data.test_files = ''
     c.data.test_split = ''
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.metric = ''  # '' = accuracy
-    c.eval.evaluate_split = 'test'  # what `launch.py evaluate` scores: test | validation
-    c.early_stopping_patience = 0
+    # Model: vit_simclr's backbone (the same keys, so SimCLR checkpoints fit) + a new head.
+    c.model = vit_simclr.backbone(sizes, imagenet)
+    c.model.head_dropout = 0.0
+    c.model.zero_init_head = True
 
-    c.batch_size = 64 if not imagenet else 512
-    c.total_steps = 300 if not imagenet else 20_000
-    c.warmup_steps = 30 if not imagenet else 2000
-    c.learning_rate = 1e-3 if not imagenet else 1e-3
-    c.optimizer.name = 'adamw'
-    c.optimizer.b1 = 0.9
-    c.optimizer.weight_decay = 0.05
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.schedule = 'cosine'
-    c.log_every = 50
-    c.eval_every = 50 if not imagenet else 2000
-    c.checkpoint_every = c.eval_every
-    c.keep_checkpoints = 2
+    # transfer, init_subtree, eval.metric (configs/common.py)
+    c.update(common.finetune(layer_decay=0.75 if imagenet else 1.0))
+
+    c.batch_size = 512 if imagenet else 64
+    c.total_steps = 20_000 if imagenet else 300
+    c.warmup_steps = 2000 if imagenet else 30
+    c.learning_rate = 1e-3
+    c.grad_accum_steps = 1
+    c.optimizer = common.optimizer(weight_decay=0.05, schedule='cosine')
+    c.optimizer.trust_coefficient = 0.001  # with --config.optimizer.name=lars
+    c.update(
+        common.runtime(
+            eval_every=eval_every,
+            eval_steps=10,
+            checkpoint_every=eval_every,  # every eval's step is kept if it is the best
+            keep_checkpoints=2,
+        )
+    )
     return c

@@ -20,26 +20,27 @@ recipe for base: batch 64, lr 3e-5, temperature 0.05, 1M Wikipedia sentences, 1 
 
 import ml_collections
 
-from configs import bert_mlm
+from configs import bert_mlm, common
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-    c = bert_mlm.get_config(preset)  # the same encoder, so MLM checkpoints fit
-    tiny = preset == 'tiny'
+    c = ml_collections.ConfigDict()
+    c.stage = 'pretrain'
     c.task = 'simcse'
+    c.seed = 0
+    tiny = preset == 'tiny'
 
-    # Input: sentences of the corpus (bert_mlm's data keys), [CLS] sentence [SEP].
+    # Input: sentences of bert_mlm's corpus, [CLS] sentence [SEP].
+    c.data = bert_mlm.corpus()
     c.data.seq_len = 64
-    del c.data['max_predictions']
-    del c.data['mask_prob']
-    del c.data['whole_word_masking']
 
-    # Model: BERT (bert_mlm's keys) + projection MLP used in training only.
+    # Model: bert_mlm's encoder (so MLM checkpoints fit) + projection MLP used in training only.
+    c.model = bert_mlm.encoder(preset, 'simcse')
+    c.model.dropout_rate = 0.1  # the augmentation: two dropout masks per sentence
     c.model.pooling = 'cls'  # cls | mean
     c.model.proj_hidden = c.model.hidden_size
     c.model.proj_dim = c.model.hidden_size
     c.model.proj_layers = 2
-    c.model.dropout_rate = 0.1  # the augmentation: two dropout masks per sentence
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.05
@@ -55,8 +56,14 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.total_steps = 600 if tiny else 15_000
     c.warmup_steps = 60 if tiny else 0
     c.learning_rate = 3e-4 if tiny else 3e-5
-    c.optimizer.schedule = 'linear'
-    c.eval_every = 100 if tiny else 1000
-    c.eval_steps = 10
-    c.checkpoint_every = 300 if tiny else 5000
+    c.grad_accum_steps = 1
+    c.optimizer = common.optimizer(weight_decay=0.01, schedule='linear')
+    c.update(
+        common.runtime(
+            eval_every=100 if tiny else 1000,
+            eval_steps=10,
+            checkpoint_every=300 if tiny else 5000,
+            keep_checkpoints=3,
+        )
+    )
     return c

@@ -34,71 +34,74 @@ head at x10 and its mean pooling). A --config.key on the command line always win
 
 import ml_collections
 
-from configs import bert_mlm
+from configs import common
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-    c = bert_mlm.get_config(preset)  # the same encoder keys, so MLM checkpoints fit
-    tiny = preset == 'tiny'
+    c = ml_collections.ConfigDict()
     c.stage = 'finetune'
     c.task = 'text_cls'
     c.task_type = 'classification'  # classification | regression
+    c.seed = 0
 
-    c.data.name = 'pydoc_topics'
+    # Validation (eval rows, best checkpoint, early stopping): eval_files / eval_split, else
+    # this part of each class of the training examples, chosen by seed.
+    c.data = common.data('pydoc_topics', eval_fraction=0.1)
     c.data.text_field = 'text'
     c.data.text_pair_field = ''  # a second text column: sentence-pair tasks
     c.data.label_field = 'label'
     c.data.header = True  # tsv/csv: a header row names the columns (else 0-based indices)
-    # Validation (eval rows, best checkpoint, early stopping): eval_files / eval_split, else
-    # this part of each class of the training examples, chosen by seed.
-    c.data.eval_fraction = 0.1
+    c.data.vocab_file = ''  # a BERT vocab.txt; empty: train a WordPiece vocab on the task
+    c.data.lowercase = True
+    c.data.seq_len = 128
     # Test, scored once at the end on the checkpoint validation picked: local files or a
     # TFDS split (pydoc_topics ships its own 268 paragraphs; '' and '': no test split).
     c.data.test_files = ''
     c.data.test_split = ''
-    c.data.seq_len = 128
-    for key in ('max_predictions', 'mask_prob', 'whole_word_masking'):
-        del c.data[key]
 
+    c.model = encoder(preset)
+    c.model.pooling = 'cls'  # cls | mean | pooler (BERT's Dense + tanh on [CLS])
+
+    c.update(common.finetune())  # transfer, init_subtree, eval.metric (configs/common.py)
+    c.update(training(preset))  # optimization and runtime (below)
+    return c
+
+
+def encoder(preset: str, config: str = 'text_cls') -> ml_collections.ConfigDict:
+    """model.* of a BERT fine-tuned with a new head (configs/token_cls.py takes it too): the
+    keys of configs/bert_mlm.py's encoder, so MLM checkpoints fit."""
+    m = common.bert_encoder(common.size(common.BERT_SIZES, preset, config))
     # From scratch without a vocab_file, the WordPiece vocabulary is trained on the task's
     # text: 8192 tokens (docs/results.md's from-scratch figures; the MLM preset's 4096 is sized to
     # its corpus). With init_from the start's vocabulary and architecture are adopted.
-    c.model.vocab_size = 8192 if tiny else c.model.vocab_size
-    c.model.dropout_rate = 0.1  # BERT's fine-tuning dropout (the tiny MLM preset has none)
-    c.model.pooling = 'cls'  # cls | mean | pooler (BERT's Dense + tanh on [CLS])
-    c.model.head_dropout = 0.1
-    c.model.zero_init_head = True
+    m.vocab_size = 8192 if preset == 'tiny' else 30522
+    m.dropout_rate = 0.1  # BERT's fine-tuning dropout (the tiny MLM preset has none)
+    m.head_dropout = 0.1
+    m.zero_init_head = True
+    return m
 
-    # Transfer: what of the pretrained encoder trains, and how fast.
-    c.transfer = ml_collections.ConfigDict()
-    c.transfer.freeze_backbone = False  # linear probe
-    c.transfer.freeze_layers = 0  # embeddings + the first k layers frozen
-    c.transfer.layer_decay = 1.0  # layer-wise lr decay (1.0: off)
-    c.transfer.head_lr_scale = 1.0  # the new head's lr, times the encoder's
-    # With init_from, learning_rate, warmup_steps, the schedule, head_lr_scale (and a text
-    # start's pooling) follow the start (core/recipe.py, docs/recipe.md) unless given on
-    # the command line; the run records what it took here. 'none': this file's values.
-    c.transfer.start_defaults = ''
 
-    c.init_from = ''  # a pretraining workdir or checkpoint; empty: from scratch
-    c.init_subtree = 'backbone'  # the saved params subtree holding the encoder
-    c.train_examples = ''  # '' all; 10 per class; 0.1 a fraction per class
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.metric = ''  # picks the best checkpoint; '' = accuracy (pearson for regression)
-    c.eval.evaluate_split = 'test'  # what `launch.py evaluate` scores: test | validation
-    c.early_stopping_patience = 0  # evals without a new best before stopping (0: off)
-
+def training(preset: str) -> ml_collections.ConfigDict:
+    """The top-level optimization and runtime keys of a BERT fine-tuning, for `c.update`
+    (configs/token_cls.py takes them too)."""
+    tiny = preset == 'tiny'
+    eval_every = 100 if tiny else 500
+    s = ml_collections.ConfigDict(sort_keys=False)  # update() adds them in this order
     # AdamW, 10% warmup, linear decay; lr 1e-3 for tiny from scratch (and the tiny MLM
     # encoder), BERT's 3e-5 for the larger presets. With init_from, the start's recipe
     # (core/recipe.py) sets these unless the command line gives them.
-    c.batch_size = 32
-    c.total_steps = 600 if tiny else 3000
-    c.warmup_steps = 60 if tiny else 300
-    c.learning_rate = 1e-3 if tiny else 3e-5
-    c.optimizer.weight_decay = 0.01
-    c.log_every = 50
-    c.eval_every = 100 if tiny else 500
-    c.checkpoint_every = c.eval_every  # every eval's step is kept if it is the best
-    c.keep_checkpoints = 2
-    return c
+    s.batch_size = 32
+    s.total_steps = 600 if tiny else 3000
+    s.warmup_steps = 60 if tiny else 300
+    s.learning_rate = 1e-3 if tiny else 3e-5
+    s.grad_accum_steps = 1
+    s.optimizer = common.optimizer(weight_decay=0.01, schedule='linear')
+    s.update(
+        common.runtime(
+            eval_every=eval_every,
+            eval_steps=20,
+            checkpoint_every=eval_every,  # every eval's step is kept if it is the best
+            keep_checkpoints=2,
+        )
+    )
+    return s

@@ -18,20 +18,27 @@ exact chunks (seqeval's default), written as `entity_f1` beside `token_accuracy`
 
 import ml_collections
 
-from configs import text_cls
+from configs import common, text_cls
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-    c = text_cls.get_config(preset)
+    c = ml_collections.ConfigDict()
+    c.stage = 'finetune'
     c.task = 'token_cls'
-    del c['task_type']
-    c.data.name = ''
-    c.data.files = ''  # required: train.conll / train.jsonl
+    c.seed = 0
+
+    # data.files is required: train.conll / train.jsonl. Validation and test as text_cls.py.
+    c.data = common.data('', eval_fraction=0.1)
     c.data.tokens_field = 'tokens'  # .jsonl fields
     c.data.tags_field = 'tags'
+    c.data.vocab_file = ''  # a BERT vocab.txt; empty: train a WordPiece vocab on the task
+    c.data.lowercase = True
     c.data.seq_len = 128
-    for key in ('text_field', 'text_pair_field', 'label_field', 'header'):
-        del c.data[key]
-    del c.model['pooling']
-    c.eval.metric = ''  # '' = entity_f1
+    c.data.test_files = ''
+    c.data.test_split = ''
+
+    c.model = text_cls.encoder(preset, 'token_cls')  # a tag per token: no pooling
+    c.update(common.finetune())  # transfer, init_subtree, eval.metric (configs/common.py)
+
+    c.update(text_cls.training(preset))  # text_cls's optimization and cadence
     return c

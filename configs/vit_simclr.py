@@ -19,66 +19,39 @@ class) or FILE.npz (arrays `images` [N, H, W(, C)] and optional `labels`).
 
 import ml_collections
 
-from models.vit import VIT_SIZES
+from configs import common
 
-SIZES = {'tiny': (128, 4, 4, 256), **VIT_SIZES}
+SIZES = {'tiny': (128, 4, 4, 256), **common.VIT_SIZES}
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     preset, _, recipe = arg.partition(',')
-    if preset not in SIZES:
-        raise ValueError(f'unknown preset {preset!r} for vit_simclr; expected one of {list(SIZES)}')
+    sizes = common.size(SIZES, preset, 'vit_simclr')
     if recipe not in ('', 'digits', 'imagenet'):
         raise ValueError(f'unknown recipe {recipe!r} for vit_simclr; expected digits or imagenet')
     imagenet = recipe == 'imagenet'
-    hidden, layers, heads, mlp = SIZES[preset]
     c = ml_collections.ConfigDict()
     c.stage = 'pretrain'
     c.task = 'simclr'
     c.seed = 0
 
     # Input. Labels are not used for training, only by the k-NN / linear-probe evals.
-    c.data = ml_collections.ConfigDict()
     # digits: embedded; pretraining reads its 1408-image training split, never the 389 test
-    # images that image_cls scores at the end.
-    c.data.name = 'imagenet2012' if imagenet else 'digits'
-    c.data.files = ''  # a class-per-folder directory or an .npz; overrides name
-    c.data.eval_files = ''
-    c.data.eval_fraction = 0.2  # held out (probes score it) when there is no eval split
-    c.data.train_split = 'train'
-    c.data.eval_split = 'validation' if imagenet else ''
-    c.data.data_dir = ''
+    # images that image_cls scores at the end. data.files: a class-per-folder directory or
+    # an .npz. Held out (the probes score it) when there is no eval split: eval_fraction.
+    c.data = common.data(
+        'imagenet2012' if imagenet else 'digits',
+        eval_fraction=0.2,
+        eval_split='validation' if imagenet else '',
+    )
     c.data.label_field = 'label'
     c.data.resize = True  # resize every image to model.image_size (False: sizes must match)
-    c.data.prefetch = 2
-    # The training stream is cut into this many data shards (0: one per process at the
-    # first start). A run can resume on any process count that divides it: set 8 (say) to
-    # move a run between 1, 2, 4 and 8 hosts. Changing it changes the data order.
-    c.data.shards = 0
 
     # Model: ViT backbone (what transfers) + projection MLP (dropped after pretraining).
-    c.model = ml_collections.ConfigDict()
-    c.model.image_size = 224 if imagenet else 16
-    c.model.patch_size = 16 if imagenet else 4
-    c.model.channels = 3 if imagenet else 1
-    c.model.hidden_size = hidden
-    c.model.num_layers = layers
-    c.model.num_heads = heads
-    c.model.mlp_dim = mlp
-    c.model.dropout_rate = 0.0
-    c.model.attention_dropout_rate = 0.0
-    c.model.activation = 'gelu'
-    c.model.layer_norm_eps = 1e-6
-    c.model.pooling = 'cls'  # cls | gap
-    c.model.pooler = False  # Dense + tanh on the cls token (backbone/pooler): imported HF ViTs
-    c.model.remat = 'none'
-    c.model.attention_impl = 'auto'  # auto: cuDNN flash attention on GPU in bf16, else xla
-    c.model.scan_layers = False  # nn.scan over the layers: faster compiles of deep models
+    c.model = backbone(sizes, imagenet)
     c.model.proj_hidden = 2048 if imagenet else 512
     c.model.proj_dim = 128
     c.model.proj_layers = 3 if imagenet else 2  # SimCLR v2: a deeper head helps
-    c.model.vocab_size = 0  # text models only
-    c.model.max_len = 0
 
     # Loss: NT-Xent over the global batch (negatives from every device and host).
     c.loss = ml_collections.ConfigDict()
@@ -119,34 +92,34 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.warmup_steps = 3120 if imagenet else 70
     c.learning_rate = 0.3 * c.batch_size / 256 if imagenet else 1e-3
     c.grad_accum_steps = 1  # note: micro-batches see only their own negatives
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = 'lars' if imagenet else 'adamw'  # adamw | lamb | lars
-    c.optimizer.b1 = 0.9  # LARS: momentum
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-6
-    c.optimizer.weight_decay = 1e-6 if imagenet else 0.05
-    c.optimizer.grad_clip_norm = 0.0 if imagenet else 1.0
-    c.optimizer.schedule = 'cosine'
-    c.optimizer.end_learning_rate = 0.0
+    c.optimizer = common.optimizer(
+        name='lars' if imagenet else 'adamw',
+        weight_decay=1e-6 if imagenet else 0.05,
+        grad_clip_norm=0.0 if imagenet else 1.0,
+        schedule='cosine',
+    )
     c.optimizer.trust_coefficient = 0.001
 
-    # Runtime.
-    c.precision = 'float32'
-    c.parallelism = 'jit'
-    # Mesh: data/fsdp/tensor size one slice (-1 = the rest of it); dcn_data/dcn_fsdp split
-    # data/fsdp across TPU slices or GPU hosts (docs/launching.md).
-    c.mesh = ml_collections.ConfigDict(
-        {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1}
+    # Runtime (configs/common.py); init_from: a run whose `backbone` initialises this one's.
+    c.update(
+        common.runtime(
+            eval_every=3120 if imagenet else 100,
+            eval_steps=10,  # batches for the held-out contrastive loss
+            checkpoint_every=3120 if imagenet else 350,
+            keep_checkpoints=3,
+        )
     )
-    c.init_from = ''  # a run whose `backbone` initialises this one's
-    c.train_examples = ''  # fine-tuning only
-    c.log_every = 50
-    c.eval_every = 100 if not imagenet else 3120
-    c.eval_steps = 10  # batches for the held-out contrastive loss
-    c.checkpoint_every = 350 if not imagenet else 3120
-    c.keep_checkpoints = 3
-    c.watchdog_secs = 0
-    c.skip_nonfinite_steps = 0  # see configs/bert_mlm.py
-    c.peak_tflops = 0.0
-    c.overwrite = False
     return c
+
+
+def backbone(sizes: tuple[int, int, int, int], imagenet: bool) -> ml_collections.ConfigDict:
+    """model.* of the ViT that transfers (configs/image_cls.py builds its encoder here too,
+    so SimCLR checkpoints fit): 224px RGB patch 16 for ImageNet, else the 16px digits."""
+    m = common.vit_encoder(
+        sizes,
+        image_size=224 if imagenet else 16,
+        patch_size=16 if imagenet else 4,
+        channels=3 if imagenet else 1,
+    )
+    m.pooler = False  # Dense + tanh on the cls token (backbone/pooler): imported HF ViTs
+    return m

@@ -19,15 +19,6 @@ from flax import linen as nn
 
 from models.encoder import Encoder, ExampleDropout, Pooler, dense_init, zeros_init
 
-# (hidden_size, num_layers, num_heads, mlp_dim) of the standard ViT sizes (Dosovitskiy et
-# al. 2021; Ti and S from DeiT).
-VIT_SIZES = {
-    'ti': (192, 12, 3, 768),
-    's': (384, 12, 6, 1536),
-    'b': (768, 12, 12, 3072),
-    'l': (1024, 24, 16, 4096),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class VitConfig:
