@@ -19,6 +19,7 @@ from models.encoder import (
     Dtype,
     Encoder,
     ExampleDropout,
+    FromConfig,
     Pooler,
     dense_init,
     layer_norm,
@@ -27,7 +28,7 @@ from models.encoder import (
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(FromConfig):
     """Architecture of a BERT-style text encoder (the `model.*` config keys)."""
 
     vocab_size: int = 30522
@@ -47,13 +48,6 @@ class BertConfig:
     scan_layers: bool = False  # nn.scan over the layers: params stacked under encoder/layers
     dtype: str = 'float32'
     attention_impl: str = 'auto'  # auto | xla | cudnn (models/encoder.py attention_impl)
-
-    @classmethod
-    def from_config(cls, model_config, **overrides) -> 'BertConfig':
-        """Builds from a `config.model` ConfigDict (extra keys there are ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(model_config).items() if k in fields}
-        return cls(**{**values, **overrides})
 
 
 class TextEmbed(nn.Module):

@@ -10,6 +10,7 @@ Two layouts of an encoder's layer parameters, the same numbers either way:
 `stack_layers` / `unstack_layers` convert a parameter tree between them.
 """
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -29,6 +30,18 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
 }
+
+
+class FromConfig:
+    """`from_config` of an architecture dataclass (BertConfig, VitConfig)."""
+
+    @classmethod
+    def from_config(cls, model_config, **overrides):
+        """Builds from a `config.model` ConfigDict (extra keys there are ignored); the
+        `overrides` (e.g. dtype=) win."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(model_config).items() if k in fields}
+        return cls(**{**values, **overrides})
 
 
 def dense_init(*axes: str | None) -> Callable:

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from models.encoder import Encoder, ExampleDropout, Pooler, dense_init, zeros_init
+from models.encoder import Encoder, ExampleDropout, FromConfig, Pooler, dense_init, zeros_init
 
 
 @dataclasses.dataclass(frozen=True)
-class VitConfig:
+class VitConfig(FromConfig):
     """Architecture of a ViT image encoder (the `model.*` config keys)."""
 
     image_size: int = 224
@@ -41,13 +41,6 @@ class VitConfig:
     scan_layers: bool = False  # nn.scan over the layers: params stacked under encoder/layers
     dtype: str = 'float32'
     attention_impl: str = 'auto'  # auto | xla | cudnn (models/encoder.py attention_impl)
-
-    @classmethod
-    def from_config(cls, model_config, **overrides) -> 'VitConfig':
-        """Builds from a `config.model` ConfigDict (extra keys there are ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(model_config).items() if k in fields}
-        return cls(**{**values, **overrides})
 
     @property
     def grid(self) -> int:
