@@ -37,6 +37,7 @@ from absl import logging
 
 from core import config as config_lib
 from core.config import read_json
+from core.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,3 +160,143 @@ def apply(
     why = 'a linear probe' if t.freeze_backbone else f'{config.model.hidden_size} wide'
     t.start_defaults = f'{", ".join(taken) or "nothing"} (start: {why})'
     return changes
+
+
+# --- What a run takes from its start: the architecture and the vocabulary ----------------
+
+# Model keys that fix the shapes or the function of an encoder's parameters. A run that
+# starts from another (`init_from`) takes them from that run's config.json, so a fine-tune
+# of an imported MiniLM or a 2-layer MLM run needs no architecture flags. Not among them:
+# image_size (a ViT restores at another resolution, its position table resized), a text
+# model's pooling, dropout and the other keys a fine-tuning run chooses for itself.
+ARCHITECTURE_KEYS = (
+    'vocab_size',
+    'hidden_size',
+    'num_layers',
+    'num_heads',
+    'mlp_dim',
+    'max_len',
+    'type_vocab_size',
+    'patch_size',
+    'channels',
+    'activation',
+    'layer_norm',
+    'layer_norm_eps',
+    'pooler',
+)
+
+
+def run_directory(path: str) -> str | None:
+    """The workdir of the run that `path` names (an `init_from`): the workdir itself, its
+    checkpoints/ directory or one checkpoints/<step> directory, as an absolute path; None
+    when no config.json marks one (a bare checkpoint). Where the run's config.json and
+    vocab.txt are found, whichever of the three forms `init_from` gives."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    candidates = [path]
+    if name == 'checkpoints':
+        candidates.append(parent)
+    elif name.isdigit() and os.path.basename(parent) == 'checkpoints':
+        candidates.append(os.path.dirname(parent))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, 'config.json')):
+            return candidate
+    return None
+
+
+def saved_run_config(path: str) -> dict:
+    """The config.json of the run whose workdir, checkpoints/ or checkpoints/<step> is
+    `path`; {} when there is none (a bare checkpoint)."""
+    run = run_directory(path)
+    if run is None:
+        return {}
+    return read_json(os.path.join(run, 'config.json'))
+
+
+def _tokens(vocab_file: str) -> list[str]:
+    with open(vocab_file, encoding='utf-8') as f:
+        return f.read().splitlines()
+
+
+def init_from_vocab(config: ml_collections.ConfigDict) -> str | None:
+    """The vocab.txt of the `init_from` run of a text config (one with `data.vocab_file`),
+    from any form `run_directory` reads; None without one. The restored token embeddings
+    are rows of that vocabulary, so this refuses (ConfigError) a text run whose init_from
+    has no vocabulary unless `data.vocab_file` gives it, and a differing `data.vocab_file`.
+    An init_from that holds no checkpoint raises CheckpointError."""
+    if not config.get('init_from') or 'vocab_file' not in config.get('data', {}):
+        return None
+    from core.checkpoint import resolve_checkpoint  # (orbax: not loaded for every config check)
+
+    resolve_checkpoint(config.init_from)  # a path that holds no checkpoint: say so
+    run = run_directory(config.init_from)
+    vocab = os.path.join(run, 'vocab.txt') if run else None
+    given = config.data.vocab_file
+    if not (vocab and os.path.isfile(vocab)):
+        if given:
+            return None  # the user's word for the vocabulary of a run that does not keep one
+        where = f'no {vocab}' if run else 'a bare checkpoint, no run directory with config.json'
+        raise ConfigError(
+            f'init_from {config.init_from} has no vocabulary ({where}), and the token '
+            'embeddings it holds are read by token id: give the vocabulary that run was '
+            'trained with, --config.data.vocab_file=PATH/vocab.txt'
+        )
+    if given and os.path.isfile(given) and _tokens(given) != _tokens(vocab):
+        raise ConfigError(
+            f'--config.data.vocab_file={given} differs from {vocab}, the vocabulary of the '
+            f'init_from run {config.init_from}, whose token embeddings this run restores; '
+            "drop --config.data.vocab_file to use that run's"
+        )
+    return vocab
+
+
+def _encoder_kind(model) -> str | None:
+    if model.get('patch_size'):
+        return 'image'
+    return 'text' if model.get('vocab_size') else None
+
+
+def adopt_architecture(
+    config: ml_collections.ConfigDict, source: dict, subtree: str = 'backbone'
+) -> list[str]:
+    """Sets config.model's ARCHITECTURE_KEYS (and data.lowercase, which the vocabulary goes
+    with) to those of `source`, a saved run config whose params/<subtree> this run starts
+    from; returns the changes as 'key: old -> new'. A CLIP run's text tower keeps its
+    architecture under model.text. Keys given on the command line are left as given."""
+    model = source.get('model', {})
+    if subtree == 'text_backbone':
+        model = model.get('text', {})
+    theirs, ours = _encoder_kind(model), _encoder_kind(config.model)
+    if theirs and ours and theirs != ours:
+        two_towers = 'text' in source.get('model', {})
+        hint = (
+            ' (a CLIP run holds both: set --config.init_subtree=image_backbone or text_backbone)'
+            if two_towers
+            else ''
+        )
+        a = {'image': 'an image', 'text': 'a text'}
+        raise ConfigError(
+            f'init_from {config.init_from} is {a[theirs]} model (params/{subtree}), and this '
+            f'run trains {a[ours]} model; give --config.init_from a run with {a[ours]} '
+            f'encoder{hint}'
+        )
+    if theirs != ours:
+        return []  # a bare checkpoint or an unknown model: the restore names any mismatch
+    keys = ARCHITECTURE_KEYS
+    if _encoder_kind(model) == 'image':
+        keys += ('pooling',)  # a ViT's cls token exists only with pooling=cls
+    pairs = [(f'model.{k}', model[k]) for k in keys if k in model]
+    lowercase = source.get('data', {}).get('lowercase')
+    if lowercase is not None and subtree != 'image_backbone':
+        pairs.append(('data.lowercase', lowercase))
+    changed = []
+    for dotted, value in pairs:
+        parent_key, _, key = dotted.rpartition('.')
+        parent = config_lib.get(config, parent_key)
+        if key not in parent or parent[key] == value or value is None:
+            continue
+        if dotted in config_lib.COMMAND_LINE_KEYS:
+            continue  # given explicitly: kept, and the restore names any mismatch
+        changed.append(f'{dotted}: {parent[key]!r} -> {value!r}')
+        parent[key] = type(parent[key])(value)
+    return changed

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import flops as flops_lib
-from core import loop, optim, recipe
+from core import loop, optim, recipe, rundir
 from core import metrics as metrics_lib
 from core import sharding as sharding_lib
 from core import step as step_lib
@@ -140,7 +140,7 @@ class RunSetup:
     dropout_rng: jax.Array
     shardings: Any  # the NamedSharding of every leaf of the train state
     stepper: step_lib.JitStepper | step_lib.PmapStepper
-    plan: config_lib.WorkdirPlan | None = None  # None for a dry run (nothing written)
+    plan: rundir.WorkdirPlan | None = None  # None for a dry run (nothing written)
 
 
 def follow_start(config: ml_collections.ConfigDict) -> None:
@@ -150,11 +150,11 @@ def follow_start(config: ml_collections.ConfigDict) -> None:
     run (and `evaluate` with the run's command) compares equal."""
     if not config.get('init_from'):
         return
-    saved = config_lib.saved_run_config(config.init_from)
+    saved = recipe.saved_run_config(config.init_from)
     subtree = config.get('init_subtree', 'backbone')
-    for change in config_lib.adopt_architecture(config, saved, subtree):
+    for change in recipe.adopt_architecture(config, saved, subtree):
         logging.info('init_from %s: %s', config.init_from, change)
-    run_dir = config_lib.run_directory(config.init_from)
+    run_dir = recipe.run_directory(config.init_from)
     for change in recipe.apply(config, saved, run_dir, config_lib.COMMAND_LINE_KEYS):
         logging.info('init_from %s: fine-tuning default %s', config.init_from, change)
     if config.get('transfer', {}).get('start_defaults'):
@@ -176,7 +176,7 @@ def set_up(
 
     Nothing is written to the workdir before every check that needs no compilation has
     passed: a new run's task writes what it derives from the data (vocab.txt, labels.json)
-    into a staging directory, and `config_lib.start_run` then moves an overwritten run
+    into a staging directory, and `rundir.start_run` then moves an overwritten run
     aside, the staged files in, and writes config.json; a failed start leaves the workdir
     as it found it. A dry run (core/memory_plan.py) passes write_config=False, so the
     workdir gets no config.json (a later run there may have any config), and a `build_dir`
@@ -197,7 +197,7 @@ def set_up(
     mesh, batch_shards = make_mesh(config)
     config_lib.check_batch_layout(config, jax.device_count(), batch_shards, jax.process_count())
     write_config = write_config and not evaluating
-    plan = config_lib.check_workdir(config, workdir) if write_config else None
+    plan = rundir.check_workdir(config, workdir) if write_config else None
     fresh = plan is not None and plan.fresh
     if fresh:
         build_dir = plan.staging  # what the task derives waits there until every check passed
@@ -238,10 +238,10 @@ def set_up(
         # Every check that needs no compilation has passed: only now does a new run replace
         # an old one (moved aside) and write its config.json.
         if fresh and is_main:
-            config_lib.start_run(plan, config)
+            rundir.start_run(plan, config)
     except BaseException:
         if fresh and is_main:
-            config_lib.abandon_start(plan)  # the workdir as this start found it
+            rundir.abandon_start(plan)  # the workdir as this start found it
         raise
     _sync('started')
     return RunSetup(mesh, task, tx, init_rng, dropout_rng, shardings, stepper, plan)
@@ -288,9 +288,9 @@ def train_and_evaluate(
     # The run continues: config.json takes the restart-safe keys that changed (recorded).
     if 'total_steps' in run.plan.changed and start_step:
         old_total = run.plan.changed['total_steps'][0]
-        logging.info('%s', config_lib.schedule_change(config, old_total, start_step))
+        logging.info('%s', rundir.schedule_change(config, old_total, start_step))
     if is_main:
-        config_lib.record_resume(run.plan, config, start_step)
+        rundir.record_resume(run.plan, config, start_step)
     state = stepper.put_state(state)
 
     # What the loop keeps track of (core/loop.py).

@@ -14,7 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tokenizers import BertWordPieceTokenizer
 
-from core import config as config_lib
+from core import recipe
 from core.errors import ConfigError, DataError
 from core.files import atomic_write
 from data import text as text_lib
@@ -155,7 +155,7 @@ def make_tokenizer(
     target = os.path.join(workdir, 'vocab.txt')
     lowercase = config.data.lowercase
     if not os.path.isfile(target):
-        init_vocab = config_lib.init_from_vocab(config)  # on every process: all refuse alike
+        init_vocab = recipe.init_from_vocab(config)  # on every process: all refuse alike
         if jax.process_index() == 0:
             if config.data.vocab_file:
                 WordPiece(config.data.vocab_file, lowercase)  # fails clearly if unusable

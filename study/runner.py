@@ -158,7 +158,7 @@ def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.Confi
                 f'{source}/config.json not found: the {run.arm} arm starts from a pretrax '
                 'workdir (a pretraining run, or one written by `launch.py import-hf`)'
             )
-        config_lib.adopt_architecture(c, saved, c.get('init_subtree', 'backbone'))
+        recipe.adopt_architecture(c, saved, c.get('init_subtree', 'backbone'))
     if run.arm in ('pretrained', 'linear_probe', 'imported'):
         c.init_from = source
     if run.arm == 'linear_probe':
@@ -171,7 +171,7 @@ def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.Confi
     if c.get('init_from'):
         # A pretrained start takes the fine-tuning defaults of its encoder (core/recipe.py),
         # except what the study's command line (--config.finetune.KEY) or grid gives.
-        recipe.apply(c, saved, config_lib.run_directory(source), given)
+        recipe.apply(c, saved, recipe.run_directory(source), given)
     if run.arm == 'scratch' and 'vocab_file' in c.data and not c.data.vocab_file:
         vocab = os.path.join(pretrain_dir, 'vocab.txt') if pretrain_dir else ''
         if os.path.isfile(vocab):

@@ -8,7 +8,7 @@ A deliberate change of a config value (or a new key or preset) regenerates the s
 
 and the diff of tests/data/configs_resolved.json goes into the same commit. Key order is
 not compared: config.json is read back as a dict and compared flattened
-(core/config.py check_workdir), checkpoints save `to_dict()` (sorted).
+(core/rundir.py check_workdir), checkpoints save `to_dict()` (sorted).
 """
 
 import ast

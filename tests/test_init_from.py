@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from core import config as config_lib
+from core import recipe, rundir
 from core.errors import ConfigError
 from data import tokenizer
 from tests.conftest import SMALL_RUN, launch
@@ -132,24 +133,24 @@ def test_a_refused_init_from_leaves_the_new_workdir_empty(tmp_path):
     source = source_run(tmp_path / 'source', vocab=None)
     workdir = tmp_path / 'new'
     with pytest.raises(ConfigError, match='--config.data.vocab_file='):
-        config_lib.check_workdir(tokenizer_config(f'{source}/checkpoints'), str(workdir))
+        rundir.check_workdir(tokenizer_config(f'{source}/checkpoints'), str(workdir))
     assert not workdir.exists()
     # An image run has no vocabulary to find.
     from configs import image_cls
 
     c = image_cls.get_config('tiny')
     c.init_from = str(source)
-    assert config_lib.check_workdir(c, str(workdir)).fresh
+    assert rundir.check_workdir(c, str(workdir)).fresh
 
 
 def test_run_directory_of_every_init_from_form(tmp_path):
     source = source_run(tmp_path / 'run', vocab=None)
     for form in ('', 'checkpoints', 'checkpoints/', 'checkpoints/7'):
-        assert config_lib.run_directory(str(source / form)) == str(source)
-    assert config_lib.run_directory(str(tmp_path / 'elsewhere' / '7')) is None
+        assert recipe.run_directory(str(source / form)) == str(source)
+    assert recipe.run_directory(str(tmp_path / 'elsewhere' / '7')) is None
     # A workdir that happens to be called checkpoints is still that workdir.
     named = source_run(tmp_path / 'checkpoints', vocab=None)
-    assert config_lib.run_directory(str(named)) == str(named)
+    assert recipe.run_directory(str(named)) == str(named)
 
 
 def test_a_vocab_file_other_than_the_init_from_runs_is_refused(tmp_path, pydoc_vocab):
@@ -196,24 +197,24 @@ def test_a_run_takes_the_architecture_of_the_run_it_starts_from(tmp_path):
     (tmp_path / 'checkpoints' / '5').mkdir(parents=True)
     (tmp_path / 'config.json').write_text(json.dumps(saved))
     for where in (tmp_path, tmp_path / 'checkpoints', tmp_path / 'checkpoints' / '5'):
-        assert config_lib.saved_run_config(str(where)) == saved
-    assert config_lib.saved_run_config(str(tmp_path / 'a' / 'b' / 'c')) == {}  # 3 levels up
+        assert recipe.saved_run_config(str(where)) == saved
+    assert recipe.saved_run_config(str(tmp_path / 'a' / 'b' / 'c')) == {}  # 3 levels up
 
     c = text_cls.get_config('tiny')
     c.model.dropout_rate = 0.3
-    changes = config_lib.adopt_architecture(c, saved)
+    changes = recipe.adopt_architecture(c, saved)
     assert c.model.num_layers == 3 and c.model.hidden_size == 64 and c.model.pooler is True
     assert c.model.layer_norm_eps == 1e-7 and c.data.lowercase is False
     assert c.model.dropout_rate == 0.3  # the fine-tune's own choice stays
     assert 'model.num_layers: 2 -> 3' in changes and len(changes) == 6
     assert 'model.vocab_size: 8192 -> 4096' in changes  # the MLM preset's corpus-sized one
-    assert config_lib.adopt_architecture(c, saved) == []  # idempotent: a resume compares equal
+    assert recipe.adopt_architecture(c, saved) == []  # idempotent: a resume compares equal
     # A key given on the command line is the user's: kept (the restore reports a mismatch).
     c = text_cls.get_config('tiny')
     c.model.num_layers = 5
     config_lib.COMMAND_LINE_KEYS.add('model.num_layers')
     try:
-        config_lib.adopt_architecture(c, saved)
+        recipe.adopt_architecture(c, saved)
     finally:
         config_lib.COMMAND_LINE_KEYS.discard('model.num_layers')
     assert c.model.num_layers == 5 and c.model.hidden_size == 64
@@ -222,17 +223,17 @@ def test_a_run_takes_the_architecture_of_the_run_it_starts_from(tmp_path):
     vit = vit_simclr.get_config('tiny').to_dict()
     vit['model'].update(pooling='gap', image_size=32, num_layers=2)
     c = image_cls.get_config('tiny')
-    config_lib.adopt_architecture(c, vit)
+    recipe.adopt_architecture(c, vit)
     assert (c.model.pooling, c.model.image_size, c.model.num_layers) == ('gap', 16, 2)
     # A text run given to an image task is refused, naming both kinds ...
     c = image_cls.get_config('tiny')
     with pytest.raises(ConfigError, match='is a text model .* this run trains an image model'):
-        config_lib.adopt_architecture(c, saved)
+        recipe.adopt_architecture(c, saved)
     # ... and CLIP's towers are read where CLIP keeps them.
     two_tower = clip.get_config('tiny').to_dict()
     two_tower['model']['text']['num_layers'] = 3
     c = text_cls.get_config('tiny')
-    config_lib.adopt_architecture(c, two_tower, 'text_backbone')
+    recipe.adopt_architecture(c, two_tower, 'text_backbone')
     assert c.model.num_layers == 3 and c.model.layer_norm == 'pre'
 
 
@@ -247,7 +248,7 @@ def test_fine_tuning_from_the_default_mlm_run_trains_with_dropout():
     assert saved['model']['dropout_rate'] == 0.0 and saved['model']['vocab_size'] == 4096
     for stage in (text_cls, token_cls, simcse):
         c = stage.get_config('tiny')
-        config_lib.adopt_architecture(c, saved)
+        recipe.adopt_architecture(c, saved)
         assert c.model.vocab_size == 4096
         assert c.model.dropout_rate == 0.1, stage.__name__
 
@@ -259,10 +260,10 @@ def test_a_key_added_since_a_run_was_saved_does_not_block_its_resume(tmp_path):
     old = c.to_dict()
     del old['model']['pooler']  # written before model.pooler existed
     (tmp_path / 'config.json').write_text(json.dumps(old))
-    assert not config_lib.check_workdir(c, str(tmp_path)).fresh  # resumes
+    assert not rundir.check_workdir(c, str(tmp_path)).fresh  # resumes
     c.model.num_layers = 3
     try:
-        config_lib.check_workdir(c, str(tmp_path))
+        rundir.check_workdir(c, str(tmp_path))
     except ConfigError as e:
         assert 'model.num_layers: 2 -> 3' in str(e)
     else:

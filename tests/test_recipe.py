@@ -157,14 +157,14 @@ def test_from_scratch_and_a_linear_probe_keep_the_config_files_optimizer():
     probe.init_from = '/runs/base'
     probe.transfer.freeze_backbone = True
     probe.learning_rate = 1e-2
-    config_lib.adopt_architecture(probe, saved)
+    recipe.adopt_architecture(probe, saved)
     recipe.apply(probe, saved, None, set())
     assert probe.learning_rate == 1e-2 and probe.transfer.head_lr_scale == 1.0
     assert probe.transfer.start_defaults == 'nothing (start: a linear probe)'
 
     full = text_cls.get_config('tiny')
     full.init_from = '/runs/base'
-    config_lib.adopt_architecture(full, saved)
+    recipe.adopt_architecture(full, saved)
     changes = recipe.apply(full, saved, None, set())
     assert full.learning_rate == 5e-5 and 'learning_rate: 0.001 -> 5e-05' in changes
     assert recipe.apply(full, saved, None, set()) == []  # applied once: a resume is equal
@@ -176,7 +176,7 @@ def test_an_image_fine_tune_keeps_its_presets_optimizer():
     saved = vit_simclr.get_config('b').to_dict()
     c = image_cls.get_config('tiny')
     c.init_from = '/runs/vit_b'
-    config_lib.adopt_architecture(c, saved)
+    recipe.adopt_architecture(c, saved)
     assert c.model.hidden_size == 768
     assert recipe.apply(c, saved, None, set()) == []
     assert c.learning_rate == 1e-3 and c.transfer.head_lr_scale == 1.0

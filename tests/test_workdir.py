@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from configs import bert_mlm
-from core import config as config_lib
+from core import rundir
 from core.errors import ConfigError
 from tests.conftest import SMALL_RUN, launch, tree_digest
 
@@ -85,10 +85,10 @@ def test_a_workdir_that_cannot_hold_a_run_is_named(tmp_path):
     c = bert_mlm.get_config('tiny')
     (tmp_path / 'file').write_text('')
     with pytest.raises(ConfigError, match='is a file; give a directory'):
-        config_lib.check_workdir(c, str(tmp_path / 'file'))
+        rundir.check_workdir(c, str(tmp_path / 'file'))
     (tmp_path / 'config.json').write_text(c.to_json()[:100])
     with pytest.raises(ConfigError, match='cannot be read .*checkpoints/<step>/config/metadata'):
-        config_lib.check_workdir(c, str(tmp_path))
+        rundir.check_workdir(c, str(tmp_path))
 
 
 # --- overwrite: checks first, then moves the old run aside ---------------------------------
