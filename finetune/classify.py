@@ -20,7 +20,8 @@ from core import evaluators
 from core.errors import CheckpointError, DataError, UserError
 from core.task import Runtime, Scorer
 from data import shards
-from data.labelled import LabelMap, select_train_examples, validation_split
+from data.labelled import select_train_examples, validation_split
+from data.labels import LabelMap
 from data.pipeline import read_options, shuffle_forever
 from finetune import metrics as metrics_lib
 

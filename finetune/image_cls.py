@@ -26,7 +26,7 @@ from core import flops as flops_lib
 from core.errors import DataError
 from core.task import Runtime, Scorer, Task, compute_dtype
 from data import digits, image_sources, image_splits, pipeline, shards
-from data.labelled import LabelMap
+from data.labels import LabelMap
 from data.text import Subset
 from finetune import classify
 from models.classifier import ImageClassifier

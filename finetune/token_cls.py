@@ -18,7 +18,7 @@ from absl import logging
 from core import config as config_lib
 from core import flops as flops_lib
 from core.task import Runtime, Scorer, Task, compute_dtype
-from data import labelled
+from data import labelled, token_files
 from data.tokenizer import make_tokenizer
 from finetune import classify
 from finetune import metrics as metrics_lib
@@ -53,12 +53,12 @@ def load_splits(config) -> tuple[list[dict], list[dict], Callable[[], list[dict]
     else `data.eval_fraction` of the training sentences held out by seed; the test loader
     reads `data.test_files` when called, at the end of training (None without them)."""
     d = config.data
-    train = labelled.read_token_files(d.files, d.tokens_field, d.tags_field)
+    train = token_files.read_token_files(d.files, d.tokens_field, d.tags_field)
     test = None
     if d.test_files:
-        test = lambda: labelled.read_token_files(d.test_files, d.tokens_field, d.tags_field)  # noqa: E731
+        test = lambda: token_files.read_token_files(d.test_files, d.tokens_field, d.tags_field)  # noqa: E731
     if d.eval_files:
-        return train, labelled.read_token_files(d.eval_files, d.tokens_field, d.tags_field), test
+        return train, token_files.read_token_files(d.eval_files, d.tokens_field, d.tags_field), test
     train_idx, val_idx = classify.carve_validation(np.zeros(len(train)), config, False, d.files)
     return [train[i] for i in train_idx], [train[i] for i in val_idx], test
 
@@ -83,7 +83,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         rows = []
         for s in sentences:
             tags = label_map.encode(s['tags'], where=where)
-            row = labelled.align_tags(s['tokens'], tags, tokenizer, seq)
+            row = token_files.align_tags(s['tokens'], tags, tokenizer, seq)
             row['label'] = row.pop('labels')
             rows.append(row)
         return rows

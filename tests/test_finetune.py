@@ -133,7 +133,7 @@ def test_init_from_mlm_restores_the_encoder_under_a_zero_head(tmp_path, mlm_run,
     from configs import text_cls as text_cls_config
     from core import optim, trainer
     from core import train_state as state_lib
-    from data.labelled import LabelMap
+    from data.labels import LabelMap
     from finetune import classify
     from finetune.text_cls import make_model
 

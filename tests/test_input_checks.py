@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from core.errors import DataError
-from data import image_sources, labelled, pair_sources, text, tokenizer
+from data import image_sources, labelled, pair_sources, text, token_files, tokenizer
+from data.labels import LabelMap
 from interop import embed
 
 # --- .jsonl field types ---------------------------------------------------------------------
@@ -35,7 +36,7 @@ def read_captions(path):
 
 
 def read_tokens(path):
-    return labelled.read_token_files(path)
+    return token_files.read_token_files(path)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +106,7 @@ def test_labels_1_and_1_0_in_json_are_one_class(tmp_path):
     )
     examples = labelled.read_labelled_text(path)
     assert [e['label'] for e in examples] == ['1', '1', '0']
-    label_map = labelled.LabelMap.fit(e['label'] for e in examples)
+    label_map = LabelMap.fit(e['label'] for e in examples)
     assert label_map.classes == ['0', '1']
 
 
@@ -113,13 +114,13 @@ def test_label_texts_of_one_number_are_refused_not_split_into_two_classes(tmp_pa
     path = write(tmp_path / 'c.tsv', 'text\tlabel\na\t1\nb\t1.0\nc\t0\nd\t2\ne\t02\n')
     labels = [e['label'] for e in labelled.read_labelled_text(path)]
     with pytest.raises(DataError) as e:
-        labelled.LabelMap.fit(labels, where=path)
+        LabelMap.fit(labels, where=path)
     assert "labels '1' and '1.0'; '02' and '2' are one number written in different ways" in str(
         e.value
     )
     assert 'write every label of a class the same way' in str(e.value)
     # An eval split that writes a training label another way is named as such.
-    label_map = labelled.LabelMap.fit(['0', '1', 'x'])
+    label_map = LabelMap.fit(['0', '1', 'x'])
     with pytest.raises(DataError, match=r"labels '1\.0' \(training: '1'\) are training labels"):
         label_map.encode(['1.0', '0'], where='dev.tsv')
     assert list(label_map.encode(['1', 'x'])) == [1, 2]  # text labels stay as written
@@ -186,7 +187,7 @@ def test_a_utf8_byte_order_mark_is_dropped_by_every_reader(tmp_path, ext, conten
     path = write(tmp_path / 'lines.txt', bom + b'first\nsecond\n')
     assert embed.read_lines(path) == ['first', 'second']
     path = write(tmp_path / 'c.conll', bom + b'EU B-ORG\n')
-    assert labelled.read_token_files(path) == [{'tokens': ['EU'], 'tags': ['B-ORG']}]
+    assert token_files.read_token_files(path) == [{'tokens': ['EU'], 'tags': ['B-ORG']}]
 
 
 def test_a_vocabulary_with_a_byte_order_mark_reads_as_without(tmp_path):

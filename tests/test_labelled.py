@@ -1,4 +1,5 @@
-"""Labelled data for fine-tuning (data/labelled.py) and its metrics (finetune/metrics.py)."""
+"""Labelled data for fine-tuning (data/labelled.py, data/labels.py, data/token_files.py) and
+its metrics (finetune/metrics.py)."""
 
 import json
 import os
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError, DataError
-from data import labelled
-from data.labelled import LabelMap, align_tags, select_train_examples
+from data import labelled, token_files
+from data.labelled import select_train_examples
+from data.labels import LabelMap
+from data.token_files import align_tags
 from data.tokenizer import WordPiece
 from finetune import metrics
 
@@ -228,24 +231,24 @@ BRUSSELS NNP B-NP B-LOC
 
 def test_read_conll_and_jsonl(tmp_path):
     write(tmp_path / 'train.conll', CONLL)
-    got = labelled.read_conll(str(tmp_path / 'train.conll'))
+    got = token_files.read_conll(str(tmp_path / 'train.conll'))
     assert got == [
         {'tokens': ['EU', 'rejects', 'German', 'call'], 'tags': ['B-ORG', 'O', 'B-MISC', 'O']},
         {'tokens': ['Peter', 'Blackburn'], 'tags': ['B-PER', 'I-PER']},
         {'tokens': ['BRUSSELS'], 'tags': ['B-LOC']},
     ]
     write(tmp_path / 'two.txt', 'Peter B-PER\nsaid O\n')
-    assert labelled.read_token_files(str(tmp_path / 'two.txt'))[0]['tags'] == ['B-PER', 'O']
+    assert token_files.read_token_files(str(tmp_path / 'two.txt'))[0]['tags'] == ['B-PER', 'O']
     write(tmp_path / 'bad.conll', 'Peter B-PER\nlonely\n')
     with pytest.raises(DataError, match='bad.conll line 2'):
-        labelled.read_conll(str(tmp_path / 'bad.conll'))
+        token_files.read_conll(str(tmp_path / 'bad.conll'))
 
     write(tmp_path / 'a.jsonl', json.dumps({'words': ['Hi', 'Bob'], 'ner': ['O', 'B-PER']}) + '\n')
-    got = labelled.read_token_files(str(tmp_path / 'a.jsonl'), 'words', 'ner')
+    got = token_files.read_token_files(str(tmp_path / 'a.jsonl'), 'words', 'ner')
     assert got == [{'tokens': ['Hi', 'Bob'], 'tags': ['O', 'B-PER']}]
     write(tmp_path / 'b.jsonl', json.dumps({'words': ['Hi', 'Bob'], 'ner': ['O']}) + '\n')
     with pytest.raises(DataError, match='b.jsonl line 1: 2 tokens but 1 tags'):
-        labelled.read_token_files(str(tmp_path / 'b.jsonl'), 'words', 'ner')
+        token_files.read_token_files(str(tmp_path / 'b.jsonl'), 'words', 'ner')
 
 
 VOCAB = '[PAD] [UNK] [CLS] [SEP] [MASK] the play ##ing ##s new york un ##believ ##able'.split()
