@@ -119,19 +119,14 @@ class RetrievalEval:
                 'img': contrastive.l2_normalize(img),
                 'txt': contrastive.l2_normalize(txt),
                 'ids': batch['input_ids'],
-                'valid': batch['valid'],
             }
 
-        self._fn, self._run = fn, None
+        self._outputs = evaluators.EvalOutputs(fn)
         self.num_pairs = len(source)
 
     def __call__(self, stepper, params) -> dict[str, float]:
-        if self._run is None:
-            self._run = stepper.map_batch(self._fn)
-        outs = [self._run(params, stepper.put_batch(b)) for b in self.batches]
-        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        valid = cat.pop('valid').astype(bool)
-        return retrieval_recall(cat['img'][valid], cat['txt'][valid], cat['ids'][valid])
+        out = self._outputs(stepper, params, self.batches)
+        return retrieval_recall(out['img'], out['txt'], out['ids'])
 
 
 def caption_corpus(source, limit: int = 50_000) -> list[str]:
