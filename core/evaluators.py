@@ -79,6 +79,27 @@ def summed_loss(stepper, params, batches: Sequence[dict]) -> dict[str, float]:
     return {k: float(v) / denominator for k, v in totals.items()}
 
 
+def contrastive_evaluate(
+    loss_batches: Sequence[dict], figures: Callable[[Any, Any], dict[str, float]] | None
+) -> Callable[[Any, Any], dict[str, float]]:
+    """A contrastive task's `evaluate(stepper, params)`: the held-out `contrastive_loss` (and
+    `contrastive_accuracy` where the loss reports `accuracy`) over `loss_batches`, none when
+    the split is smaller than a batch; then `figures(stepper, params)` (a probe, retrieval)."""
+
+    def evaluate(stepper, params) -> dict[str, float]:
+        result = {}
+        if loss_batches:
+            sums = summed_loss(stepper, params, loss_batches)
+            result['contrastive_loss'] = sums['loss']
+            if 'accuracy' in sums:
+                result['contrastive_accuracy'] = sums['accuracy']
+        if figures is not None:
+            result.update(figures(stepper, params))
+        return result
+
+    return evaluate
+
+
 def array_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]:
     """Host-side arrays (all rows, every host) -> this host's padded batches of its rows
     (rows i with i % process_count == process_index), the same count on every host."""

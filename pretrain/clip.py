@@ -155,14 +155,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         full_only=True,
     )[: config.eval_steps]
 
-    def evaluate(stepper, params) -> dict[str, float]:
-        result = {}
-        if loss_batches:
-            sums = evaluators.summed_loss(stepper, params, loss_batches)
-            result['contrastive_loss'] = sums['loss']
-        result.update(retrieval(stepper, params))
-        return result
-
     logging.info(
         'data: %d train / %d eval image-caption pairs, vocab %d; %s loss',
         len(train_source),
@@ -186,7 +178,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         init_params=lambda rng: model.init(rng, example)['params'],
         loss_fn=loss_fn,
         train_iter=iter(train_ds),
-        evaluate=evaluate,
+        evaluate=evaluators.contrastive_evaluate(loss_batches, retrieval),
         metric='i2t_recall_at_1',
         flops_per_step=flops_lib.vit_train_flops(
             VitConfig.from_config(config.model), config.batch_size
