@@ -79,6 +79,27 @@ def summed_loss(stepper, params, batches: Sequence[dict]) -> dict[str, float]:
     return {k: float(v) / denominator for k, v in totals.items()}
 
 
+def contrastive_evaluate(
+    loss_batches: Sequence[dict], figures: Callable[[Any, Any], dict[str, float]] | None
+) -> Callable[[Any, Any], dict[str, float]]:
+    """A contrastive task's `evaluate(stepper, params)`: the held-out `contrastive_loss` (and
+    `contrastive_accuracy` where the loss reports `accuracy`) over `loss_batches`, none when
+    the split is smaller than a batch; then `figures(stepper, params)` (a probe, retrieval)."""
+
+    def evaluate(stepper, params) -> dict[str, float]:
+        result = {}
+        if loss_batches:
+            sums = summed_loss(stepper, params, loss_batches)
+            result['contrastive_loss'] = sums['loss']
+            if 'accuracy' in sums:
+                result['contrastive_accuracy'] = sums['accuracy']
+        if figures is not None:
+            result.update(figures(stepper, params))
+        return result
+
+    return evaluate
+
+
 def array_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]:
     """Host-side arrays (all rows, every host) -> this host's padded batches of its rows
     (rows i with i % process_count == process_index), the same count on every host."""
@@ -91,6 +112,27 @@ def array_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]
         pad_rows({k: v[i * per_host : (i + 1) * per_host] for k, v in mine.items()}, per_host)
         for i in range(count)
     ]
+
+
+class EvalOutputs:
+    """`fn(params, batch) -> {name: [batch, ...]}` over fixed eval batches (`fixed_batches`,
+    `array_batches`), run sharded like a step: each output's real rows (padding dropped),
+    gathered to every host in dataset order, whatever the host count."""
+
+    def __init__(self, fn: Callable[[Any, dict], dict[str, jax.Array]]):
+        def with_rows(params, batch):
+            return dict(fn(params, batch), index=batch['index'], valid=batch['valid'])
+
+        self._fn, self._run = with_rows, None
+
+    def __call__(self, stepper, params, batches: Sequence[dict]) -> dict[str, np.ndarray]:
+        if self._run is None:
+            self._run = stepper.map_batch(self._fn)
+        outs = [self._run(params, stepper.put_batch(b)) for b in batches]
+        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        valid = cat.pop('valid').astype(bool)
+        order = np.argsort(cat.pop('index')[valid], kind='stable')
+        return {k: v[valid][order] for k, v in cat.items()}
 
 
 class FeatureProbe:
@@ -119,26 +161,17 @@ class FeatureProbe:
         self.few_shot, self.few_shot_draws = few_shot, few_shot_draws
         self.knn_k, self.knn_temperature, self.probe_l2 = knn_k, knn_temperature, probe_l2
 
-        def fn(params, batch):
-            return {
+        self._outputs = EvalOutputs(
+            lambda params, batch: {
                 'features': features_fn(params, batch),
                 'label': batch['label'],
-                'index': batch['index'],
-                'valid': batch['valid'],
             }
-
-        self._fn = fn
-        self._run = None
+        )
 
     def features(self, stepper, params, batches) -> tuple[np.ndarray, np.ndarray]:
-        if self._run is None:
-            self._run = stepper.map_batch(self._fn)
-        outs = [self._run(params, stepper.put_batch(b)) for b in batches]
-        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        valid = cat['valid'].astype(bool)
-        # In dataset order, whatever the host count: the probes do not depend on it.
-        order = np.argsort(cat['index'][valid], kind='stable')
-        return cat['features'][valid][order], cat['label'][valid][order]
+        """[examples, dim] features and [examples] labels, in dataset order."""
+        out = self._outputs(stepper, params, batches)
+        return out['features'], out['label']
 
     def __call__(self, stepper, params) -> dict[str, float]:
         train_x, train_y = self.features(stepper, params, self.train_batches)

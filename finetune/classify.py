@@ -56,22 +56,13 @@ class Predictor:
 
     def __init__(self, model, inputs: Callable[[dict], object], batches: list[dict]):
         self.batches = batches
-
-        def fn(params, batch):
-            logits = model.apply({'params': params}, inputs(batch))
-            return {'logits': logits, 'index': batch['index'], 'valid': batch['valid']}
-
-        self._fn, self._run = fn, None
+        self._outputs = evaluators.EvalOutputs(
+            lambda params, batch: {'logits': model.apply({'params': params}, inputs(batch))}
+        )
 
     def logits(self, stepper, params) -> np.ndarray:
         """[examples, classes] in dataset order."""
-        if self._run is None:
-            self._run = stepper.map_batch(self._fn)
-        outs = [self._run(params, stepper.put_batch(b)) for b in self.batches]
-        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        valid = cat['valid'].astype(bool)
-        order = np.argsort(cat['index'][valid], kind='stable')
-        return cat['logits'][valid][order]
+        return self._outputs(stepper, params, self.batches)['logits']
 
 
 def score(logits: np.ndarray, labels: np.ndarray, label_map: LabelMap) -> dict[str, float]:

@@ -12,11 +12,11 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from core import config as config_lib
 from core import flops as flops_lib
+from core.losses import weighted_cross_entropy
 from core.task import Runtime, Scorer, Task, compute_dtype
 from data import labelled, token_files
 from data.tokenizer import make_tokenizer
@@ -122,13 +122,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         )  # [batch, length, tags]
         weights = batch['label_weights'].astype(jnp.float32)
         labels = batch['label']
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-        correct = (target >= jnp.max(logits, axis=-1)).astype(jnp.float32)
-        return jnp.sum(loss * weights), {
-            'token_accuracy': jnp.sum(correct * weights),
-            'denominator': jnp.sum(weights),
-        }
+        loss, hits, denominator = weighted_cross_entropy(logits, labels, weights)
+        return loss, {'token_accuracy': hits, 'denominator': denominator}
 
     names = label_map.classes
 

@@ -119,19 +119,14 @@ class RetrievalEval:
                 'img': contrastive.l2_normalize(img),
                 'txt': contrastive.l2_normalize(txt),
                 'ids': batch['input_ids'],
-                'valid': batch['valid'],
             }
 
-        self._fn, self._run = fn, None
+        self._outputs = evaluators.EvalOutputs(fn)
         self.num_pairs = len(source)
 
     def __call__(self, stepper, params) -> dict[str, float]:
-        if self._run is None:
-            self._run = stepper.map_batch(self._fn)
-        outs = [self._run(params, stepper.put_batch(b)) for b in self.batches]
-        cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        valid = cat.pop('valid').astype(bool)
-        return retrieval_recall(cat['img'][valid], cat['txt'][valid], cat['ids'][valid])
+        out = self._outputs(stepper, params, self.batches)
+        return retrieval_recall(out['img'], out['txt'], out['ids'])
 
 
 def caption_corpus(source, limit: int = 50_000) -> list[str]:
@@ -160,14 +155,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         full_only=True,
     )[: config.eval_steps]
 
-    def evaluate(stepper, params) -> dict[str, float]:
-        result = {}
-        if loss_batches:
-            sums = evaluators.summed_loss(stepper, params, loss_batches)
-            result['contrastive_loss'] = sums['loss']
-        result.update(retrieval(stepper, params))
-        return result
-
     logging.info(
         'data: %d train / %d eval image-caption pairs, vocab %d; %s loss',
         len(train_source),
@@ -191,7 +178,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         init_params=lambda rng: model.init(rng, example)['params'],
         loss_fn=loss_fn,
         train_iter=iter(train_ds),
-        evaluate=evaluate,
+        evaluate=evaluators.contrastive_evaluate(loss_batches, retrieval),
         metric='i2t_recall_at_1',
         flops_per_step=flops_lib.vit_train_flops(
             VitConfig.from_config(config.model), config.batch_size

@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from core import sharding as sharding_lib
+from core.losses import weighted_cross_entropy
 from core.task import Runtime
 
 AxisName = str | tuple[str, ...] | None
@@ -59,14 +59,6 @@ def _gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
     return jax.lax.all_gather(x, axis_name, tiled=True)
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed loss and summed top-1 hits (the label scores highest) of rows of logits."""
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    target = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    hits = (target >= jnp.max(logits, axis=1)).astype(jnp.float32)
-    return jnp.sum(loss), jnp.sum(hits)
-
-
 def nt_xent(
     z1: jax.Array, z2: jax.Array, temperature: float, axis_name: AxisName = None
 ) -> dict[str, jax.Array]:
@@ -86,7 +78,7 @@ def nt_xent(
     self_index = jnp.concatenate([rows, rows + total])
     partner = jnp.concatenate([rows + total, rows])
     logits = jnp.where(jnp.arange(2 * total)[None, :] == self_index[:, None], _MASKED, logits)
-    loss, hits = _cross_entropy(logits, partner)
+    loss, hits, _ = weighted_cross_entropy(logits, partner)
     return {'loss': loss, 'accuracy': hits, 'count': jnp.asarray(2.0 * n)}
 
 
@@ -103,8 +95,8 @@ def clip_softmax(
     n = img.shape[0]
     shard, _ = _shard_index_and_count(axis_name)
     labels = shard * n + jnp.arange(n)
-    i2t_loss, i2t_hits = _cross_entropy(scale * img @ _gather(txt, axis_name).T, labels)
-    t2i_loss, t2i_hits = _cross_entropy(scale * txt @ _gather(img, axis_name).T, labels)
+    i2t_loss, i2t_hits, _ = weighted_cross_entropy(scale * img @ _gather(txt, axis_name).T, labels)
+    t2i_loss, t2i_hits, _ = weighted_cross_entropy(scale * txt @ _gather(img, axis_name).T, labels)
     return {
         'loss': 0.5 * (i2t_loss + t2i_loss),
         'i2t_accuracy': i2t_hits,

@@ -118,15 +118,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     else:
         logging.warning('the images carry no labels: k-NN and linear probe are not computed')
 
-    def evaluate(stepper, params) -> dict[str, float]:
-        result = {}
-        if loss_batches:
-            sums = evaluators.summed_loss(stepper, params, loss_batches)
-            result.update(contrastive_loss=sums['loss'], contrastive_accuracy=sums['accuracy'])
-        if probe is not None:
-            result.update(probe(stepper, params))
-        return result
-
     example = jnp.zeros((1, m.image_size, m.image_size, m.channels), jnp.float32)
     logging.info(
         'data: %d train / %d eval images of %dx%dx%d, %d classes',
@@ -143,7 +134,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         init_params=lambda rng: model.init(rng, example)['params'],
         loss_fn=loss_fn,
         train_iter=iter(train_ds),
-        evaluate=evaluate,
+        evaluate=evaluators.contrastive_evaluate(loss_batches, probe),
         metric='linear_probe_accuracy' if probe is not None else 'contrastive_accuracy',
         flops_per_step=flops_lib.vit_train_flops(
             vit,

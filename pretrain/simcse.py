@@ -146,15 +146,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     )[: config.eval_steps]
     probe = topic_probe(model, tokenize, runtime, config) if config.eval.topic_probe else None
 
-    def evaluate(stepper, params) -> dict[str, float]:
-        result = {}
-        if loss_batches:
-            sums = evaluators.summed_loss(stepper, params, loss_batches)
-            result.update(contrastive_loss=sums['loss'], contrastive_accuracy=sums['accuracy'])
-        if probe is not None:
-            result.update(probe(stepper, params))
-        return result
-
     logging.info(
         'data: %d train / %d eval sentences, vocab %d',
         len(train_sents),
@@ -172,7 +163,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         init_params=lambda rng: model.init(rng, example)['params'],
         loss_fn=loss_fn,
         train_iter=iter(train_ds),
-        evaluate=evaluate,
+        evaluate=evaluators.contrastive_evaluate(loss_batches, probe),
         metric='linear_probe_accuracy' if probe is not None else 'contrastive_accuracy',
         flops_per_step=3.0
         * flops_lib.encoder_forward_flops(

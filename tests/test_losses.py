@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrain.losses import weighted_cross_entropy
+from core.losses import weighted_cross_entropy
 
 
 def test_weighted_cross_entropy_matches_numpy():
