@@ -17,6 +17,7 @@ from absl import logging
 
 from core import checkpoint as ckpt_lib
 from core import evaluators
+from core import flops as flops_lib
 from core.errors import CheckpointError, DataError, UserError
 from core.task import Runtime, Scorer
 from data import shards
@@ -185,11 +186,9 @@ def subset(labels: np.ndarray, config, label_map: LabelMap) -> np.ndarray:
     return picked
 
 
-def train_dataset(
-    examples: list[dict], *, batch_size: int, seed: int, runtime: Runtime, prefetch: int = 2
-):
-    """Shuffled, repeated batches of in-memory encoded examples: this host's data shards
-    (`batch_size` is the global batch)."""
+def train_dataset(examples: list[dict], config, runtime: Runtime):
+    """Shuffled, repeated batches of in-memory encoded examples: this host's data shards of
+    the global batch (config.batch_size, config.seed; data/shards.training_stream)."""
 
     def make_shard(shard_index, shard_count, batch_size, seed, prefetch):
         del prefetch  # in memory: the stream's prefetch is enough
@@ -202,14 +201,16 @@ def train_dataset(
         ds = shuffle_forever(ds, seed).to_iter_dataset(read_options(0))  # in memory
         return ds.batch(batch_size, drop_remainder=True)
 
-    return shards.sharded_stream(
-        make_shard,
-        batch_size=batch_size,
-        seed=seed,
-        num_shards=runtime.data_shards,
-        shards=runtime.data_shard_ids,
-        prefetch=prefetch,
+    return shards.training_stream(make_shard, config, runtime)
+
+
+def encoder_train_flops(config, seq: int) -> float:
+    """FLOPs of a train step of a text encoder of config.model (forward + backward: 3x)."""
+    m = config.model
+    forward = flops_lib.encoder_forward_flops(
+        config.batch_size, seq, m.hidden_size, m.num_layers, m.mlp_dim
     )
+    return 3.0 * forward
 
 
 def eval_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]:

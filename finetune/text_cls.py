@@ -20,7 +20,6 @@ import numpy as np
 from absl import logging
 
 from core import config as config_lib
-from core import flops as flops_lib
 from core.task import Runtime, Scorer, Task, compute_dtype
 from data import labelled
 from data.text import TfdsText
@@ -211,27 +210,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
 
     val = scorer(validation, eval_labels)
     example = classify.text_example(seq)
-    m = config.model
     return Task(
         name='text_cls',
         model=model,
         init_params=lambda rng: model.init(rng, example)['params'],
         loss_fn=loss_fn,
-        train_iter=iter(
-            classify.train_dataset(
-                train_examples,
-                batch_size=config.batch_size,
-                seed=config.seed,
-                runtime=runtime,
-                prefetch=config.data.prefetch,
-            )
-        ),
+        train_iter=iter(classify.train_dataset(train_examples, config, runtime)),
         evaluate=val.evaluate,
         metric=classify.task_metric(label_map, config),
-        flops_per_step=3.0
-        * flops_lib.encoder_forward_flops(
-            config.batch_size, seq, m.hidden_size, m.num_layers, m.mlp_dim
-        ),
+        flops_per_step=classify.encoder_train_flops(config, seq),
         tokens_per_example=seq,
         restore=classify.backbone_restore(config.init_subtree),
         predict=val.predict,

@@ -15,7 +15,6 @@ import numpy as np
 from absl import logging
 
 from core import config as config_lib
-from core import flops as flops_lib
 from core.losses import weighted_cross_entropy
 from core.task import Runtime, Scorer, Task, compute_dtype
 from data import labelled, token_files
@@ -169,27 +168,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
 
     val = scorer(evals, eval_rows)
     example = classify.text_example(seq)
-    m = config.model
     return Task(
         name='token_cls',
         model=model,
         init_params=lambda rng: model.init(rng, example)['params'],
         loss_fn=loss_fn,
-        train_iter=iter(
-            classify.train_dataset(
-                train_rows,
-                batch_size=config.batch_size,
-                seed=config.seed,
-                runtime=runtime,
-                prefetch=config.data.prefetch,
-            )
-        ),
+        train_iter=iter(classify.train_dataset(train_rows, config, runtime)),
         evaluate=val.evaluate,
         metric=config.eval.metric or 'entity_f1',
-        flops_per_step=3.0
-        * flops_lib.encoder_forward_flops(
-            config.batch_size, seq, m.hidden_size, m.num_layers, m.mlp_dim
-        ),
+        flops_per_step=classify.encoder_train_flops(config, seq),
         tokens_per_example=seq,
         restore=classify.backbone_restore(config.init_subtree),
         predict=val.predict,

@@ -28,7 +28,8 @@ def runtime(process_index: int, process_count: int, num_shards: int = NUM_SHARDS
 
 def item_stream(rt: Runtime, seed: int = 0):
     examples = [{'id': np.int32(i)} for i in range(ITEMS)]
-    return iter(classify.train_dataset(examples, batch_size=BATCH, seed=seed, runtime=rt))
+    config = ml_collections.ConfigDict({'batch_size': BATCH, 'seed': seed, 'data': {'prefetch': 2}})
+    return iter(classify.train_dataset(examples, config, rt))
 
 
 def global_batches(iterators: list, steps: int) -> list[np.ndarray]:
