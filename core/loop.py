@@ -15,6 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from core import metrics as metrics_lib
+from core import recipe
 from core import watchdog as watchdog_lib
 from core.errors import UserError
 
@@ -222,3 +223,57 @@ class TrainRows:
         self.progress.log(step, rows, eta)
         self.loss_rise.check(f'{first}-{step}', step, rows.get('loss'), host[0].get('loss'))
         self.pending, self.last = [], step
+
+
+# --- What a run gone wrong is told: collapse and loss rise ------------------------------
+
+
+def _rate_advice(config) -> str:
+    """The likely cause of a collapsed or diverging run, and the flags to change."""
+    if config.get('init_from'):
+        start = f'from the pretrained encoder of {config.init_from}'
+        text = not config.model.get('patch_size')
+        row = recipe.recipe_for(config.model.hidden_size).learning_rate if text else 0.0
+        lower = (
+            f"{row:g}, the recipe's for this encoder"
+            if 0 < row < config.learning_rate
+            else f'{config.learning_rate / 10:g}'
+        )
+    else:
+        start, lower = 'from scratch', f'{config.learning_rate / 10:g}'
+    return (
+        f'This run starts {start} at learning_rate={config.learning_rate:g}; the likely cause '
+        f'is a rate too high for that start (or, from scratch, too few steps): rerun with a '
+        f'lower --config.learning_rate (e.g. {lower}) or a longer --config.warmup_steps'
+    )
+
+
+def collapsed_since(eval_history: list[dict]) -> int | None:
+    """The step from which every eval to the last one predicted a single class (a
+    classifier that ends as a constant), or None. The step-0 eval is left out: a new head
+    predicts one class by construction (zero-initialised), and so may the first evals of
+    a healthy run from scratch; what counts is where the run ends."""
+    since = None
+    for row in reversed(eval_history):
+        if row['step'] == 0 or row.get('predicted_classes') != 1:
+            break
+        since = row['step']
+    return since
+
+
+def collapse_message(config, since: int, last: int) -> str:
+    """The warning for a run whose validation predictions end as all one class."""
+    return (
+        f'collapse: every validation prediction is one class (the model predicts a '
+        f'constant) at every eval from step {since} to step {last}. {_rate_advice(config)}. '
+        'summary.json records it as collapsed_step.'
+    )
+
+
+def loss_rise_message(config, steps: str, loss: float, start: float) -> str:
+    """The warning for a training loss far above where the run started."""
+    return (
+        f'loss rose: the training loss of steps {steps} is {loss:.4g}, more than twice its '
+        f'{start:.4g} at the start of this run. {_rate_advice(config)}. summary.json records '
+        'it as loss_rose_step.'
+    )

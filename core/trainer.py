@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
@@ -30,7 +29,7 @@ from jax.experimental import multihost_utils
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import flops as flops_lib
-from core import loop, optim, recipe, rundir
+from core import loop, optim, recipe, rundir, selection
 from core import metrics as metrics_lib
 from core import sharding as sharding_lib
 from core import step as step_lib
@@ -307,7 +306,7 @@ def train_and_evaluate(
     clock = loop.TrainClock(_train_time_at(workdir, start_step))
     history = loop.EvalHistory(task.metric, config.get('early_stopping_patience', 0))
     guard = loop.NonFiniteGuard(config.get('skip_nonfinite_steps', 0), checkpointer.last_good)
-    loss_rise = loop.LossRise(functools.partial(loss_rise_message, config))
+    loss_rise = loop.LossRise(functools.partial(loop.loss_rise_message, config))
     peak = flops_lib.peak_flops_per_device(config.peak_tflops, config.get('precision', 'float32'))
     train_rows = loop.TrainRows(
         config, task, writer, progress, watchdog, guard, loss_rise, peak, start_step
@@ -396,8 +395,10 @@ def train_and_evaluate(
     test_figures = {}
     best_checkpoint = checkpointer.best_step()
     if completed and task.test is not None:
-        selected = best_checkpoint if best_checkpoint is not None else latest_kept_step(workdir)
-        test_figures = score_test(run, config, workdir, writer, selected)
+        selected = best_checkpoint
+        if selected is None:
+            selected = selection.latest_kept_step(workdir)
+        test_figures = selection.score_test(run, config, workdir, writer, selected)
     summary = {
         'stage': stage,
         'task': task.name,
@@ -417,10 +418,10 @@ def train_and_evaluate(
     summary.update(test_figures)
     if loss_rise.step is not None:
         summary['loss_rose_step'] = loss_rise.step
-    collapsed = collapsed_since(history.rows) if completed else None  # judged at the end
+    collapsed = loop.collapsed_since(history.rows) if completed else None  # judged at the end
     if collapsed is not None:
         summary['collapsed_step'] = collapsed
-        logging.warning('%s', collapse_message(config, collapsed, history.rows[-1]['step']))
+        logging.warning('%s', loop.collapse_message(config, collapsed, history.rows[-1]['step']))
     if not preempted:
         writer.write_summary(summary)
     writer.close()
@@ -448,112 +449,6 @@ def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
     return 0, state
 
 
-def _kept_steps(workdir: str) -> list[int]:
-    directory = os.path.join(workdir, 'checkpoints')
-    kept = ckpt_lib.saved_steps(directory)
-    if not kept:
-        raise ckpt_lib.CheckpointError(
-            f'no checkpoint in {directory}: train first (python launch.py finetune ...)'
-        )
-    return kept
-
-
-def latest_kept_step(workdir: str) -> int:
-    return _kept_steps(workdir)[-1]
-
-
-def best_kept_step(workdir: str, metric: str) -> int:
-    """The kept checkpoint whose eval (validation) row scored highest on `metric`
-    (metrics.jsonl; the later one of a tie, as the Checkpointer keeps it), or the latest
-    kept one when none of them has an eval row."""
-    kept = _kept_steps(workdir)
-    rows = [
-        r
-        for r in metrics_lib.read_metrics(workdir)
-        if r['split'] == 'eval' and r['step'] in kept and metric in r
-    ]
-    if not rows:
-        return kept[-1]
-    return max(rows, key=lambda r: (r[metric], r['step']))['step']
-
-
-def _rate_advice(config) -> str:
-    """The likely cause of a collapsed or diverging run, and the flags to change."""
-    if config.get('init_from'):
-        start = f'from the pretrained encoder of {config.init_from}'
-        text = not config.model.get('patch_size')
-        row = recipe.recipe_for(config.model.hidden_size).learning_rate if text else 0.0
-        lower = (
-            f"{row:g}, the recipe's for this encoder"
-            if 0 < row < config.learning_rate
-            else f'{config.learning_rate / 10:g}'
-        )
-    else:
-        start, lower = 'from scratch', f'{config.learning_rate / 10:g}'
-    return (
-        f'This run starts {start} at learning_rate={config.learning_rate:g}; the likely cause '
-        f'is a rate too high for that start (or, from scratch, too few steps): rerun with a '
-        f'lower --config.learning_rate (e.g. {lower}) or a longer --config.warmup_steps'
-    )
-
-
-def collapsed_since(eval_history: list[dict]) -> int | None:
-    """The step from which every eval to the last one predicted a single class (a
-    classifier that ends as a constant), or None. The step-0 eval is left out: a new head
-    predicts one class by construction (zero-initialised), and so may the first evals of
-    a healthy run from scratch; what counts is where the run ends."""
-    since = None
-    for row in reversed(eval_history):
-        if row['step'] == 0 or row.get('predicted_classes') != 1:
-            break
-        since = row['step']
-    return since
-
-
-def collapse_message(config, since: int, last: int) -> str:
-    """The warning for a run whose validation predictions end as all one class."""
-    return (
-        f'collapse: every validation prediction is one class (the model predicts a '
-        f'constant) at every eval from step {since} to step {last}. {_rate_advice(config)}. '
-        'summary.json records it as collapsed_step.'
-    )
-
-
-def loss_rise_message(config, steps: str, loss: float, start: float) -> str:
-    """The warning for a training loss far above where the run started."""
-    return (
-        f'loss rose: the training loss of steps {steps} is {loss:.4g}, more than twice its '
-        f'{start:.4g} at the start of this run. {_rate_advice(config)}. summary.json records '
-        'it as loss_rose_step.'
-    )
-
-
-def checkpoint_params(run: RunSetup, workdir: str, step: int, parallelism: str):
-    """The params of checkpoint `step` of `workdir`, placed for `run.stepper`."""
-    task = run.task
-    abstract = state_lib.abstract_state(
-        task.init_params, run.tx, run.mesh, run.init_rng, run.shardings
-    )
-    path = os.path.join(workdir, 'checkpoints', str(step))
-    params, _ = ckpt_lib.restore_params(path, abstract.params)
-    if parallelism == 'pmap':
-        params = run.stepper.put_state(state_lib.TrainState(jnp.zeros(()), params, None)).params
-    return params
-
-
-def score_test(run: RunSetup, config, workdir: str, writer, step: int) -> dict:
-    """The end of a run whose task has a test split: checkpoint `step`, the one validation
-    selected, scored once on the test split (built, and read, only now); writes the
-    `{"split": "test"}` row and returns the summary's `test_<metric>` and `test_step`."""
-    params = checkpoint_params(run, workdir, step, config.parallelism)
-    result = run.task.test().evaluate(run.stepper, params)
-    writer.write(step, 'test', result)
-    logging.info(
-        'test: checkpoint %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
-    )
-    return {**{f'test_{k}': v for k, v in result.items()}, 'test_step': step}
-
-
 EVALUATE_SPLITS = ('test', 'validation')
 
 
@@ -567,8 +462,8 @@ def evaluate_checkpoint(
     WORKDIR/predictions.jsonl of that split."""
     run = set_up(config, workdir, stage, evaluating=True)
     task, stepper = run.task, run.stepper
-    step = best_kept_step(workdir, task.metric)
-    params = checkpoint_params(run, workdir, step, config.parallelism)
+    step = selection.best_kept_step(workdir, task.metric)
+    params = selection.checkpoint_params(run, workdir, step, config.parallelism)
 
     split = config.get('eval', {}).get('evaluate_split', 'test')
     if split == 'test' and task.test is None:

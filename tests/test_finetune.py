@@ -360,18 +360,18 @@ def test_a_collapsing_run_says_so_and_a_learning_run_does_not(tmp_path, pydoc_vo
 
 def test_the_collapse_advice_follows_the_start():
     from configs import text_cls as text_cls_config
-    from core import trainer
+    from core import loop
 
     config = text_cls_config.get_config('tiny')
-    assert 'from scratch at learning_rate=0.001' in trainer.collapse_message(config, 10, 20)
-    assert '(e.g. 0.0001)' in trainer.collapse_message(config, 10, 20)
+    assert 'from scratch at learning_rate=0.001' in loop.collapse_message(config, 10, 20)
+    assert '(e.g. 0.0001)' in loop.collapse_message(config, 10, 20)
     config.init_from = 'runs/minilm'
     config.model.hidden_size = 384  # MiniLM's width: the recipe's rate is below the run's
-    message = trainer.collapse_message(config, 10, 20)
+    message = loop.collapse_message(config, 10, 20)
     assert 'from the pretrained encoder of runs/minilm at learning_rate=0.001' in message
     assert "(e.g. 0.0001, the recipe's for this encoder)" in message
     config.learning_rate = 1e-4  # at the recipe's rate already: a tenth of it
-    assert '(e.g. 1e-05)' in trainer.collapse_message(config, 10, 20)
+    assert '(e.g. 1e-05)' in loop.collapse_message(config, 10, 20)
 
 
 def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from core import trainer
+from core import selection, trainer
 from data import digits, image_splits, labelled, text
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_the_test_split_is_read_once_after_training_on_the_selected_checkpoint(
     rows = _rows(workdir)
     tests = [r for r in rows if r['split'] == 'test']
     assert len(tests) == 1 and rows[-1] == tests[0]
-    selected = trainer.best_kept_step(workdir, 'accuracy')
+    selected = selection.best_kept_step(workdir, 'accuracy')
     assert tests[0]['step'] == selected == summary['test_step'] == summary['best_checkpoint_step']
     assert summary['test_accuracy'] == tests[0]['accuracy']
     assert {f'test_{k}' for k in tests[0] if k not in ('step', 'split')} <= set(summary)
