@@ -375,7 +375,7 @@ def test_the_collapse_advice_follows_the_start():
 
 
 def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):
-    from core.trainer import best_kept_step
+    from core.selection import best_kept_step
 
     train_tsv = write_tsv(tmp_path / 'train.tsv', sentiment_rows(40, seed=0))
     dev_rows = sentiment_rows(12, seed=1)
