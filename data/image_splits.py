@@ -47,19 +47,26 @@ def _checked(train: Sequence, eval_: Sequence, where: str) -> tuple[Sequence, Se
     return train, eval_
 
 
-def image_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, Sequence]:
-    """(train images, eval images) of a pretraining run, as `config.data` describes:
-    `files` (an image folder or an .npz) overrides `name` (`digits` or a TFDS dataset);
-    eval from `eval_files`, the TFDS `eval_split`, or else a held-out `eval_fraction` fixed
-    whatever the seed. Of the embedded digits both come from its training split (1408
-    images): the test split is left to fine-tuning (`labelled_image_splits`)."""
-    c = data_config
+def _options(c, image_size: int, channels: int) -> tuple[dict, dict]:
+    """(what every image source of `config.data` takes, what a TFDS one takes besides)."""
     opts = {'image_size': image_size, 'channels': channels, 'resize': _get(c, 'resize', False)}
+    tfds_opts = {
+        'data_dir': _get(c, 'data_dir', ''),
+        'label_field': _get(c, 'label_field', 'label'),
+        **opts,
+    }
+    return opts, tfds_opts
+
+
+def _training_images(c, opts: dict, tfds_opts: dict) -> tuple[Sequence, str]:
+    """(training images, where they are, for messages) as `config.data` names them:
+    `files`, else the embedded digits' training split, else a TFDS `train_split`. Refuses
+    an image-text set, no data named, and a set without images."""
     files, name = _get(c, 'files', ''), _get(c, 'name', '')
     if files:
         train, where = open_image_files(files, **opts), files
     elif name in EMBEDDED_IMAGES:
-        # The training split only: the digits test split is no pretraining's to read.
+        # The training split: its test split is read only by a fine-tuning's test scoring.
         train, where = digits_images(**opts, split='train'), 'the embedded digits'
     elif name in EMBEDDED_PAIRS:
         raise ConfigError(
@@ -69,18 +76,25 @@ def image_splits(data_config, image_size: int, channels: int) -> tuple[Sequence,
     elif not name:
         raise ConfigError('no image data: set --config.data.name or --config.data.files')
     else:
-        tfds_opts = {
-            'data_dir': _get(c, 'data_dir', ''),
-            'label_field': _get(c, 'label_field', 'label'),
-            **opts,
-        }
         train = TfdsImages(name, _get(c, 'train_split', 'train'), **tfds_opts)
         where = f'TFDS {name}'
-        eval_split = _get(c, 'eval_split', '')
-        if eval_split and len(train):
-            return _checked(train, TfdsImages(name, eval_split, **tfds_opts), where)
     if len(train) == 0:
         raise DataError(f'{where} holds no images; point --config.data.files at real images')
+    return train, where
+
+
+def image_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, Sequence]:
+    """(train images, eval images) of a pretraining run, as `config.data` describes:
+    `files` (an image folder or an .npz) overrides `name` (`digits` or a TFDS dataset);
+    eval from `eval_files`, the TFDS `eval_split`, or else a held-out `eval_fraction` fixed
+    whatever the seed. Of the embedded digits both come from its training split (1408
+    images): the test split is left to fine-tuning (`labelled_image_splits`)."""
+    c = data_config
+    opts, tfds_opts = _options(c, image_size, channels)
+    train, where = _training_images(c, opts, tfds_opts)
+    name, eval_split = _get(c, 'name', ''), _get(c, 'eval_split', '')
+    if isinstance(train, TfdsImages) and eval_split:
+        return _checked(train, TfdsImages(name, eval_split, **tfds_opts), where)
     classes = getattr(train, 'classes', None) if isinstance(train, FolderImages) else None
     split = _hold_out(train, where, c, lambda f: open_image_files(f, classes=classes, **opts))
     return _checked(*split, where)
@@ -98,15 +112,10 @@ def labelled_image_splits(
     `test_files`, the TFDS `test_split` or the digits test split (389 images) when called,
     so that nothing reads it before the end of training; None without a test split."""
     c = data_config
-    opts = {'image_size': image_size, 'channels': channels, 'resize': _get(c, 'resize', False)}
+    opts, tfds_opts = _options(c, image_size, channels)
     files, name = _get(c, 'files', ''), _get(c, 'name', '')
     eval_files, test_files = _get(c, 'eval_files', ''), _get(c, 'test_files', '')
     eval_split, test_split = _get(c, 'eval_split', ''), _get(c, 'test_split', '')
-    tfds_opts = {
-        'data_dir': _get(c, 'data_dir', ''),
-        'label_field': _get(c, 'label_field', 'label'),
-        **opts,
-    }
     embedded = not files and name in EMBEDDED_IMAGES
     tfds = not files and not embedded
     if embedded and (test_files or test_split):
@@ -115,22 +124,7 @@ def labelled_image_splits(
             'images); leave data.test_files and data.test_split empty, or give your own data '
             'with --config.data.files'
         )
-    if files:
-        train, where = open_image_files(files, **opts), files
-    elif embedded:
-        train, where = digits_images(**opts, split='train'), 'the embedded digits'
-    elif name in EMBEDDED_PAIRS:
-        raise ConfigError(
-            f'data.name={name!r} is an image-text set, and this run reads labelled images; '
-            f'use one of {EMBEDDED_IMAGES}, a TFDS image dataset, or --config.data.files'
-        )
-    elif not name:
-        raise ConfigError('no image data: set --config.data.name or --config.data.files')
-    else:
-        train = TfdsImages(name, _get(c, 'train_split', 'train'), **tfds_opts)
-        where = f'TFDS {name}'
-    if len(train) == 0:
-        raise DataError(f'{where} holds no images; point --config.data.files at real images')
+    train, where = _training_images(c, opts, tfds_opts)
     classes = getattr(train, 'classes', None) if isinstance(train, FolderImages) else None
     if eval_files:
         validation = open_image_files(eval_files, classes=classes, **opts)
@@ -165,7 +159,7 @@ def pair_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, 
     if files:
         train, where = CaptionFilePairs(files, **fields, **opts), files
     elif name in EMBEDDED_PAIRS:
-        # The training split only: the digits test split is no pretraining's to read.
+        # The training split: its test split is read only by a fine-tuning's test scoring.
         train = digits_caption_pairs(**opts, split='train')
         where = 'the embedded digits_captions'
     elif name in EMBEDDED_IMAGES:
