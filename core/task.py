@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from core import checkpoint as ckpt_lib
 from core import step as step_lib
 
 
@@ -77,6 +79,35 @@ class Scorer:
     predict: Callable[[Any, Any], list[dict]] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+    """What `config.init_from` restores: params only, all of them (`subtrees` None) or
+    the saved subtree `theirs` into our `ours` for each {ours: theirs} (an encoder into
+    `backbone`), the rest as initialised. `adapt(saved_metadata, abstract) -> (target,
+    fix)` restores a subtree saved at other shapes and converts it (`fix(params)`): the
+    ViT position table of another image size."""
+
+    subtrees: dict[str, str] | None = None
+    adapt: Callable[[Any, Any], tuple[Any, Callable | None]] | None = None
+
+    def restore(self, params, abstract_params, path: str):
+        """`params` (a new state's) with the checkpoint at `path` restored into them."""
+        if self.subtrees is None:
+            restored, step = ckpt_lib.restore_params(path, abstract_params)
+            logging.info('initialised params from %s (step %d)', path, step)
+            return restored
+        params = dict(params)
+        for ours, theirs in self.subtrees.items():
+            target, fix = abstract_params[ours], None
+            if self.adapt is not None:
+                target, fix = self.adapt(ckpt_lib.saved_params_metadata(path, theirs), target)
+            params[ours], step = ckpt_lib.restore_params(path, target, subtree=(theirs,))
+            if fix is not None:
+                params[ours] = fix(params[ours])
+            logging.info('initialised %s from %s (params/%s, step %d)', ours, path, theirs, step)
+        return params
+
+
 @dataclasses.dataclass
 class Task:
     name: str
@@ -88,10 +119,7 @@ class Task:
     metric: str  # the eval metric that picks the best step (higher is better)
     flops_per_step: float = 0.0  # model FLOPs of one training step, for MFU (0: unknown)
     tokens_per_example: int = 0  # for tokens_per_sec (text tasks)
-    # init_from: which saved params subtree goes where, {ours: theirs}; None: all params.
-    init_subtrees: dict[str, str] | None = None
-    # Or a task's own restore: (params, abstract_params, init_from) -> params.
-    restore: Callable[[Any, Any, str], Any] | None = None
+    init_from: InitFrom = InitFrom()  # what config.init_from restores (all params)
     summary_extras: Callable[[dict], dict] = lambda final: {}
     # predict(stepper, params) -> one JSON-able row per eval example (the evaluate stage).
     predict: Callable[[Any, Any], list[dict]] | None = None

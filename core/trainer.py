@@ -109,25 +109,6 @@ def data_shards(config, workdir: str) -> int:
     return shards
 
 
-def restore_init_from(task: Task, state, abstract_params, init_from: str):
-    """init_from: params only, all of them or the task's chosen subtrees (an encoder)."""
-    if task.restore is not None:
-        return state.replace(params=task.restore(state.params, abstract_params, init_from))
-    if task.init_subtrees is None:
-        params, from_step = ckpt_lib.restore_params(init_from, abstract_params)
-        logging.info('initialised params from %s (step %d)', init_from, from_step)
-        return state.replace(params=params)
-    params = dict(state.params)
-    for ours, theirs in task.init_subtrees.items():
-        params[ours], from_step = ckpt_lib.restore_params(
-            init_from, abstract_params[ours], subtree=(theirs,)
-        )
-        logging.info(
-            'initialised %s from %s (params/%s, step %d)', ours, init_from, theirs, from_step
-        )
-    return state.replace(params=params)
-
-
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
     """What a run builds before it holds a state: mesh, task, optimizer and step."""
@@ -445,7 +426,8 @@ def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
         task.init_params, run.tx, run.mesh, run.init_rng, run.shardings
     )
     if config.init_from:
-        state = restore_init_from(task, state, abstract.params, config.init_from)
+        params = task.init_from.restore(state.params, abstract.params, config.init_from)
+        state = state.replace(params=params)
     return 0, state
 
 

@@ -15,7 +15,6 @@ import numpy as np
 import optax
 from absl import logging
 
-from core import checkpoint as ckpt_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.errors import CheckpointError, DataError, UserError
@@ -215,33 +214,6 @@ def encoder_train_flops(config, seq: int) -> float:
 
 def eval_batches(arrays: dict[str, np.ndarray], runtime: Runtime) -> list[dict]:
     return evaluators.array_batches(arrays, runtime)
-
-
-def restore_backbone(init_from: str, abstract_params, subtree: str, adapt=None) -> dict:
-    """The pretrained encoder (`subtree` of the saved params: backbone, image_backbone,
-    text_backbone) into this model's `backbone`, everything else as initialised.
-    `adapt(saved_metadata_tree, abstract_backbone) -> (target, fix)` lets a task restore
-    into other shapes and convert (ViT position tables at another image size)."""
-    target = abstract_params['backbone']
-    fix = None
-    if adapt is not None:
-        target, fix = adapt(ckpt_lib.saved_params_metadata(init_from, subtree), target)
-    params, step = ckpt_lib.restore_params(init_from, target, subtree=(subtree,))
-    if fix is not None:
-        params = fix(params)
-    logging.info('initialised backbone from %s (params/%s, step %d)', init_from, subtree, step)
-    return params
-
-
-def backbone_restore(subtree: str, adapt=None):
-    """A task's `restore`: the pretrained encoder into `backbone`, the rest (the head) as
-    initialised."""
-
-    def restore(params, abstract_params, init_from: str):
-        backbone = restore_backbone(init_from, abstract_params, subtree, adapt)
-        return dict(params, backbone=backbone)
-
-    return restore
 
 
 def text_example(seq_len: int) -> dict[str, jax.Array]:

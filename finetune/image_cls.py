@@ -24,7 +24,7 @@ from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
 from core.errors import DataError
-from core.task import Runtime, Scorer, Task, compute_dtype
+from core.task import InitFrom, Runtime, Scorer, Task, compute_dtype
 from data import digits, image_sources, image_splits, pipeline, shards
 from data.labels import LabelMap
 from data.text import Subset
@@ -71,7 +71,7 @@ def source_labels(source) -> np.ndarray:
 
 
 def position_table_adapter(vit: VitConfig):
-    """restore_backbone's `adapt`: a saved position table of another grid is restored at
+    """InitFrom's `adapt`: a saved position table of another grid is restored at
     its own shape, then resized (bicubic) to this model's grid."""
     has_cls = vit.pooling == 'cls'
 
@@ -183,7 +183,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         evaluate=val.evaluate,
         metric=classify.task_metric(label_map, config),
         flops_per_step=flops_lib.vit_train_flops(vit, config.batch_size),
-        restore=classify.backbone_restore(config.init_subtree, position_table_adapter(vit)),
+        init_from=InitFrom({'backbone': config.init_subtree}, position_table_adapter(vit)),
         predict=val.predict,
         test=test if open_test is not None else None,
         summary_extras=lambda final: {'train_examples': len(picked)},

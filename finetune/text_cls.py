@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from core import config as config_lib
-from core.task import Runtime, Scorer, Task, compute_dtype
+from core.task import InitFrom, Runtime, Scorer, Task, compute_dtype
 from data import labelled
 from data.text import TfdsText
 from data.tokenizer import WordPiece, make_tokenizer
@@ -220,7 +220,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         metric=classify.task_metric(label_map, config),
         flops_per_step=classify.encoder_train_flops(config, seq),
         tokens_per_example=seq,
-        restore=classify.backbone_restore(config.init_subtree),
+        init_from=InitFrom({'backbone': config.init_subtree}),
         predict=val.predict,
         test=test if load_test is not None else None,
         summary_extras=lambda final: {'train_examples': len(picked)},

@@ -16,7 +16,7 @@ from absl import logging
 
 from core import config as config_lib
 from core.losses import weighted_cross_entropy
-from core.task import Runtime, Scorer, Task, compute_dtype
+from core.task import InitFrom, Runtime, Scorer, Task, compute_dtype
 from data import labelled, token_files
 from data.tokenizer import make_tokenizer
 from finetune import classify
@@ -178,7 +178,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         metric=config.eval.metric or 'entity_f1',
         flops_per_step=classify.encoder_train_flops(config, seq),
         tokens_per_example=seq,
-        restore=classify.backbone_restore(config.init_subtree),
+        init_from=InitFrom({'backbone': config.init_subtree}),
         predict=val.predict,
         test=test if load_test is not None else None,
         summary_extras=lambda final: {'train_examples': len(train)},

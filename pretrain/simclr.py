@@ -12,7 +12,7 @@ from absl import logging
 from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
-from core.task import Runtime, Task, compute_dtype
+from core.task import InitFrom, Runtime, Task, compute_dtype
 from data import augment as augment_lib
 from data import image_sources, image_splits, pipeline, shards
 from models.contrastive import SimClrModel
@@ -141,5 +141,5 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             2 * config.batch_size,
             projection_flops(m.hidden_size, m.proj_hidden, m.proj_dim, m.proj_layers),
         ),
-        init_subtrees={'backbone': 'backbone'},
+        init_from=InitFrom({'backbone': 'backbone'}),
     )

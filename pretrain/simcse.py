@@ -20,7 +20,7 @@ from absl import logging
 from core import config as config_lib
 from core import evaluators
 from core import flops as flops_lib
-from core.task import Runtime, Task, compute_dtype
+from core.task import InitFrom, Runtime, Task, compute_dtype
 from data import labelled, pipeline, shards, text
 from data.text import heldout_indices
 from data.tokenizer import FixedLengthEncoder, make_tokenizer
@@ -170,5 +170,5 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             2 * config.batch_size, seq, m.hidden_size, m.num_layers, m.mlp_dim
         ),
         tokens_per_example=2 * seq,
-        init_subtrees={'backbone': 'backbone'},
+        init_from=InitFrom({'backbone': 'backbone'}),
     )

@@ -133,8 +133,8 @@ def test_init_from_mlm_restores_the_encoder_under_a_zero_head(tmp_path, mlm_run,
     from configs import text_cls as text_cls_config
     from core import optim, trainer
     from core import train_state as state_lib
+    from core.task import InitFrom
     from data.labels import LabelMap
-    from finetune import classify
     from finetune.text_cls import make_model
 
     workdir = tmp_path / 'cls'
@@ -182,7 +182,9 @@ def test_init_from_mlm_restores_the_encoder_under_a_zero_head(tmp_path, mlm_run,
     rng = jax.random.split(jax.random.key(config.seed))[0]
     shardings = state_lib.state_shardings(init_params, tx, mesh, rng)
     abstract = state_lib.abstract_state(init_params, tx, mesh, rng, shardings)
-    backbone = classify.restore_backbone(mlm_run, abstract.params, 'backbone')
+    backbone = InitFrom({'backbone': 'backbone'}).restore(
+        dict(abstract.params), abstract.params, mlm_run
+    )['backbone']
 
     mlm_backbone = flat(saved_params(mlm_run, 2)['backbone'])
     restored = flat(backbone)
