@@ -5,6 +5,8 @@ non-finite guard, the loss-rise warning, and the train rows made from the steps'
 """
 
 import contextlib
+import functools
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from core import flops as flops_lib
 from core import metrics as metrics_lib
 from core import recipe
 from core import watchdog as watchdog_lib
@@ -87,6 +90,13 @@ class EvalHistory:
         if not self.patience or self.at(step) is None:
             return False
         return len(self.rows) - 1 - self.rows.index(self.best()) >= self.patience
+
+    def stop_message(self, step: int) -> str:
+        best = self.best()
+        return (
+            f'early stopping at step {step}: {self.metric} has not improved for '
+            f'{self.patience} evals (best {best[self.metric]:.4f} at step {best["step"]})'
+        )
 
 
 class Preemption:
@@ -223,6 +233,63 @@ class TrainRows:
         self.progress.log(step, rows, eta)
         self.loss_rise.check(f'{first}-{step}', step, rows.get('loss'), host[0].get('loss'))
         self.pending, self.last = [], step
+
+
+def train_time_at(workdir: str, step: int) -> float:
+    """The training clock at `step` of an earlier run in `workdir` (0 for a new run)."""
+    try:
+        rows = metrics_lib.read_metrics(workdir)
+    except FileNotFoundError:
+        return 0.0
+    times = [r['train_time_sec'] for r in rows if r['step'] <= step and 'train_time_sec' in r]
+    return times[-1] if times else 0.0
+
+
+class Trackers:
+    """Everything above, made for one start of a run, and the eval (under a pause, left out
+    of the training clock, written and kept in the history)."""
+
+    def __init__(self, config, task, workdir: str, writer, last_good, start_step: int):
+        self.task, self.writer = task, writer
+        stacks = 'watchdog_stacks.txt'
+        if jax.process_count() > 1:
+            stacks = f'watchdog_stacks.process{jax.process_index()}.txt'
+        self.watchdog = watchdog_lib.Watchdog(
+            config.watchdog_secs, stacks_path=os.path.join(workdir, stacks)
+        )
+        self.progress = metrics_lib.Progress(
+            start_step, config.total_steps, sync=lambda: jax.block_until_ready(self.rows.pending)
+        )
+        self.pauses = Pauses(self.watchdog, self.progress)
+        self.clock = TrainClock(train_time_at(workdir, start_step))
+        self.history = EvalHistory(task.metric, config.get('early_stopping_patience', 0))
+        guard = NonFiniteGuard(config.get('skip_nonfinite_steps', 0), last_good)
+        self.loss_rise = LossRise(functools.partial(loss_rise_message, config))
+        precision = config.get('precision', 'float32')
+        peak = flops_lib.peak_flops_per_device(config.peak_tflops, precision)
+        self.rows = TrainRows(
+            config,
+            task,
+            writer,
+            self.progress,
+            self.watchdog,
+            guard,
+            self.loss_rise,
+            peak,
+            start_step,
+        )
+
+    def evaluate(self, step: int, stepper, params) -> None:
+        began = time.perf_counter()
+        train_time = self.clock.now()
+        with self.pauses.paused(f'evaluating at step {step}'):
+            result = self.task.evaluate(stepper, params)
+        self.clock.leave_out(began)
+        self.writer.write(step, 'eval', {**result, 'train_time_sec': train_time})
+        self.history.add(step, result)
+        logging.info(
+            'eval step %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
+        )
 
 
 # --- What a run gone wrong is told: collapse and loss rise ------------------------------

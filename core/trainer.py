@@ -12,7 +12,6 @@ rows) is in core/loop.py, one object a concern.
 """
 
 import dataclasses
-import functools
 import importlib
 import json
 import os
@@ -28,7 +27,6 @@ from jax.experimental import multihost_utils
 
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
-from core import flops as flops_lib
 from core import loop, optim, recipe, rundir, selection
 from core import metrics as metrics_lib
 from core import sharding as sharding_lib
@@ -49,16 +47,6 @@ def _read_summary(workdir: str) -> dict:
     if not os.path.isfile(path):
         return {}
     return config_lib.read_json(path)
-
-
-def _train_time_at(workdir: str, step: int) -> float:
-    """The training clock at `step` of an earlier run in `workdir` (0 for a new run)."""
-    try:
-        rows = metrics_lib.read_metrics(workdir)
-    except FileNotFoundError:
-        return 0.0
-    times = [r['train_time_sec'] for r in rows if r['step'] <= step and 'train_time_sec' in r]
-    return times[-1] if times else 0.0
 
 
 def task_module(config, stage: str, tasks: dict[str, str] | None = None):
@@ -273,99 +261,54 @@ def train_and_evaluate(
         rundir.record_resume(run.plan, config, start_step)
     state = stepper.put_state(state)
 
-    # What the loop keeps track of (core/loop.py).
-    stacks = 'watchdog_stacks.txt'
-    if jax.process_count() > 1:
-        stacks = f'watchdog_stacks.process{jax.process_index()}.txt'
-    watchdog = watchdog_lib.Watchdog(
-        config.watchdog_secs, stacks_path=os.path.join(workdir, stacks)
-    )
-    progress = metrics_lib.Progress(
-        start_step, config.total_steps, sync=lambda: jax.block_until_ready(train_rows.pending)
-    )
-    pauses = loop.Pauses(watchdog, progress)
-    clock = loop.TrainClock(_train_time_at(workdir, start_step))
-    history = loop.EvalHistory(task.metric, config.get('early_stopping_patience', 0))
-    guard = loop.NonFiniteGuard(config.get('skip_nonfinite_steps', 0), checkpointer.last_good)
-    loss_rise = loop.LossRise(functools.partial(loop.loss_rise_message, config))
-    peak = flops_lib.peak_flops_per_device(config.peak_tflops, config.get('precision', 'float32'))
-    train_rows = loop.TrainRows(
-        config, task, writer, progress, watchdog, guard, loss_rise, peak, start_step
-    )
-
-    def run_eval(step: int, params) -> None:
-        began = time.perf_counter()
-        train_time = clock.now()
-        with pauses.paused(f'evaluating at step {step}'):
-            result = task.evaluate(stepper, params)
-        clock.leave_out(began)
-        writer.write(step, 'eval', {**result, 'train_time_sec': train_time})
-        history.add(step, result)
-        logging.info(
-            'eval step %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
-        )
-
-    if start_step == 0:
-        run_eval(0, state.params)  # every run shows its own starting point
-
     # The loop: step; at log, eval and save steps the train row, the eval, the checkpoint.
+    track = loop.Trackers(config, task, workdir, writer, checkpointer.last_good, start_step)
+    if start_step == 0:
+        track.evaluate(0, stepper, state.params)  # every run shows its own starting point
     step, preempted, early_stopped = start_step, False, False
-    compiling = watchdog_lib.CompileListener(pauses.compile_began, pauses.compile_ended)
+    compiling = watchdog_lib.CompileListener(track.pauses.compile_began, track.pauses.compile_ended)
     try:
         with loop.Preemption() as preemption:
             for step in range(start_step + 1, config.total_steps + 1):
-                watchdog.phase = f'reading the batch of step {step}'
+                track.watchdog.phase = f'reading the batch of step {step}'
                 batch = stepper.put_batch(next(train_iter))
-                watchdog.phase = f'running step {step}'
+                track.watchdog.phase = f'running step {step}'
                 if step == start_step + 1:
                     # Compiling happens in the dispatch: left out of the watchdog and the
                     # throughput (this step is not timed); its execution is guarded.
-                    with pauses.paused('compiling the train step'):
+                    with track.pauses.paused('compiling the train step'):
                         state, metrics = stepper.train(state, batch, run.dropout_rng)
                     jax.block_until_ready(metrics)
-                    progress.start(step)
+                    track.progress.start(step)
                     logging.info('first step done (compiled) after %.1fs', time.time() - started)
                 else:
                     state, metrics = stepper.train(state, batch, run.dropout_rng)
-                train_rows.add(metrics)
-                watchdog.ping()
+                track.rows.add(metrics)
+                track.watchdog.ping()
                 due_eval = step % config.eval_every == 0 or step == config.total_steps
                 due_save = step % config.checkpoint_every == 0 or step == config.total_steps
                 boundary = step % config.log_every == 0 or due_save or due_eval
                 preempted = preemption.agreed(boundary)
                 if boundary or preempted:
-                    train_rows.flush(step)  # also guards checkpoints against a NaN state
+                    track.rows.flush(step)  # also guards checkpoints against a NaN state
                 if due_eval:
-                    run_eval(step, state.params)
-                    early_stopped = history.should_stop(step)
+                    track.evaluate(step, stepper, state.params)
+                    early_stopped = track.history.should_stop(step)
                 if due_save or preempted or early_stopped:
-                    with pauses.paused(f'saving the checkpoint of step {step}'):
-                        checkpointer.save(
-                            step,
-                            stepper.get_state(state),
-                            train_iter,
-                            config,
-                            force=preempted or early_stopped or step == config.total_steps,
-                            metrics=history.at(step),
-                        )
+                    final = preempted or early_stopped or step == config.total_steps
+                    row = track.history.at(step)  # the checkpoint's own eval, if any
+                    with track.pauses.paused(f'saving the checkpoint of step {step}'):
+                        kept = stepper.get_state(state)
+                        checkpointer.save(step, kept, train_iter, config, force=final, metrics=row)
                 if early_stopped:
-                    best = history.best()
-                    logging.info(
-                        'early stopping at step %d: %s has not improved for %d evals (best '
-                        '%.4f at step %d)',
-                        step,
-                        task.metric,
-                        history.patience,
-                        best[task.metric],
-                        best['step'],
-                    )
+                    logging.info('%s', track.history.stop_message(step))
                     break
                 if preempted:
                     logging.warning('SIGTERM: saved step %d; exiting to be restarted', step)
                     break
     finally:
         compiling.close()
-        watchdog.stop()
+        track.watchdog.stop()
         checkpointer.close()
         if hasattr(train_iter, 'close'):
             train_iter.close()
@@ -373,13 +316,13 @@ def train_and_evaluate(
 
     # Summary: the test split once, on the checkpoint validation selected; summary.json.
     completed = not preempted and (step == config.total_steps or early_stopped)
-    test_figures = {}
     best_checkpoint = checkpointer.best_step()
+    test = {}
     if completed and task.test is not None:
         selected = best_checkpoint
         if selected is None:
             selected = selection.latest_kept_step(workdir)
-        test_figures = selection.score_test(run, config, workdir, writer, selected)
+        test = selection.score_test(run, config, workdir, writer, selected)
     summary = {
         'stage': stage,
         'task': task.name,
@@ -389,24 +332,34 @@ def train_and_evaluate(
         'num_params': num_params,
         'flops_per_step': task.flops_per_step,
         'wall_time_sec': time.time() - started,
+        **_eval_summary(task, track.history, best_checkpoint),
+        **test,
     }
-    if history.rows:
-        final, best = history.rows[-1], history.best()
-        summary.update({f'final_{k}': v for k, v in final.items() if k != 'step'})
-        summary.update({f'best_{task.metric}': best.get(task.metric), 'best_step': best['step']})
-        summary['best_checkpoint_step'] = best_checkpoint
-        summary.update(task.summary_extras(final))
-    summary.update(test_figures)
-    if loss_rise.step is not None:
-        summary['loss_rose_step'] = loss_rise.step
-    collapsed = loop.collapsed_since(history.rows) if completed else None  # judged at the end
+    if track.loss_rise.step is not None:
+        summary['loss_rose_step'] = track.loss_rise.step
+    collapsed = loop.collapsed_since(track.history.rows) if completed else None  # at the end
     if collapsed is not None:
         summary['collapsed_step'] = collapsed
-        logging.warning('%s', loop.collapse_message(config, collapsed, history.rows[-1]['step']))
+        last = track.history.rows[-1]['step']
+        logging.warning('%s', loop.collapse_message(config, collapsed, last))
     if not preempted:
         writer.write_summary(summary)
     writer.close()
     return summary
+
+
+def _eval_summary(task: Task, history: loop.EvalHistory, best_checkpoint: int | None) -> dict:
+    """The summary's eval figures: the last eval's, the best step's and the task's extras."""
+    if not history.rows:
+        return {}
+    final, best = history.rows[-1], history.best()
+    return {
+        **{f'final_{k}': v for k, v in final.items() if k != 'step'},
+        f'best_{task.metric}': best.get(task.metric),
+        'best_step': best['step'],
+        'best_checkpoint_step': best_checkpoint,
+        **task.summary_extras(final),
+    }
 
 
 def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
