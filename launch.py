@@ -62,7 +62,15 @@ def _spawn_local(stage: str, n: int, rest: list[str]) -> int:
 def run_stage(stage: str, config, workdir: str, dry_run: bool) -> dict:
     """What a stage does with its config and workdir; returns its summary (or plan)."""
     from core import memory_plan, trainer
+    from core.config import ConfigError
 
+    wanted = 'finetune' if stage == 'evaluate' else stage  # evaluate reads a fine-tuning run
+    if config.get('stage', wanted) != wanted:
+        raise ConfigError(
+            f'this is a {config.stage} config (config.stage={config.stage!r}) and `launch.py '
+            f'{stage}` takes a {wanted} config (e.g. {STAGES[stage][0]}); run it with '
+            f'`launch.py {config.stage}`'
+        )
     if dry_run:  # compile the train step for the mesh, print the memory plan; no training
         return memory_plan.run(config, workdir, stage)
     if stage == 'evaluate':  # the validation-selected checkpoint, scored on the test split

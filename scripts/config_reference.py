@@ -51,7 +51,7 @@ NESTED = {'study': ('pretrain', 'finetune')}
 MEANINGS = {
     # --- what the file is
     'stage': 'The `launch.py` stage this file is written for (pretrain | finetune | study); '
-    'the command line names the stage that runs',
+    'another `launch.py` stage refuses the file with a message naming the right one',
     'task': 'The task module the stage runs (core/task.py registry): pretrain mlm | simclr | '
     'clip | simcse; finetune text_cls | token_cls | image_cls',
     'seed': 'Seeds parameter init, dropout, the data order and masking, and the validation '

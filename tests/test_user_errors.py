@@ -86,6 +86,12 @@ def case(tmp_path, text_run, exported, name):
         return ['pretrain', '--config', config, '--workdir', str(t / 'w')], (
             f'{config}: line 2: ZeroDivisionError: division by zero; fix the config file'
         )
+    if name == 'pretraining config given to finetune':
+        args = ['finetune', '--config', 'configs/bert_mlm.py:tiny', '--workdir', str(t / 'w')]
+        return args, (
+            "this is a pretrain config (config.stage='pretrain') and `launch.py finetune` takes "
+            'a finetune config (e.g. configs/text_cls.py:tiny); run it with `launch.py pretrain`'
+        )
     if name == 'data file that is a directory':
         os.makedirs(t / 'corpus.txt')
         return [*pretrain, f'--config.data.files={t}/corpus.txt'], (
@@ -145,6 +151,7 @@ def case(tmp_path, text_run, exported, name):
 CASES = [
     'config file with a syntax error',
     'config file that raises',
+    'pretraining config given to finetune',
     'data file that is a directory',
     'workdir under a file',
     'image fine-tune from a text run',
