@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 
 import ml_collections
+from flax import traverse_util
 
 from core.errors import ConfigError, DataError
 
@@ -211,15 +212,11 @@ def check_batch_layout(config, num_devices: int, batch_shards: int, process_coun
         )
 
 
-def flatten(config: ml_collections.ConfigDict | dict, prefix: str = '') -> dict:
-    items = config.items() if isinstance(config, dict) else config.to_dict().items()
-    flat = {}
-    for k, v in items:
-        if isinstance(v, dict):
-            flat.update(flatten(v, f'{prefix}{k}.'))
-        else:
-            flat[f'{prefix}{k}'] = v
-    return flat
+def flatten(config: ml_collections.ConfigDict | dict) -> dict:
+    """{'a.b': value} for every leaf of a config (or of its JSON)."""
+    return traverse_util.flatten_dict(
+        config if isinstance(config, dict) else config.to_dict(), sep='.'
+    )
 
 
 def read_json(path: str):

@@ -165,14 +165,3 @@ def to_hf(params: dict, rules: list[Rule], prefix: str) -> dict[str, np.ndarray]
         for name, array in zip(rule.hf, rule.to_hf(value)):
             tensors[prefix + name] = np.ascontiguousarray(array, np.float32)
     return tensors
-
-
-def paths(tree: dict, prefix: str = '') -> list[str]:
-    """Every leaf path of a nested dict, '/'-separated."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.extend(paths(value, f'{prefix}{key}/'))
-        else:
-            out.append(f'{prefix}{key}')
-    return out
