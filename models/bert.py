@@ -107,20 +107,7 @@ class TextEncoder(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.embeddings = TextEmbed(cfg)
-        self.encoder = Encoder(
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            mlp_dim=cfg.mlp_dim,
-            dropout_rate=cfg.dropout_rate,
-            attention_dropout_rate=cfg.attention_dropout_rate,
-            activation=cfg.activation,
-            layer_norm=cfg.layer_norm,
-            layer_norm_eps=cfg.layer_norm_eps,
-            remat=cfg.remat,
-            scan_layers=cfg.scan_layers,
-            attention_impl=cfg.attention_impl,
-            dtype=cfg.dtype,
-        )
+        self.encoder = Encoder.of(cfg)
         if cfg.pooler:
             self.pooler = Pooler(cfg.dtype)
 

@@ -429,6 +429,13 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = 'auto'
 
+    @classmethod
+    def of(cls, cfg, **overrides) -> 'Encoder':
+        """The encoder a model config describes (BertConfig, VitConfig): each of these
+        fields that the config has, then `overrides`."""
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
+        return cls(**{**{k: getattr(cfg, k) for k in fields if hasattr(cfg, k)}, **overrides})
+
     @nn.compact
     def __call__(
         self,

@@ -106,21 +106,7 @@ class VisionEncoder(nn.Module):
         x = x + pos[None].astype(x.dtype)
         x = ExampleDropout(cfg.dropout_rate)(x, rows, deterministic)
         x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-        x = Encoder(
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            mlp_dim=cfg.mlp_dim,
-            dropout_rate=cfg.dropout_rate,
-            attention_dropout_rate=cfg.attention_dropout_rate,
-            activation=cfg.activation,
-            layer_norm='pre',
-            layer_norm_eps=cfg.layer_norm_eps,
-            remat=cfg.remat,
-            scan_layers=cfg.scan_layers,
-            attention_impl=cfg.attention_impl,
-            dtype=cfg.dtype,
-            name='encoder',
-        )(x, None, deterministic, rows)
+        x = Encoder.of(cfg, layer_norm='pre', name='encoder')(x, None, deterministic, rows)
         if cfg.pooler:
             if cfg.pooling != 'cls':
                 raise ValueError('model.pooler=True pools the cls token; it needs pooling=cls')
