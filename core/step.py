@@ -130,6 +130,19 @@ def eval_step(
     return sums
 
 
+def bound_train_step(loss_fn, tx, schedule, accum_steps, skip_nonfinite, axis_name=None):
+    """train_step with all but (state, batch, rng) bound, for jit or pmap to compile."""
+    return functools.partial(
+        train_step,
+        loss_fn=loss_fn,
+        tx=tx,
+        schedule=schedule,
+        accum_steps=accum_steps,
+        axis_name=axis_name,
+        skip_nonfinite=skip_nonfinite,
+    )
+
+
 class JitStepper:
     """The steps as `jax.jit` over global arrays on a mesh, state donated."""
 
@@ -147,16 +160,8 @@ class JitStepper:
         self._param_shardings = state_shardings.params
         batch_sh = sharding_lib.batch_sharding(mesh)
         repl = sharding_lib.replicated(mesh)
-        step = functools.partial(
-            train_step,
-            loss_fn=loss_fn,
-            tx=tx,
-            schedule=schedule,
-            accum_steps=accum_steps,
-            skip_nonfinite=skip_nonfinite,
-        )
         self._train = jax.jit(
-            step,
+            bound_train_step(loss_fn, tx, schedule, accum_steps, skip_nonfinite),
             in_shardings=(state_shardings, batch_sh, repl),
             out_shardings=(state_shardings, repl),
             donate_argnums=0,
@@ -219,15 +224,7 @@ class PmapStepper:
         self.devices = jax.local_devices()
         device_mesh = Mesh(np.array(self.devices), (self.axis,))
         self._sharding = NamedSharding(device_mesh, PartitionSpec(self.axis))
-        step = functools.partial(
-            train_step,
-            loss_fn=loss_fn,
-            tx=tx,
-            schedule=schedule,
-            accum_steps=accum_steps,
-            axis_name=self.axis,
-            skip_nonfinite=skip_nonfinite,
-        )
+        step = bound_train_step(loss_fn, tx, schedule, accum_steps, skip_nonfinite, self.axis)
         self._train = jax.pmap(step, axis_name=self.axis, in_axes=(0, 0, None), donate_argnums=0)
         self._eval = jax.pmap(
             functools.partial(eval_step, loss_fn=loss_fn, axis_name=self.axis),
