@@ -6,13 +6,20 @@ Multi-host: on a TPU pod slice or under SLURM `jax.distributed` starts by itself
 pass --coordinator_address HOST:PORT --num_processes N --process_id I on every host.
 --local_processes N starts N processes on this machine (CPU, gloo collectives), to test
 multi-host code without a cluster.
+
+  python launch.py list                                   every config and preset, one line each
+  python launch.py config configs/bert_mlm.py:tiny [--config.x=y]   its keys, values, meanings
+  python launch.py pretrain --help --config configs/bert_mlm.py:tiny   the stage's flags, the
+                                                          config's docstring and presets
 """
 
 import argparse
+import difflib
 import os
 import socket
 import subprocess
 import sys
+import textwrap
 
 # stage: (an example config, what --workdir is). pretrain and finetune run config.task
 # from the registry (core/task.py TASKS); evaluate scores a fine-tuning run; study runs both.
@@ -25,6 +32,9 @@ STAGES = {
 DRY_RUN = ('pretrain', 'finetune')  # the stages that take --dry_run
 # Single-process tools with their own flags (--from, --to, --input, ...): interop/main.py.
 TOOLS = ('import-hf', 'export-hf', 'embed')
+# Commands that print what the configs are (core/reference.py); nothing runs.
+INFO = ('config', 'list')
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _free_port() -> int:
@@ -82,15 +92,16 @@ def run_stage(stage: str, config, workdir: str, dry_run: bool) -> dict:
     return trainer.train_and_evaluate(config, workdir, stage)
 
 
-def absl_main(stage: str, argv: list[str]) -> None:
-    """Defines the stage's flags (--config, --workdir, --dry_run) and runs it under absl."""
-    from absl import app, flags
+def define_flags(stage: str) -> tuple:
+    """Defines the stage's absl flags (--config, --workdir, --dry_run where it has one);
+    returns their holders (dry_run None for a stage without it)."""
+    from absl import flags
     from ml_collections import config_flags
 
-    from core import cli
-
     example, workdir_help = STAGES[stage]
-    config = config_flags.DEFINE_config_file('config', None, f'Config file, e.g. {example}')
+    config = config_flags.DEFINE_config_file(
+        'config', None, f'Config file and preset, e.g. {example}'
+    )
     workdir = flags.DEFINE_string('workdir', None, workdir_help)
     dry_run = None
     if stage in DRY_RUN:
@@ -101,6 +112,16 @@ def absl_main(stage: str, argv: list[str]) -> None:
             'plan (parameters, optimizer state, activations per device; FLOPs) and write '
             'WORKDIR/memory_plan.json.',
         )
+    return config, workdir, dry_run
+
+
+def absl_main(stage: str, argv: list[str]) -> None:
+    """Defines the stage's flags and runs it under absl."""
+    from absl import app, flags
+
+    from core import cli
+
+    config, workdir, dry_run = define_flags(stage)
     flags.mark_flags_as_required(['config', 'workdir'])
 
     def main(unused_argv):
@@ -110,27 +131,129 @@ def absl_main(stage: str, argv: list[str]) -> None:
     app.run(main, argv=[f'launch.py {stage}', *argv])
 
 
+def stage_help(stage: str, parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """`launch.py STAGE --help`: the stage's flags, the launcher's, and with --config the
+    config file's docstring and presets (else the configs written for this stage)."""
+    from absl import flags
+
+    from core import cli, reference
+
+    holders = [h for h in define_flags(stage) if h is not None]
+    lines = [
+        f'usage: launch.py {stage} --config FILE[:PRESET] --workdir DIR [--config.KEY=VALUE ...]'
+        + (' [--dry_run]' if stage in DRY_RUN else ''),
+        '',
+        'stage flags:',
+    ]
+    for holder in holders:
+        flag = flags.FLAGS[holder.name]
+        lines += textwrap.wrap(
+            flag.help, 100, initial_indent=f'  --{flag.name:<22}', subsequent_indent=' ' * 26
+        )
+    lines += [
+        '  --config.KEY=VALUE      Override a config key (every key, value and meaning:',
+        f'                          launch.py config {STAGES[stage][0]})',
+    ]
+    launcher = parser.format_help().split('options:', 1)[-1].rstrip().splitlines()
+    lines += ['', 'launcher flags (one host or many):', *launcher[1:]]
+    spec = cli.argv_value(argv, '--config')
+    lines.append('')
+    if spec:
+        cli.check_config_overrides(['--config', spec])  # a missing file or preset: one line
+        path, _, preset = spec.partition(':')
+        module = reference.load_file(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        lines += [f'{path}:', '', (module.__doc__ or '(no docstring)').strip(), '']
+        listed = reference.presets(name) if name in reference.PRESETS else []
+        lines += ['presets:', *listed] if listed else []
+    else:
+        wanted = 'finetune' if stage == 'evaluate' else stage
+        names = [n for n in reference.config_names() if reference.stage_of(n) == wanted]
+        lines += [
+            f'configs for {stage}: ' + ', '.join(f'configs/{n}.py' for n in names),
+            'Add --config FILE[:PRESET] to --help for its docstring and presets; '
+            '`launch.py list` lists every preset.',
+        ]
+    return '\n'.join(lines) + '\n'
+
+
+def info(command: str, argv: list[str]) -> int:
+    """`launch.py list` and `launch.py config CONFIG[:PRESET] [--config.KEY=VALUE ...]`: the
+    config resolved as a run resolves it (absl's config flag, overrides applied)."""
+    from core import cli, reference
+
+    if command == 'list':
+        sys.stdout.write(reference.listing())
+        return 0
+    if argv and not argv[0].startswith('-'):
+        argv = ['--config', *argv]
+    spec = cli.argv_value(argv, '--config')
+    if not spec:
+        sys.stderr.write('usage: launch.py config CONFIG[:PRESET] [--config.KEY=VALUE ...]\n')
+        return 2
+    cli.check_config_overrides(argv)
+    from absl import flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file('config', None, 'Config file and preset')
+    try:
+        flags.FLAGS(['launch.py config', *argv])
+    except flags.Error as e:
+        sys.stderr.write(f'error: {e}\n')
+        return 1
+    sys.stdout.write(reference.explain(config.value, spec))
+    return 0
+
+
+def unknown_command(command: str) -> int:
+    """A mistyped command: one line with the closest ones; exit code 2 (as argparse's)."""
+    known = [*STAGES, *INFO, *TOOLS]
+    close = difflib.get_close_matches(command, known, n=2)
+    hint = f'did you mean {" or ".join(close)}? ' if close else ''
+    sys.stderr.write(
+        f'error: launch.py has no command {command!r}; {hint}(commands: {", ".join(known)})\n'
+    )
+    return 2
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog='launch.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog='launch.py',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # --help after a stage is the stage's (stage_help)
     )
-    parser.add_argument('stage', choices=[*sorted(STAGES), *TOOLS])
-    parser.add_argument('--local_processes', type=int, default=0)
-    parser.add_argument('--coordinator_address', default=None)
-    parser.add_argument('--num_processes', type=int, default=None)
-    parser.add_argument('--process_id', type=int, default=None)
+    parser.add_argument('stage', metavar='{' + ','.join([*STAGES, *INFO, *TOOLS]) + '}')
+    parser.add_argument('-h', '--help', action='store_true', help='show this help and exit')
+    parser.add_argument(
+        '--local_processes', type=int, default=0, metavar='N', help='N processes on this machine'
+    )
+    parser.add_argument(
+        '--coordinator_address', default=None, metavar='HOST:PORT', help="process 0's address"
+    )
+    parser.add_argument('--num_processes', type=int, default=None, metavar='N')
+    parser.add_argument('--process_id', type=int, default=None, metavar='I', help='0 .. N-1')
+    sys.path.insert(0, ROOT)
     if argv and argv[0] in TOOLS:  # their own flags (and --help)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from interop import main as tools
 
         return tools.main(argv)
+    if argv and argv[0] in INFO:
+        return info(argv[0], argv[1:])
+    if not argv or argv[0] in ('-h', '--help'):
+        parser.print_help(sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     args, rest = parser.parse_known_args(argv)
+    if args.stage not in STAGES:
+        return unknown_command(args.stage)
+    if args.help:
+        sys.stdout.write(stage_help(args.stage, parser, rest))
+        return 0
     if args.local_processes > 1:
         return _spawn_local(args.stage, args.local_processes, rest)
     if args.coordinator_address and (args.num_processes is None or args.process_id is None):
         parser.error('--coordinator_address needs --num_processes and --process_id')
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from core import cli, distributed
 
     cli.check_config_overrides(rest)

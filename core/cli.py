@@ -7,7 +7,6 @@ and the fix (no traceback: `error_message` says which errors are a user's), 124 
 
 import difflib
 import errno
-import importlib.util
 import logging as pylogging
 import os
 import sys
@@ -16,10 +15,12 @@ import traceback
 from absl import logging
 
 from core import config as config_lib
+from core import reference
 from core.errors import UserError
 
 __all__ = [
     'UserError',
+    'argv_value',
     'check_config_overrides',
     'error_message',
     'fail_with',
@@ -28,7 +29,8 @@ __all__ = [
 ]
 
 
-def _argv_value(argv: list[str], flag: str) -> str | None:
+def argv_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in `argv` (`--flag VALUE` or `--flag=VALUE`), or None."""
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
@@ -40,16 +42,14 @@ def _argv_value(argv: list[str], flag: str) -> str | None:
 def check_config_overrides(argv: list[str]) -> None:
     """Fails with exit code 1 and a did-you-mean message on an override of a config key
     that does not exist (ml_collections would raise a bare AttributeError mid-parse)."""
-    spec = _argv_value(argv, '--config')
+    spec = argv_value(argv, '--config')
     if not spec:
         return
     path, _, preset = spec.partition(':')
     if not os.path.isfile(path):
         _fail(f'config file {path} not found; give e.g. --config configs/bert_mlm.py:tiny')
-    module_spec = importlib.util.spec_from_file_location('_pretrax_config', path)
-    module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec.loader.exec_module(module)
+        module = reference.load_file(path)
         config = module.get_config(preset) if preset else module.get_config()
     except ValueError as e:  # unknown preset and the like
         _fail(f'{path}: {e}')

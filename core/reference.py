@@ -7,7 +7,12 @@ that docs/config.md is current; a new config key gets its line in MEANINGS.
 """
 
 import importlib
+import importlib.util
 import os
+
+import ml_collections
+
+from core.config import flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,8 +255,6 @@ def config_names() -> list[str]:
 def keys(name: str, preset: str | None = None) -> dict:
     """{dotted key: default} of configs/<name>.py (get_config() without a preset), in the
     file's order; a nested stage config (study's pretrain, finetune) left out."""
-    from core.config import flatten
-
     module = importlib.import_module(f'configs.{name}')
     config = module.get_config() if preset is None else module.get_config(preset)
     nested = NESTED.get(name, ())
@@ -279,3 +282,83 @@ def unused() -> list[str]:
     """The MEANINGS entries no key of any config takes (stale: a key renamed or removed)."""
     taken = {entry(k) for found in every_key().values() for k in found}
     return sorted(set(MEANINGS) - taken)
+
+
+# --- what `launch.py config`, `launch.py list` and `launch.py STAGE --help` print
+
+
+def load_file(path: str):
+    """The config file at `path` as a module (its code runs: a failure raises)."""
+    spec = importlib.util.spec_from_file_location('_pretrax_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage_of(name: str) -> str:
+    """The stage configs/NAME.py is written for (its `stage` key)."""
+    return importlib.import_module(f'configs.{name}').get_config().stage
+
+
+def summary(module) -> str:
+    """The first sentence of a config file's docstring: what the file is for."""
+    paragraph = ' '.join((module.__doc__ or '').strip().split('\n\n')[0].split())
+    return paragraph.split('. ')[0].rstrip('.') + '.'
+
+
+def _encoder(m: ml_collections.ConfigDict) -> str:
+    size = f'H{m.hidden_size} L{m.num_layers} A{m.num_heads}'
+    if m.get('patch_size'):
+        return f'ViT {size} patch {m.patch_size} at {m.image_size}px'
+    return f'BERT {size} vocab {m.vocab_size}'
+
+
+def describe(c: ml_collections.ConfigDict) -> str:
+    """One line of what a resolved config runs: stage and task, model size, data, length."""
+    if c.get('stage') == 'study':
+        start, end = c.pretrain, c.finetune
+        return (
+            f'study: {start.task} {_encoder(start.model)} on {start.data.name} -> '
+            f'{end.task} on {end.data.name}; arms {c.arms}; seeds {tuple(c.seeds)}'
+        )
+    model = _encoder(c.model)
+    if c.model.get('text'):
+        model += f' + text {_encoder(c.model.text)}'
+    data = c.data.get('files') or c.data.get('name') or 'your files (data.files)'
+    return (
+        f'{c.stage} {c.task} | {model} | data {data} | {c.total_steps} steps x batch {c.batch_size}'
+    )
+
+
+def presets(name: str) -> list[str]:
+    """`configs/NAME.py:PRESET  what it runs` for each listed preset of a config file."""
+    module = importlib.import_module(f'configs.{name}')
+    specs = [f'configs/{name}.py:{p}' for p in PRESETS.get(name, ((), ''))[0]]
+    width = max(map(len, specs), default=0)
+    return [
+        f'{spec:<{width}}  {describe(module.get_config(spec.partition(":")[2]))}' for spec in specs
+    ]
+
+
+def listing() -> str:
+    """`launch.py list`: every config file (its docstring's first line, what its presets
+    are) and each preset on one line."""
+    lines = []
+    for name in config_names():
+        module = importlib.import_module(f'configs.{name}')
+        what = PRESETS.get(name, ((), ''))[1]
+        lines += [f'# configs/{name}.py: {summary(module)} Presets: {what}.', *presets(name), '']
+    lines.append('Run one: python launch.py STAGE --config configs/NAME.py:PRESET --workdir DIR')
+    lines.append('Its keys: python launch.py config configs/NAME.py:PRESET [--config.KEY=VALUE]')
+    return '\n'.join(lines) + '\n'
+
+
+def explain(config: ml_collections.ConfigDict, spec: str) -> str:
+    """`launch.py config`: every resolved key of `config`, its value and its meaning."""
+    rows = [(k, repr(v), meaning(k)) for k, v in flatten(config).items()]
+    key_width = max(len(k) for k, _, _ in rows)
+    value_width = min(max(len(v) for _, v, _ in rows), 24)
+    lines = [f'# {spec}: {describe(config)}']
+    lines += [f'{k:<{key_width}}  {v:<{value_width}}  {m}'.rstrip() for k, v, m in rows]
+    lines.append('# override any key with --config.KEY=VALUE; docs/config.md has every default')
+    return '\n'.join(lines) + '\n'

@@ -189,6 +189,8 @@ def test_bad_launch_flags(tmp_path, flags, message):
 
 
 def test_unknown_stage():
+    """A mistyped stage: one line with the closest command, exit code 2, no traceback."""
     r = launch('pretrian', '--config', 'configs/bert_mlm.py:tiny', '--workdir', '/tmp/x')
     assert r.returncode == 2
-    assert "invalid choice: 'pretrian'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no command 'pretrian'; did you mean pretrain?" in r.stderr
