@@ -92,16 +92,24 @@ def run_stage(stage: str, config, workdir: str, dry_run: bool) -> dict:
     return trainer.train_and_evaluate(config, workdir, stage)
 
 
-def define_flags(stage: str) -> tuple:
+def define_flags(stage: str, saved=None) -> tuple:
     """Defines the stage's absl flags (--config, --workdir, --dry_run where it has one);
-    returns their holders (dry_run None for a stage without it)."""
+    returns their holders (dry_run None for a stage without it). `saved`: evaluate's
+    default config, the run's own (`--config.KEY=VALUE` then overrides its keys)."""
     from absl import flags
     from ml_collections import config_flags
 
     example, workdir_help = STAGES[stage]
-    config = config_flags.DEFINE_config_file(
-        'config', None, f'Config file and preset, e.g. {example}'
-    )
+    config_help = f'Config file and preset, e.g. {example}'
+    if stage == 'evaluate':
+        config_help += (
+            "; default: the run's own WORKDIR/config.json. Only data and eval keys may "
+            'differ from it (core/rundir.py EVALUATE_KEYS)'
+        )
+    if saved is None:
+        config = config_flags.DEFINE_config_file('config', None, config_help)
+    else:
+        config = config_flags.DEFINE_config_dict('config', saved, config_help)
     workdir = flags.DEFINE_string('workdir', None, workdir_help)
     dry_run = None
     if stage in DRY_RUN:
@@ -115,14 +123,14 @@ def define_flags(stage: str) -> tuple:
     return config, workdir, dry_run
 
 
-def absl_main(stage: str, argv: list[str]) -> None:
-    """Defines the stage's flags and runs it under absl."""
+def absl_main(stage: str, argv: list[str], saved=None) -> None:
+    """Defines the stage's flags and runs it under absl (`saved`: see define_flags)."""
     from absl import app, flags
 
     from core import cli
 
-    config, workdir, dry_run = define_flags(stage)
-    flags.mark_flags_as_required(['config', 'workdir'])
+    config, workdir, dry_run = define_flags(stage, saved)
+    flags.mark_flags_as_required(['workdir'] if saved is not None else ['config', 'workdir'])
 
     def main(unused_argv):
         planned = dry_run is not None and dry_run.value
@@ -140,7 +148,9 @@ def stage_help(stage: str, parser: argparse.ArgumentParser, argv: list[str]) -> 
 
     holders = [h for h in define_flags(stage) if h is not None]
     lines = [
-        f'usage: launch.py {stage} --config FILE[:PRESET] --workdir DIR [--config.KEY=VALUE ...]'
+        f'usage: launch.py {stage} '
+        + ('[--config FILE[:PRESET]]' if stage == 'evaluate' else '--config FILE[:PRESET]')
+        + ' --workdir DIR [--config.KEY=VALUE ...]'
         + (' [--dry_run]' if stage in DRY_RUN else ''),
         '',
         'stage flags:',
@@ -254,11 +264,18 @@ def main(argv: list[str]) -> int:
     if args.coordinator_address and (args.num_processes is None or args.process_id is None):
         parser.error('--coordinator_address needs --num_processes and --process_id')
 
-    from core import cli, distributed
+    from core import cli, distributed, rundir
 
-    cli.check_config_overrides(rest)
+    saved = None
+    if args.stage == 'evaluate' and not cli.argv_value(rest, '--config'):
+        try:  # no --config: the run's own
+            saved = rundir.run_config(cli.argv_value(rest, '--workdir'))
+        except cli.UserError as e:  # (before absl's logging is set up: one line)
+            sys.stderr.write(f'error: {e}\n')
+            return 1
+    cli.check_config_overrides(rest, saved)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    absl_main(args.stage, rest)
+    absl_main(args.stage, rest, saved)
     return 0
 
 

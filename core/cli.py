@@ -39,23 +39,17 @@ def argv_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def check_config_overrides(argv: list[str]) -> None:
+def check_config_overrides(argv: list[str], default=None) -> None:
     """Fails with exit code 1 and a did-you-mean message on an override of a config key
-    that does not exist (ml_collections would raise a bare AttributeError mid-parse)."""
+    that does not exist (ml_collections would raise a bare AttributeError mid-parse).
+    `default`: the config when argv has no --config (evaluate's: the run's own)."""
     spec = argv_value(argv, '--config')
-    if not spec:
+    if not spec and default is None:
         return
-    path, _, preset = spec.partition(':')
-    if not os.path.isfile(path):
-        _fail(f'config file {path} not found; give e.g. --config configs/bert_mlm.py:tiny')
-    try:
-        module = reference.load_file(path)
-        config = module.get_config(preset) if preset else module.get_config()
-    except ValueError as e:  # unknown preset and the like
-        _fail(f'{path}: {e}')
-    except Exception as e:  # the config file's own code failed: say where
-        what = e.msg if isinstance(e, SyntaxError) else str(e)
-        _fail(f'{spec}: {_where_in(e, path)}{type(e).__name__}: {what}; fix the config file')
+    if not spec:
+        spec, config = "the run's config.json", default
+    else:
+        config = _load_config(spec)
     keys = set(config_lib.flatten(config))
     config_lib.COMMAND_LINE_KEYS.update(
         a[len('--config.') :].split('=', 1)[0] for a in argv if a.startswith('--config.')
@@ -69,6 +63,22 @@ def check_config_overrides(argv: list[str]) -> None:
             close = difflib.get_close_matches(key, sorted(keys), n=3)
             hint = f'; did you mean {", ".join(close)}?' if close else ''
             _fail(f'unknown config key {key!r} in {arg!r} for {spec}{hint}')
+
+
+def _load_config(spec: str):
+    """get_config(PRESET) of `FILE[:PRESET]`; a missing file, an unknown preset or a config
+    file that fails exits 1 with one line."""
+    path, _, preset = spec.partition(':')
+    if not os.path.isfile(path):
+        _fail(f'config file {path} not found; give e.g. --config configs/bert_mlm.py:tiny')
+    try:
+        module = reference.load_file(path)
+        return module.get_config(preset) if preset else module.get_config()
+    except ValueError as e:  # unknown preset and the like
+        _fail(f'{path}: {e}')
+    except Exception as e:  # the config file's own code failed: say where
+        what = e.msg if isinstance(e, SyntaxError) else str(e)
+        _fail(f'{spec}: {_where_in(e, path)}{type(e).__name__}: {what}; fix the config file')
 
 
 def _where_in(e: BaseException, path: str) -> str:

@@ -39,6 +39,32 @@ RESTART_SAFE_KEYS = (
     'eval.evaluate_split',  # what the evaluate stage scores; training never reads it
 )
 
+# The keys `launch.py evaluate` may set differently from the run's own config.json: the
+# restart-safe keys above, the eval keys, the batch (the scores are sums over examples, so
+# any batch gives the same), and where the examples to score come from and which of their
+# fields to read. Every other key (the model, the vocabulary and lowercasing, seq_len, the
+# training data and seed the labels and the validation split came from) is the trained
+# model's own: a difference would score another model than the one trained, so it is
+# refused (`evaluate_config`). docs/finetuning.md, Evaluate, lists these for users.
+EVALUATE_KEYS = (
+    *RESTART_SAFE_KEYS,
+    'eval',
+    'batch_size',
+    'grad_accum_steps',
+    'data.eval_files',
+    'data.eval_split',
+    'data.test_files',
+    'data.test_split',
+    'data.data_dir',
+    'data.header',
+    'data.text_field',
+    'data.text_pair_field',
+    'data.label_field',
+    'data.image_field',
+    'data.tokens_field',
+    'data.tags_field',
+)
+
 
 # Everything a run writes into its workdir, in one place. A new run moves these (and nothing
 # else) into WORKDIR/previous/<time>/: the old run's with `overwrite`, or what a run left
@@ -73,8 +99,8 @@ STAGING = '.pretrax-starting'
 HISTORY = 'config_history.jsonl'
 
 
-def _restart_safe(key: str) -> bool:
-    return any(key == k or key.startswith(k + '.') for k in RESTART_SAFE_KEYS)
+def _restart_safe(key: str, keys: tuple[str, ...] = RESTART_SAFE_KEYS) -> bool:
+    return any(key == k or key.startswith(k + '.') for k in keys)
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -170,6 +196,43 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirPla
             )
     init_from_vocab(config)
     return WorkdirPlan(workdir, True, present, {}, created)
+
+
+def run_config(workdir: str | None) -> ml_collections.ConfigDict:
+    """The config the run in `workdir` was trained with (its config.json)."""
+    if not workdir:
+        raise ConfigError('no --workdir: give the --workdir of the finetune run to evaluate')
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f'{workdir} holds no run (no config.json); give the --workdir of a finetune run'
+        )
+    return ml_collections.ConfigDict(_saved_config(path))
+
+
+def evaluate_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> dict:
+    """{key: (the run's value, config's)} for each key outside EVALUATE_KEYS that differs.
+    A key the run's config lacks came with a newer pretrax: not a difference."""
+    old, new = flatten(json.loads(saved.to_json())), flatten(json.loads(config.to_json()))
+    return {
+        k: (old[k], new.get(k, '(none)'))
+        for k in sorted(old)
+        if not _restart_safe(k, EVALUATE_KEYS) and (k not in new or old[k] != new[k])
+    }
+
+
+def evaluate_config(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    """Refuses a config for `evaluate` that would score another model than the run's."""
+    changes = evaluate_changes(saved, config)
+    if changes:
+        shown = ', '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items())
+        raise ConfigError(
+            f'evaluate scores the run as it was trained, and this config differs from its '
+            f'config.json in {shown}. Drop those overrides (`launch.py evaluate --workdir RUN` '
+            "reads the run's own config); only data and eval keys may change (where the "
+            'examples to score come from, eval.*, eval_steps, batch_size: core/rundir.py '
+            'EVALUATE_KEYS). To score another model, fine-tune it in a new --workdir'
+        )
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

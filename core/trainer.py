@@ -152,14 +152,16 @@ def set_up(
     nothing is written, and the training stream is built but not read.
     """
     module = task_module(config, stage, tasks)
-    follow_start(config)
+    if evaluating:  # the trained model as it was: only data and eval keys may differ
+        saved = rundir.run_config(workdir)
+        if rundir.evaluate_changes(saved, config):  # not its own config: follow its start
+            follow_start(config)
+        rundir.evaluate_config(saved, config)
+    else:
+        follow_start(config)
     config_lib.check_common(config)
     module.check_config(config)
     is_main = jax.process_index() == 0
-    if evaluating and not os.path.isfile(os.path.join(workdir, 'config.json')):
-        raise config_lib.ConfigError(
-            f'{workdir} holds no run (no config.json); give the --workdir of a {stage} run'
-        )
 
     # Mesh, then what this start finds in the workdir (nothing is written yet).
     mesh, batch_shards = make_mesh(config)

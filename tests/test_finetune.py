@@ -431,6 +431,49 @@ def test_tsv_run_then_the_evaluate_stage(tmp_path, pydoc_vocab):
     assert "labels ['neutral'] are not among the 2 training labels" in r.stderr
 
 
+def test_evaluate_reads_the_runs_config_and_refuses_another_model(tmp_path, pydoc_vocab):
+    """`evaluate --workdir RUN` needs no --config (the run's config.json); data and eval keys
+    may change, a model key or seq_len is refused with the differing keys, and
+    evaluation.json is left as it was."""
+    train_tsv = write_tsv(tmp_path / 'train.tsv', sentiment_rows(40, seed=0))
+    dev_tsv = write_tsv(tmp_path / 'dev.tsv', sentiment_rows(12, seed=1))
+    test_tsv = write_tsv(tmp_path / 'test.tsv', sentiment_rows(10, seed=2))
+    workdir = tmp_path / 'run'
+    args = text_cls(
+        workdir,
+        pydoc_vocab,
+        f'--config.data.files={train_tsv}',
+        f'--config.data.eval_files={dev_tsv}',
+        '--config.total_steps=2',
+        '--config.warmup_steps=1',
+        '--config.eval_every=1',
+        '--config.checkpoint_every=1',
+    )
+    ok(launch('finetune', *args))
+    run = ['--workdir', str(workdir)]
+
+    ok(launch('evaluate', *run))  # no --config: the run's own
+    report = read_json(workdir / 'evaluation.json')
+    row = next(e for e in read_rows(workdir, 'eval') if e['step'] == report['step'])
+    assert report['split'] == 'validation'
+    assert report['accuracy'] == pytest.approx(row['accuracy'], abs=1e-6)
+
+    ok(launch('evaluate', *run, f'--config.data.test_files={test_tsv}'))  # a data key
+    report = read_json(workdir / 'evaluation.json')
+    assert report['split'] == 'test'
+    with open(workdir / 'evaluation.json') as f:
+        before = f.read()
+
+    r = launch('evaluate', *run, '--config.model.pooling=mean')
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "model.pooling: 'cls' -> 'mean'" in r.stderr and 'Traceback' not in r.stderr
+    r = launch('evaluate', *args, '--config.data.seq_len=16')  # --config and a new seq_len
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert 'data.seq_len: 32 -> 16' in r.stderr
+    with open(workdir / 'evaluation.json') as f:
+        assert f.read() == before
+
+
 @pytest.mark.slow
 def test_text_cls_in_pmap_mode(tmp_path, pydoc_vocab):
     workdir = tmp_path / 'pmap'
