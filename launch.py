@@ -188,26 +188,38 @@ def stage_help(stage: str, parser: argparse.ArgumentParser, argv: list[str]) -> 
 
 
 def info(command: str, argv: list[str]) -> int:
-    """`launch.py list` and `launch.py config CONFIG[:PRESET] [--config.KEY=VALUE ...]`: the
-    config resolved as a run resolves it (absl's config flag, overrides applied)."""
-    from core import cli, reference
+    """`launch.py list`, and `launch.py config CONFIG[:PRESET]|RUN [--config.KEY=VALUE ...]`:
+    the config resolved as a run resolves it (absl's config flag, overrides applied); a
+    run's workdir gives its config.json, as `evaluate` reads it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from core import cli, reference, rundir
 
     if command == 'list':
         sys.stdout.write(reference.listing())
         return 0
-    if argv and not argv[0].startswith('-'):
-        argv = ['--config', *argv]
-    spec = cli.argv_value(argv, '--config')
-    if not spec:
-        sys.stderr.write('usage: launch.py config CONFIG[:PRESET] [--config.KEY=VALUE ...]\n')
+    if not argv or argv[0].startswith('-'):
+        sys.stderr.write(
+            'usage: launch.py config CONFIG[:PRESET] | RUN_WORKDIR [--config.KEY=VALUE ...]\n'
+        )
         return 2
-    cli.check_config_overrides(argv)
-    from absl import flags
-    from ml_collections import config_flags
-
-    config = config_flags.DEFINE_config_file('config', None, 'Config file and preset')
+    spec, overrides = argv[0], argv[1:]
+    if os.path.isdir(spec):
+        try:
+            saved = rundir.run_config(spec)
+        except cli.UserError as e:
+            sys.stderr.write(f'error: {e}\n')
+            return 1
+        cli.check_config_overrides(overrides, saved)
+        config = config_flags.DEFINE_config_dict('config', saved, "The run's config")
+        spec = os.path.join(spec, 'config.json')
+    else:
+        overrides = ['--config', spec, *overrides]
+        cli.check_config_overrides(overrides)
+        config = config_flags.DEFINE_config_file('config', None, 'Config file and preset')
     try:
-        flags.FLAGS(['launch.py config', *argv])
+        flags.FLAGS(['launch.py config', *overrides])
     except flags.Error as e:
         sys.stderr.write(f'error: {e}\n')
         return 1

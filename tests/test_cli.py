@@ -39,6 +39,17 @@ def test_config_prints_every_resolved_key_with_its_meaning():
     assert len([x for x in lines if x.split() and x.split()[0] in expected]) == len(expected)
 
 
+def test_config_of_a_run_prints_its_config_json(tmp_path):
+    c = bert_mlm.get_config('tiny')
+    c.model.num_layers = 3
+    (tmp_path / 'config.json').write_text(c.to_json())
+    r = launch('config', str(tmp_path), '--config.eval_steps=7')
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith('model.num_layers '))
+    assert ' 3 ' in line and reference.meaning('model.num_layers') in line
+    assert next(x for x in r.stdout.splitlines() if x.startswith('eval_steps ')).split()[1] == '7'
+
+
 def test_config_of_an_unknown_key_suggests_the_right_one():
     r = launch('config', 'configs/bert_mlm.py:tiny', '--config.model.num_layer=3')
     assert r.returncode == 1
