@@ -9,6 +9,7 @@ multi-host code without a cluster.
 
   python launch.py list                                   every config and preset, one line each
   python launch.py config configs/bert_mlm.py:tiny [--config.x=y]   its keys, values, meanings
+  python launch.py config runs/mlm                        a run's config.json, the same way
   python launch.py pretrain --help --config configs/bert_mlm.py:tiny   the stage's flags, the
                                                           config's docstring and presets
 """
