@@ -175,7 +175,8 @@ def stage_help(stage: str, parser: argparse.ArgumentParser, argv: list[str]) -> 
         module = reference.load_file(path)
         name = os.path.splitext(os.path.basename(path))[0]
         lines += [f'{path}:', '', (module.__doc__ or '(no docstring)').strip(), '']
-        listed = reference.presets(name) if name in reference.PRESETS else []
+        ours = os.path.realpath(path) == os.path.join(reference.ROOT, 'configs', f'{name}.py')
+        listed = reference.presets(name) if ours and name in reference.PRESETS else []
         lines += ['presets:', *listed] if listed else []
     else:
         wanted = 'finetune' if stage == 'evaluate' else stage
