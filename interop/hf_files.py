@@ -42,8 +42,14 @@ def cached_snapshot(repo_id: str) -> str:
     (`HF_HUB_CACHE`, else `HF_HOME/hub`, else ~/.cache/huggingface/hub), at the revision
     `refs/main` names; local files only, so nothing is fetched. A DataError says how to
     download it when it is not there."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        raise DataError(
+            f'{repo_id} is not a directory; reading it from the Hugging Face cache needs '
+            'huggingface_hub: pip install huggingface_hub==2.4.0 (as requirements.txt)'
+        ) from None
 
     cache = constants.HF_HUB_CACHE
     try:
