@@ -119,7 +119,7 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
-def _pyarrow(path: str):
+def pyarrow_module(path: str):
     try:
         import pyarrow
         import pyarrow.ipc
@@ -178,7 +178,7 @@ def table_records(path: str, fields: dict[str, str]) -> Iterator[tuple[str, dict
     directory, in order, one record batch in memory at a time. `fields` maps the columns
     wanted to the config key that names each (`{'text': 'text_field'}`): only those are
     read, and a missing one is a DataError naming the columns there are and the key."""
-    pa = _pyarrow(path)
+    pa = pyarrow_module(path)
     what = {'.parquet': 'Parquet', '.arrow': 'Arrow'}.get(kind(path), 'datasets Arrow')
     columns = list(dict.fromkeys(fields))
     n, file = 0, path
@@ -197,3 +197,18 @@ def table_records(path: str, fields: dict[str, str]) -> Iterator[tuple[str, dict
                     yield f'row {n}', record
     except (pa.ArrowException, OSError) as e:
         raise _damaged(file, what, e, 'check that it was copied whole') from None
+
+
+def read_columns(path: str, columns: list[str]):
+    """(a pyarrow Table of those `columns` the table at `path` has, all its column names):
+    whole columns, for sources that index rows at random (images' encoded bytes)."""
+    pa = pyarrow_module(path)
+    tables, file, names = [], path, []
+    try:
+        for file in _dataset_files(path) if kind(path) == 'datasets' else [path]:
+            names, _ = _open_table(pa, file, [])
+            wanted = [c for c in dict.fromkeys(columns) if c in names]
+            tables.append(pa.Table.from_batches(list(_open_table(pa, file, wanted)[1])))
+        return pa.concat_tables(tables), names
+    except (pa.ArrowException, OSError) as e:
+        raise _damaged(file, 'table', e, 'check that it was copied whole') from None

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -297,3 +298,162 @@ def test_pretraining_on_parquet_is_the_run_on_jsonl(tmp_path, pydoc_vocab):
         assert r.returncode == 0, r.stderr[-3000:]
         losses[name] = train_losses(workdir)
     assert len(losses['parquet']) == 2 and losses['parquet'] == losses['jsonl']
+
+
+# --- images: WebDataset .tar shards and tables of encoded images -----------------------------
+
+
+def png(image) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def add_member(tar, name: str, data: bytes) -> None:
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(directory, images, extras: list[dict], per_shard: int) -> str:
+    """WebDataset shards `shard-00000.tar`, ...: `sample{i:05d}.png` and its `extras[i]`
+    ({extension: text}) members, `per_shard` samples a shard. Returns their glob."""
+    import tarfile
+
+    os.makedirs(directory, exist_ok=True)
+    for start in range(0, len(images), per_shard):
+        with tarfile.open(os.path.join(directory, f'shard-{start:05d}.tar'), 'w') as tar:
+            for i in range(start, min(start + per_shard, len(images))):
+                add_member(tar, f'part/sample{i:05d}.png', png(images[i]))
+                for ext, value in extras[i].items():
+                    add_member(tar, f'part/sample{i:05d}.{ext}', value.encode('utf-8'))
+    return os.path.join(str(directory), 'shard-*.tar')
+
+
+def small_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+
+
+def items(source) -> list[tuple]:
+    return [(s['image'].tobytes(), int(s.get('label', -1)), s.get('caption')) for s in source]
+
+
+NAMES = ['cat', 'dog', 'emu']
+
+
+def test_webdataset_shards_read_as_the_image_folder(tmp_path):
+    from data.encoded_images import EncodedImages
+    from data.image_sources import FolderImages
+
+    images, labels = small_images(12), [i % 3 for i in range(12)]
+    order = sorted(range(12), key=lambda i: (labels[i], i))  # a folder's order: class, name
+    for i in order:
+        folder = tmp_path / 'folder' / NAMES[labels[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f'sample{i:05d}.png').write_bytes(png(images[i]))
+    folder = FolderImages(str(tmp_path / 'folder'))
+    by_name = [{'json': json.dumps({'label': NAMES[labels[i]]})} for i in order]
+    shards = write_shards(tmp_path / 'named', images[order], by_name, per_shard=5)
+    tar = EncodedImages(shards)
+    assert tar.classes == NAMES and items(tar) == items(folder)
+    by_id = [{'cls': str(labels[i])} for i in order]
+    tar = EncodedImages(write_shards(tmp_path / 'ids', images[order], by_id, per_shard=5))
+    assert items(tar) == items(folder) and tar.labels.tolist() == folder.labels.tolist()
+
+
+@pytest.mark.parametrize('form', ['parquet', 'datasets'])
+def test_a_table_of_encoded_images_reads_as_the_npz(tmp_path, form):
+    from data.encoded_images import EncodedImages
+    from data.image_sources import npz_images
+
+    images, labels = small_images(7), np.arange(7) % 2
+    np.savez(tmp_path / 'x.npz', images=images, labels=labels)
+    # The datasets Image feature: a struct {bytes, path} a row.
+    rows = [
+        {'image': {'bytes': png(im), 'path': f'{i}.png'}, 'label': int(y)}
+        for i, (im, y) in enumerate(zip(images, labels))
+    ]
+    path = write_table(rows, tmp_path / TABLE_NAMES[form], form)
+    assert items(EncodedImages(path)) == items(npz_images(str(tmp_path / 'x.npz')))
+
+
+@pytest.mark.parametrize('form', ['tar', 'parquet'])
+def test_encoded_pairs_read_as_the_caption_file(tmp_path, form):
+    from data.encoded_images import EncodedPairs
+    from data.pair_sources import CaptionFilePairs
+
+    images = small_images(5)
+    captions = [f'a photo of thing {i}' for i in range(5)]
+    (tmp_path / 'img').mkdir()
+    for i in range(5):
+        (tmp_path / 'img' / f'{i}.png').write_bytes(png(images[i]))
+    lines = jsonl([{'image': f'img/{i}.png', 'caption': c} for i, c in enumerate(captions)])
+    plain = CaptionFilePairs(write(tmp_path / 'captions.jsonl', lines))
+    if form == 'tar':
+        extras = [
+            {'txt': c} if i % 2 else {'json': json.dumps({'caption': c})}
+            for i, c in enumerate(captions)
+        ]
+        path = write_shards(tmp_path / 'shards', images, extras, per_shard=2)
+    else:
+        rows = [{'image': png(im), 'caption': c} for im, c in zip(images, captions)]
+        path = write_table(rows, tmp_path / 'pairs.parquet', 'parquet')
+    assert items(EncodedPairs(path)) == items(plain)
+
+
+def test_a_damaged_shard_or_sample_is_one_line(tmp_path):
+    from data.encoded_images import EncodedImages, EncodedPairs
+
+    shards = write_shards(tmp_path / 'a', small_images(4), [{'cls': '1'}] * 4, per_shard=4)
+    shard = shards.replace('*', '00000')
+    with open(shard, 'rb') as f:
+        data = f.read()
+    write(tmp_path / 'a' / 'shard-00000.tar', data[:700])
+    message = one_line_error(lambda: len(EncodedImages(shards)))
+    assert shard in message and 'not a readable tar file' in message
+    shards = write_shards(tmp_path / 'b', small_images(2), [{'cls': '0'}] * 2, per_shard=2)
+    message = one_line_error(EncodedPairs, shards)
+    assert "sample 'part/sample00000' has no caption" in message
+
+
+def test_image_cls_on_webdataset_shards_is_the_run_on_the_npz(tmp_path):
+    """`--config.data.files='shards/*.tar'` plugs into image fine-tuning: the same losses as
+    the run on the same images and labels as an .npz."""
+    from data.digits import digits_images
+
+    digits = digits_images(split='train')
+    images, labels = digits._images[:400], digits.labels[:400]
+    np.savez(tmp_path / 'digits.npz', images=images[..., 0], labels=labels)
+    extras = [{'cls': str(int(y))} for y in labels]
+    sources = {
+        'npz': str(tmp_path / 'digits.npz'),
+        'tar': write_shards(tmp_path / 'shards', images[..., 0], extras, per_shard=150),
+    }
+    losses = {}
+    for name, files in sources.items():
+        workdir = str(tmp_path / name)
+        r = launch(
+            'finetune',
+            '--config',
+            'configs/image_cls.py:tiny',
+            '--workdir',
+            workdir,
+            '--config.model.hidden_size=32',
+            '--config.model.num_layers=1',
+            '--config.model.num_heads=2',
+            '--config.model.mlp_dim=64',
+            '--config.batch_size=32',
+            f'--config.data.files={files}',
+            '--config.total_steps=2',
+            '--config.log_every=1',
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[name] = train_losses(workdir)
+    assert len(losses['tar']) == 2 and losses['tar'] == losses['npz']
