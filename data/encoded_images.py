@@ -88,7 +88,7 @@ def _json_field(shard: str, sample: dict, field: str, arg: str):
 
 
 class _Encoded(ImageSource):
-    """Items decoded from encoded bytes: `_blob(i)` gives them, `_where[i]` names them."""
+    """Items decoded from encoded bytes: `_blob(i)` gives them, `_describe(i)` names them."""
 
     read_threads = DECODE_THREADS
 
@@ -97,7 +97,7 @@ class _Encoded(ImageSource):
         self._shards: list[str] = []
         self._images: list[tuple[int, int, int]] = []  # (shard, offset, size) of a tar
         self._column = None  # or a table's image bytes
-        self._where: list[str] = []
+        self._keys: list[str] = []  # the sample key of each tar item
         self.where = ''
 
     def _open_tar(self, pattern: str, field) -> list:
@@ -114,7 +114,7 @@ class _Encoded(ImageSource):
                         f'{list(IMAGE_EXTS)}); expected {WEBDATASET_LAYOUT}'
                     )
                 self._images.append((s, *sample['image']))
-                self._where.append(f'{shard}: {sample["key"]}')
+                self._keys.append(sample['key'])
                 values.append(field(shard, sample))
         self.where = pattern
         return values
@@ -146,20 +146,19 @@ class _Encoded(ImageSource):
                 '(binary, or a datasets Image {bytes, path}); set --config.data.image_field'
             )
         self._column = column
-        self._where = [f'{path} row {i + 1}' for i in range(len(column))]
         self.where = path
         if other in names:
             return table.column(other).to_pylist()
         return [None] * len(column)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._column) if self._column is not None else len(self._images)
 
     def _blob(self, i: int) -> bytes:
         if self._column is not None:
             data = self._column[i].as_py()
             if data is None:
-                raise DataError(f'{self._where[i]}: the image is null; fix or drop the row')
+                raise DataError(f'{self._describe(i)}: the image is null; fix or drop the row')
             return data
         s, offset, size = self._images[i]
         with open(self._shards[s], 'rb') as f:
@@ -170,7 +169,9 @@ class _Encoded(ImageSource):
         return decode_image_bytes(self._blob(i), self.channels, self._describe(i))
 
     def _describe(self, i: int) -> str:
-        return self._where[i]
+        if self._column is not None:
+            return f'{self.where} row {i + 1}'
+        return f'{self._shards[self._images[i][0]]}: {self._keys[i]}'
 
 
 def _labels(values: list, classes: Sequence[str] | None, where: str):
@@ -263,7 +264,7 @@ class EncodedPairs(_Encoded):
         for i, c in enumerate(captions):
             if not isinstance(c, str):
                 raise DataError(
-                    f'{self._where[i]}: the caption is {type(c).__name__}, expected text; '
+                    f'{self._describe(i)}: the caption is {type(c).__name__}, expected text; '
                     'set --config.data.text_field'
                 )
         self._captions = captions

@@ -60,7 +60,9 @@ def save_to_disk(table: pa.Table, path, shards: int = 2) -> str:
         name = f'data-{i:05d}-of-{shards:05d}.arrow'
         with pa.OSFile(os.path.join(path, name), 'wb') as sink:
             with pa.ipc.new_stream(sink, schema) as writer:
-                writer.write_table(table.slice(i * size, size).cast(schema))
+                writer.write_table(
+                    table.slice(i * size, size).replace_schema_metadata(schema.metadata)
+                )
         names.append({'filename': name})
     with open(os.path.join(path, 'dataset_info.json'), 'w') as f:
         json.dump(info, f, indent=2)
@@ -421,6 +423,13 @@ def test_a_damaged_shard_or_sample_is_one_line(tmp_path):
     shards = write_shards(tmp_path / 'b', small_images(2), [{'cls': '0'}] * 2, per_shard=2)
     message = one_line_error(EncodedPairs, shards)
     assert "sample 'part/sample00000' has no caption" in message
+    import tarfile
+
+    with tarfile.open(tmp_path / 'bad.tar', 'w') as tar:
+        add_member(tar, 'k1.png', b'not a png')
+        add_member(tar, 'k1.cls', b'0')
+    message = one_line_error(lambda: EncodedImages(str(tmp_path / 'bad.tar'))[0])
+    assert f'{tmp_path / "bad.tar"}: k1 could not be decoded as an image' in message
 
 
 def test_image_cls_on_webdataset_shards_is_the_run_on_the_npz(tmp_path):
