@@ -224,6 +224,23 @@ def test_a_damaged_table_names_it(tmp_path, form):
     assert victim in message and 'not a readable' in message
 
 
+def test_a_damaged_parquet_stops_pretraining_with_one_line(tmp_path):
+    path = write_table([{'text': d} for d in DOCS * 100], tmp_path / 'c.parquet', 'parquet')
+    with open(path, 'rb') as f:
+        data = f.read()
+    write(tmp_path / 'c.parquet', data[: len(data) // 2])
+    r = launch(
+        'pretrain',
+        '--config',
+        'configs/bert_mlm.py:tiny',
+        '--workdir',
+        str(tmp_path / 'run'),
+        f'--config.data.files={path}',
+    )
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert f'{path} is not a readable Parquet file (' in r.stderr
+
+
 def test_a_missing_column_names_the_columns_and_the_key(tmp_path):
     path = write_table(PAIRS, tmp_path / 'x.parquet', 'parquet')
     message = one_line_error(labelled.read_labelled_text, path, text_field='sentence')
