@@ -13,6 +13,7 @@ from data.digits import (
     digits_caption_pairs,
     digits_images,
 )
+from data.encoded_images import EncodedImages, EncodedPairs, is_encoded
 from data.image_sources import FolderImages, TfdsImages, labelled_subset, open_image_files
 from data.pair_sources import CaptionFilePairs, TfdsPairs
 from data.text import heldout_indices
@@ -58,13 +59,40 @@ def _options(c, image_size: int, channels: int) -> tuple[dict, dict]:
     return opts, tfds_opts
 
 
+def _open_images(files: str, c, opts: dict, classes=None) -> Sequence:
+    """Local labelled images: WebDataset .tar shards or a table of encoded images
+    (`data.image_field`, `data.label_field`), else an image folder or an .npz."""
+    if is_encoded(files):
+        fields = {
+            'image_field': _get(c, 'image_field', 'image'),
+            'label_field': _get(c, 'label_field', 'label'),
+        }
+        return EncodedImages(files, **fields, classes=classes, **opts)
+    return open_image_files(files, classes=classes, **opts)
+
+
+def _open_pairs(files: str, fields: dict, opts: dict) -> Sequence:
+    """Local image-text pairs: WebDataset .tar shards or a table of encoded images and
+    captions, else .jsonl / .tsv files of image paths and captions."""
+    if is_encoded(files):
+        return EncodedPairs(files, **fields, **opts)
+    return CaptionFilePairs(files, **fields, **opts)
+
+
+def _classes(train: Sequence) -> list[str] | None:
+    """The class names an eval or test split of local files takes from training."""
+    return (
+        getattr(train, 'classes', None) if isinstance(train, FolderImages | EncodedImages) else None
+    )
+
+
 def _training_images(c, opts: dict, tfds_opts: dict) -> tuple[Sequence, str]:
     """(training images, where they are, for messages) as `config.data` names them:
     `files`, else the embedded digits' training split, else a TFDS `train_split`. Refuses
     an image-text set, no data named, and a set without images."""
     files, name = _get(c, 'files', ''), _get(c, 'name', '')
     if files:
-        train, where = open_image_files(files, **opts), files
+        train, where = _open_images(files, c, opts), files
     elif name in EMBEDDED_IMAGES:
         # The training split: its test split is read only by a fine-tuning's test scoring.
         train, where = digits_images(**opts, split='train'), 'the embedded digits'
@@ -95,8 +123,8 @@ def image_splits(data_config, image_size: int, channels: int) -> tuple[Sequence,
     name, eval_split = _get(c, 'name', ''), _get(c, 'eval_split', '')
     if isinstance(train, TfdsImages) and eval_split:
         return _checked(train, TfdsImages(name, eval_split, **tfds_opts), where)
-    classes = getattr(train, 'classes', None) if isinstance(train, FolderImages) else None
-    split = _hold_out(train, where, c, lambda f: open_image_files(f, classes=classes, **opts))
+    classes = _classes(train)
+    split = _hold_out(train, where, c, lambda f: _open_images(f, c, opts, classes))
     return _checked(*split, where)
 
 
@@ -125,9 +153,9 @@ def labelled_image_splits(
             'with --config.data.files'
         )
     train, where = _training_images(c, opts, tfds_opts)
-    classes = getattr(train, 'classes', None) if isinstance(train, FolderImages) else None
+    classes = _classes(train)
     if eval_files:
-        validation = open_image_files(eval_files, classes=classes, **opts)
+        validation = _open_images(eval_files, c, opts, classes)
     elif tfds and eval_split:
         validation = TfdsImages(name, eval_split, **tfds_opts)
     else:
@@ -136,7 +164,7 @@ def labelled_image_splits(
 
     def open_test() -> Sequence:
         if test_files:
-            return open_image_files(test_files, classes=classes, **opts)
+            return _open_images(test_files, c, opts, classes)
         if embedded:
             return digits_images(**opts, split='test')
         return TfdsImages(name, test_split, **tfds_opts)
@@ -157,7 +185,7 @@ def pair_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, 
     }
     files, name = _get(c, 'files', ''), _get(c, 'name', '')
     if files:
-        train, where = CaptionFilePairs(files, **fields, **opts), files
+        train, where = _open_pairs(files, fields, opts), files
     elif name in EMBEDDED_PAIRS:
         # The training split: its test split is read only by a fine-tuning's test scoring.
         train = digits_caption_pairs(**opts, split='train')
@@ -178,5 +206,5 @@ def pair_splits(data_config, image_size: int, channels: int) -> tuple[Sequence, 
             return _checked(train, TfdsPairs(name, eval_split, **tfds_opts), where)
     if len(train) == 0:
         raise DataError(f'{where} holds no image-text pairs; point --config.data.files at some')
-    split = _hold_out(train, where, c, lambda f: CaptionFilePairs(f, **fields, **opts))
+    split = _hold_out(train, where, c, lambda f: _open_pairs(f, fields, opts))
     return _checked(*split, where)

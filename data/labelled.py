@@ -2,8 +2,9 @@
 
 Sequence classification (and regression) examples are dicts
 `{'text': str, 'text_pair': str, 'label': str}`, read from local `.tsv` / `.csv` / `.jsonl`
-files (`read_labelled_text`) or built from the embedded pydoc topics (`pydoc_topics_task`,
-which ships a fixed test split). Labels stay strings until a `data.labels.LabelMap` turns
+files (also `.gz` / `.zst`), `.parquet`, `.arrow` or `datasets` directories
+(`read_labelled_text`) or built from the embedded pydoc topics (`pydoc_topics_task`, which
+ships a fixed test split). Labels stay strings until a `data.labels.LabelMap` turns
 them into ids; token classification files are read by `data.token_files`.
 
 Three splits: training; validation (the periodic eval rows, the best checkpoint, early
@@ -14,45 +15,26 @@ deterministic for a seed and nested across sizes.
 """
 
 import csv
-import glob
 import io
 import json
-import os
 import re
 
 import numpy as np
 
 from core.errors import ConfigError, DataError
+from data import formats
+from data.formats import match_files  # noqa: F401 (the readers' one file matcher, re-exported)
 from data.text import (
     heldout_indices,
     jsonl_field,
-    jsonl_records,
     pydoc_topic_paragraphs,
     read_text,
+    records,
 )
 
-LABELLED_EXTENSIONS = ('.tsv', '.csv', '.jsonl')
+LABELLED_EXTENSIONS = ('.tsv', '.csv', '.jsonl', '.parquet', '.arrow')
 # Salt for the subset permutations, so they differ from other draws seeded by `config.seed`.
 _SUBSET_SALT = 0x5E1EC7
-
-
-def match_files(pattern: str) -> list[str]:
-    """Sorted paths matching `pattern` (comma-separated globs); DataError when none do."""
-    paths = sorted(
-        {
-            p
-            for part in pattern.split(',')
-            if part.strip()
-            for p in glob.glob(part.strip(), recursive=True)
-        }
-    )
-    paths = [p for p in paths if os.path.isfile(p)]
-    if not paths:
-        raise DataError(
-            f'no files match {pattern!r}; check the path in --config.data.files (or '
-            '--config.data.eval_files, --config.data.test_files)'
-        )
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +109,11 @@ def _json_label(value) -> str:
     return json.dumps(value)
 
 
-def _read_jsonl_labelled(path: str, fields: dict[str, tuple[str, str]]) -> list[dict]:
-    """Objects of a .jsonl file as examples; `fields` maps example keys to object keys.
-    Texts must be JSON strings; a label may be a string, a number or a boolean."""
+def _read_records_labelled(path: str, fields: dict[str, tuple[str, str]]) -> list[dict]:
+    """Objects of a .jsonl file (or rows of a table) as examples; `fields` maps example keys
+    to object keys. Texts must be strings; a label may be a string, a number or a boolean."""
     examples = []
-    for n, record in jsonl_records(path):
+    for n, record in records(path, {field: arg for arg, field in fields.values()}):
         example = {}
         for key, (arg, field) in fields.items():
             if key == 'label':
@@ -156,11 +138,13 @@ def read_labelled_text(
 
     `.tsv` / `.csv` files have a header row naming their columns; with `header=False` the
     `*_field` arguments are 0-based column indices as strings ('0', '1'). `.jsonl` files
-    hold one object a line, fields named by the same arguments. `text_pair_field=''` gives
-    single-text examples (`text_pair` ''), `label_field=''` unlabelled ones (`label` '',
-    for prediction). Labels are stripped of surrounding whitespace; JSON numbers and
-    booleans become text in one form (`1` for 1 and 1.0, `0.5`, `true`); texts must be
-    JSON strings (a null or a number is an error naming the line)."""
+    hold one object a line, fields named by the same arguments, as are the columns of
+    `.parquet`, `.arrow` and `datasets` directories; text files may be .gz / .zst.
+    `text_pair_field=''` gives single-text examples (`text_pair` ''), `label_field=''`
+    unlabelled ones (`label` '', for prediction). Labels are stripped of surrounding
+    whitespace; JSON numbers and booleans become text in one form (`1` for 1 and 1.0,
+    `0.5`, `true`); texts must be strings (a null or a number is an error naming the
+    line)."""
     fields = {'text': ('text_field', text_field)}
     if text_pair_field:
         fields['text_pair'] = ('text_pair_field', text_pair_field)
@@ -168,15 +152,16 @@ def read_labelled_text(
         fields['label'] = ('label_field', label_field)
     examples = []
     for path in match_files(pattern):
-        ext = os.path.splitext(path)[1].lower()
-        if ext == '.jsonl':
-            rows = _read_jsonl_labelled(path, fields)
+        ext = formats.kind(path)
+        if ext == '.jsonl' or ext in formats.TABLES:
+            rows = _read_records_labelled(path, fields)
         elif ext in ('.tsv', '.csv'):
             rows = _read_delimited_labelled(path, '\t' if ext == '.tsv' else ',', fields, header)
         else:
             raise DataError(
                 f'{path}: unsupported extension {ext!r}; labelled text files must be one of '
-                f'{LABELLED_EXTENSIONS}'
+                f'{LABELLED_EXTENSIONS} (text also .gz or .zst), or a datasets save_to_disk '
+                'directory'
             )
         for row in rows:
             examples.append(

@@ -7,7 +7,9 @@ Sources, chosen by `config.data`:
     paragraph of the embedded `pydoc_topics` classification task (`task_paragraphs`), so
     pretraining on them never reads that task's validation or test text;
   - `files`: local glob of `.txt` (documents separated by blank lines), `.jsonl`
-    (`text_field` of each object), `.tsv` / `.csv` (`text_field` column, header row);
+    (`text_field` of each object), `.tsv` / `.csv` (`text_field` column, header row), each
+    also `.gz` / `.zst`; `.parquet`, `.arrow` or a `datasets` `save_to_disk` directory
+    (`text_field` column), see `data.formats`;
   - any other `name`: a TFDS dataset read with `tfds.data_source` (array_record, no
     TensorFlow), `text_field` of each record.
 """
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from core.errors import DataError
-from data import tfds_source
+from data import formats, tfds_source
 
 EMBEDDED = ('pydoc', 'pydoc_stdlib')
 
@@ -213,11 +215,11 @@ def _not_utf8(path: str, data: bytes, offset: int, why: str) -> DataError:
 
 
 def read_text(path: str) -> str:
-    """The text of a UTF-8 file, as every local reader takes it: a leading UTF-8 byte-order
-    mark is dropped; bytes that are not UTF-8, or NUL bytes (UTF-16 text, a binary file),
-    are a DataError naming the file, the line and the fix."""
-    with open(path, 'rb') as f:
-        data = f.read()
+    """The text of a UTF-8 file, as every local reader takes it: decompressed when its name
+    ends in .gz or .zst (`formats.read_bytes`); a leading UTF-8 byte-order mark is dropped;
+    bytes that are not UTF-8, or NUL bytes (UTF-16 text, a binary file), are a DataError
+    naming the file, the line and the fix."""
+    data = formats.read_bytes(path)
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
     try:
@@ -263,13 +265,30 @@ def json_kind(value) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def jsonl_field(path: str, n: int, record: dict, field: str, arg: str, expected=(str,)):
-    """`record[field]` of line `n` of a .jsonl file, checked to be of a type in `expected`
-    (text by default: a null or a number is not turned into the documents 'None' or
-    '12345'); a DataError names the file, the line, what was found and the fix."""
+def place(n: int | str) -> str:
+    """Where a record is, for messages: 'line N' of a .jsonl file, or the place a table
+    record gives ('row N')."""
+    return n if isinstance(n, str) else f'line {n}'
+
+
+def shown(value) -> str:
+    """A value as an error message shows it: its JSON text (cut), else its repr (the bytes
+    or dates of a table column)."""
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return repr(value)[:80]
+
+
+def jsonl_field(path: str, n: int | str, record: dict, field: str, arg: str, expected=(str,)):
+    """`record[field]` of line `n` of a .jsonl file (or of the record at `n`, a place such
+    as 'row 3' of a table: `records`), checked to be of a type in `expected` (text by
+    default: a null or a number is not turned into the documents 'None' or '12345'); a
+    DataError names the file, the line, what was found and the fix."""
+    where = place(n)
     if field not in record:
         raise DataError(
-            f'{path} line {n} has no field {field!r} (fields: {sorted(record)}); '
+            f'{path} {where} has no field {field!r} (fields: {sorted(record)}); '
             f'set --config.data.{arg}'
         )
     value = record[field]
@@ -277,7 +296,7 @@ def jsonl_field(path: str, n: int, record: dict, field: str, arg: str, expected=
     if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
         wanted = ' or '.join(dict.fromkeys(_JSON_TYPES[t] for t in expected))
         raise DataError(
-            f'{path} line {n}: field {field!r} is {json_kind(value)} ({json.dumps(value)[:80]}), '
+            f'{path} {where}: field {field!r} is {json_kind(value)} ({shown(value)}), '
             f'expected {wanted}; fix the line (or drop it), or set --config.data.{arg} to the '
             'field that holds it'
         )
@@ -302,8 +321,19 @@ def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
         yield n, record
 
 
-def _read_jsonl(path: str, field: str) -> list[str]:
-    return [jsonl_field(path, n, r, field, 'text_field') for n, r in jsonl_records(path)]
+def records(path: str, fields: dict[str, str]) -> Iterator[tuple[int | str, dict]]:
+    """(place, record) of every record of a `.jsonl` file (line number, object; also .gz /
+    .zst) or a table (`formats.table_records`: 'row N', the `fields` columns); `fields`
+    maps the fields wanted to the config key naming each, for the errors. Read with
+    `jsonl_field` either way."""
+    if formats.kind(path) in formats.TABLES:
+        return formats.table_records(path, fields)
+    return jsonl_records(path)
+
+
+def _read_records(path: str, field: str) -> list[str]:
+    fields = {field: 'text_field'}
+    return [jsonl_field(path, n, r, field, 'text_field') for n, r in records(path, fields)]
 
 
 def _read_delimited(path: str, field: str, delimiter: str) -> list[str]:
@@ -322,23 +352,22 @@ def _read_delimited(path: str, field: str, delimiter: str) -> list[str]:
 
 
 def read_text_files(pattern: str, text_field: str = 'text') -> list[str]:
-    """All documents of the local files matching `pattern` (a glob, comma-separated ok)."""
-    paths = sorted(p for part in pattern.split(',') for p in glob.glob(part, recursive=True))
-    if not paths:
-        raise DataError(f'no files match {pattern!r}; check the path in --config.data.files')
+    """All documents of the local files matching `pattern` (a glob, comma-separated ok), in
+    file-name order: a `.txt` block, a `.jsonl` object or a table row is a document."""
     docs = []
-    for path in paths:
-        ext = os.path.splitext(path)[1].lower()
+    for path in formats.match_files(pattern):
+        ext = formats.kind(path)
         if ext == '.txt':
             docs.extend(_read_txt(path))
-        elif ext == '.jsonl':
-            docs.extend(_read_jsonl(path, text_field))
+        elif ext == '.jsonl' or ext in formats.TABLES:
+            docs.extend(_read_records(path, text_field))
         elif ext in ('.tsv', '.csv'):
             docs.extend(_read_delimited(path, text_field, '\t' if ext == '.tsv' else ','))
         else:
             raise DataError(
                 f'{path}: unsupported extension {ext!r}; text files must be .txt, .jsonl, '
-                '.tsv or .csv'
+                '.tsv or .csv (each also .gz or .zst), .parquet, .arrow or a datasets '
+                'save_to_disk directory'
             )
     return docs
 

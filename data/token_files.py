@@ -1,18 +1,18 @@
 """Token classification (NER-style) files: sentences and their word tags.
 
 Sentences are dicts `{'tokens': [str], 'tags': [str]}`, read from CoNLL files or `.jsonl`
-(`read_token_files`); `align_tags` puts each word's tag on its first WordPiece.
+(also `.gz` / `.zst`), `.parquet`, `.arrow` or `datasets` directories (`read_token_files`);
+`align_tags` puts each word's tag on its first WordPiece.
 """
 
-import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from core.errors import ConfigError, DataError
-from data.labelled import match_files
-from data.text import json_kind, jsonl_field, jsonl_records, read_lines
+from data import formats
+from data.formats import match_files
+from data.text import json_kind, jsonl_field, place, read_lines, records, shown
 from data.tokenizer import WordPiece
 
 
@@ -52,9 +52,11 @@ def read_conll(pattern: str) -> list[dict]:
     return sentences
 
 
-def _read_token_jsonl(path: str, tokens_field: str, tags_field: str) -> list[dict]:
+def _read_token_records(path: str, tokens_field: str, tags_field: str) -> list[dict]:
+    """The sentences of a .jsonl file or a table (lists in `tokens_field` and `tags_field`)."""
     sentences = []
-    for n, record in jsonl_records(path):
+    fields = {tokens_field: 'tokens_field', tags_field: 'tags_field'}
+    for n, record in records(path, fields):
         tokens = jsonl_field(path, n, record, tokens_field, 'tokens_field', (list,))
         tags = jsonl_field(path, n, record, tags_field, 'tags_field', (list,))
         for field, values, allowed in (
@@ -66,12 +68,12 @@ def _read_token_jsonl(path: str, tokens_field: str, tags_field: str) -> list[dic
                 value = values[bad[0]]
                 what = 'strings' if allowed == (str,) else 'strings or integer tag ids'
                 raise DataError(
-                    f'{path} line {n}: item {bad[0]} of field {field!r} is {json_kind(value)} '
-                    f'({json.dumps(value)[:80]}); expected a list of {what}; fix the line'
+                    f'{path} {place(n)}: item {bad[0]} of field {field!r} is {json_kind(value)} '
+                    f'({shown(value)}); expected a list of {what}; fix the line'
                 )
         if len(tokens) != len(tags):
             raise DataError(
-                f'{path} line {n}: {len(tokens)} tokens but {len(tags)} tags; each token '
+                f'{path} {place(n)}: {len(tokens)} tokens but {len(tags)} tags; each token '
                 'needs exactly one tag'
             )
         if tokens:
@@ -83,12 +85,15 @@ def read_token_files(
     pattern: str, tokens_field: str = 'tokens', tags_field: str = 'tags'
 ) -> list[dict]:
     """Token-classification sentences `{'tokens', 'tags'}` of the files matching `pattern`:
-    `.jsonl` (lists in `tokens_field` and `tags_field`, one sentence a line) or CoNLL text
-    (any other extension, see `read_conll`). Integer tags in `.jsonl` become strings."""
+    `.jsonl` (lists in `tokens_field` and `tags_field`, one sentence a line), a table with
+    those list columns (`.parquet`, `.arrow`, a `datasets` directory) or CoNLL text (any
+    other extension, see `read_conll`); text files also .gz / .zst. Integer tags become
+    strings."""
     sentences = []
     for path in match_files(pattern):
-        if os.path.splitext(path)[1].lower() == '.jsonl':
-            found = _read_token_jsonl(path, tokens_field, tags_field)
+        ext = formats.kind(path)
+        if ext == '.jsonl' or ext in formats.TABLES:
+            found = _read_token_records(path, tokens_field, tags_field)
         else:
             found = _read_conll_file(path)
         if not found:

