@@ -30,12 +30,16 @@ class MetricWriter:
         loggers = (config or {}).get('loggers', 'jsonl,tensorboard')
         self._names = trackers_lib.parse(loggers) if enabled else ()
         self._tb = None  # opened by truncate_after (the start of a run) or the first write
-        self._trackers = None  # likewise
+        # Opened by the first write: a run found complete (which writes nothing) opens none.
+        self._trackers = None
         self._path = os.path.join(workdir, 'metrics.jsonl')
 
-    def _open_tensorboard(self, purge_step: int | None = None) -> None:
+    def _open_trackers(self) -> list:
         if self._trackers is None:
             self._trackers = trackers_lib.open_trackers(self.workdir, self.config or {})
+        return self._trackers
+
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
         if 'tensorboard' not in self._names:
             self._tb = _NoTensorBoard()
             return
@@ -70,7 +74,7 @@ class MetricWriter:
             self._open_tensorboard()
         for k, v in scalars.items():
             self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
-        for tracker in self._trackers:
+        for tracker in self._open_trackers():
             tracker.log(int(step), split, {k: float(v) for k, v in scalars.items()})
 
     def write_summary(self, summary: dict) -> None:
@@ -78,7 +82,7 @@ class MetricWriter:
             return
         with atomic_write(os.path.join(self.workdir, 'summary.json')) as f:
             json.dump(summary, f, indent=2, sort_keys=True)
-        for tracker in self._trackers or ():
+        for tracker in self._open_trackers():
             tracker.summary(summary)
 
     def close(self) -> None:

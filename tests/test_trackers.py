@@ -6,6 +6,8 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -99,7 +101,8 @@ def expected_rows(workdir) -> list[dict]:
 
 @pytest.fixture(scope='module')
 def tracked(tmp_path_factory):
-    """One tiny run with both trackers, stopped after step 2's checkpoint, then resumed."""
+    """One tiny run with both trackers, stopped after step 2's checkpoint, resumed to step
+    4, then started once more (complete: it must leave the trackers' runs as they are)."""
     tmp = tmp_path_factory.mktemp('trackers')
     workdir = tmp / 'run'
     first = launch(*RUN, '--workdir', str(workdir), '--config.total_steps=2', env=_env(tmp))
@@ -108,6 +111,8 @@ def tracked(tmp_path_factory):
     rows_first = expected_rows(workdir)
     second = launch(*RUN, '--workdir', str(workdir), env=_env(tmp))
     assert second.returncode == 0, second.stderr[-3000:]
+    third = launch(*RUN, '--workdir', str(workdir), env=_env(tmp))
+    assert third.returncode == 0 and 'already complete' in third.stderr, third.stderr[-3000:]
     return tmp, workdir, first_ids, rows_first
 
 
@@ -154,6 +159,28 @@ def test_mlflow_gets_config_rows_and_summary(tracked, monkeypatch):
         summary['best_mlm_accuracy']
     )
     assert json.loads(run.data.tags['summary/task']) == summary['task']
+
+
+def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch):
+    """An exception ends the process without MetricWriter.close: the trackers' runs are
+    closed at exit, marked failed (W&B exit code 1, MLflow FAILED)."""
+    from mlflow.tracking import MlflowClient
+
+    script = (
+        'from core import trackers\n'
+        f'opened = trackers.open_trackers({str(tmp_path)!r}, {{"loggers": "jsonl,wandb,mlflow"}})\n'
+        'for t in opened:\n'
+        '    t.log(1, "train", {"loss": 2.0})\n'
+        'raise RuntimeError("boom")\n'
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, **_env(tmp_path))
+    r = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and 'boom' in r.stderr
+    assert wandb_run(str(tmp_path / 'wandb'))['exit_codes'] == [1]
+    ids = json.loads((tmp_path / 'trackers.json').read_text())['mlflow']
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
+    assert MlflowClient(ids['tracking_uri']).get_run(ids['run_id']).info.status == 'FAILED'
 
 
 def test_default_mlflow_store_is_in_the_workdir(tmp_path):
