@@ -25,7 +25,7 @@ RUN = [
     '--config.log_every=2',
     '--config.eval_every=4',
     '--config.checkpoint_every=2',
-    '--config.loggers=jsonl,wandb,mlflow',
+    '--config.loggers=jsonl,tensorboard,wandb,mlflow',
 ]
 
 
@@ -124,7 +124,7 @@ def test_wandb_gets_config_rows_and_summary(tracked):
     assert json.loads((workdir / 'trackers.json').read_text())['wandb'] == first_ids['wandb']
     assert run['config']['model.hidden_size'] == 32
     assert run['config']['total_steps'] == 4  # the resumed config (a restart-safe change)
-    assert run['config']['loggers'] == 'jsonl,wandb,mlflow'
+    assert run['config']['loggers'] == 'jsonl,tensorboard,wandb,mlflow'
     # Every row of both attempts: the first's, then the second's after its checkpoint.
     assert run['rows'] == rows_first + [r for r in expected_rows(workdir) if r['step'] > 2]
     assert {'train/loss', 'eval/mlm_accuracy'} <= {k for r in run['rows'] for k in r}
@@ -148,7 +148,7 @@ def test_mlflow_gets_config_rows_and_summary(tracked, monkeypatch):
     run = client.get_run(ids['run_id'])
     assert run.info.status == 'FINISHED'
     assert run.data.params['model.hidden_size'] == '32'
-    assert run.data.params['loggers'] == 'jsonl,wandb,mlflow'
+    assert run.data.params['loggers'] == 'jsonl,tensorboard,wandb,mlflow'
     # Every row of both attempts, in the order they were logged.
     wanted = rows_first + [r for r in expected_rows(workdir) if r['step'] > 2]
     for key in ('train/loss', 'eval/mlm_accuracy'):
@@ -159,6 +159,22 @@ def test_mlflow_gets_config_rows_and_summary(tracked, monkeypatch):
         summary['best_mlm_accuracy']
     )
     assert json.loads(run.data.tags['summary/task']) == summary['task']
+
+
+def test_tensorboard_is_written_only_when_named(tmp_path):
+    from core.metrics import MetricWriter
+
+    for loggers in ('jsonl,tensorboard', 'jsonl'):
+        workdir = tmp_path / loggers.replace(',', '_')
+        workdir.mkdir()
+        writer = MetricWriter(str(workdir), config={'loggers': loggers})
+        writer.truncate_after(-1)
+        writer.write(1, 'train', {'loss': 2.0})
+        writer.close()
+        assert (workdir / 'tensorboard').is_dir() == ('tensorboard' in loggers)
+        assert (
+            workdir / 'metrics.jsonl'
+        ).read_text() == '{"step": 1, "split": "train", "loss": 2.0}\n'
 
 
 def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch):
