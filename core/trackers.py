@@ -147,7 +147,7 @@ class WandbTracker(_Tracker):
                 name=os.path.basename(os.path.abspath(workdir)),
                 dir=os.environ.get('WANDB_DIR') or workdir,
             )
-        except wandb.errors.UsageError as e:
+        except wandb.errors.Error as e:  # not logged in (online), no network, ...
             raise ConfigError(
                 f'--config.loggers names wandb, which cannot start ({e}); run `wandb login`, '
                 'or set WANDB_MODE=offline (sync later with `wandb sync`)'
@@ -226,11 +226,15 @@ class MlflowTracker(_Tracker):
 
     def _metrics(self, step: int, named: dict[str, float]) -> None:
         from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
 
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in named.items()]
-        for i in range(0, len(rows), 1000):
-            self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+        try:
+            for i in range(0, len(rows), 1000):  # MLflow's limit per batch
+                self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+        except MlflowException as e:  # a tracking server down must not stop the training
+            logging.warning('mlflow: step %d not logged (metrics.jsonl has it): %s', step, e)
 
     def log(self, step: int, split: str, scalars: dict[str, float]) -> None:
         self._metrics(step, {f'{split}/{k}': v for k, v in scalars.items()})
