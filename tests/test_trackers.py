@@ -260,3 +260,16 @@ def test_unknown_logger_fails_at_start_up(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "no logger 'mlfow'; did you mean mlflow?" in r.stderr and 'Traceback' not in r.stderr
     assert not (tmp_path / 'run').exists()
+
+
+def test_loggers_may_change_on_resume(tmp_path):
+    """A workdir's run resumes with other loggers (a tracker added or dropped); the change
+    is recorded like any restart-safe key's."""
+    from configs import bert_mlm
+    from core import rundir
+
+    config = bert_mlm.get_config('tiny')
+    rundir.write_config(str(tmp_path), config)
+    config.loggers = 'jsonl,tensorboard,wandb'
+    plan = rundir.check_workdir(config, str(tmp_path))
+    assert plan.changed == {'loggers': ['jsonl,tensorboard', 'jsonl,tensorboard,wandb']}
