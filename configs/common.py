@@ -154,6 +154,8 @@ def runtime(
     # such updates (params and optimizer state unchanged) and stops after N in a row.
     r.skip_nonfinite_steps = 0
     r.peak_tflops = 0.0  # per device, for MFU where the device kind is not known
+    # What the metrics go to: jsonl (always), tensorboard, wandb, mlflow (docs/outputs.md)
+    r.loggers = 'jsonl,tensorboard'
     r.overwrite = False
     return r
 

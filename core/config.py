@@ -11,6 +11,7 @@ from collections.abc import Callable
 import ml_collections
 from flax import traverse_util
 
+from core import trackers
 from core.errors import ConfigError, DataError
 
 CHOICES = {
@@ -155,6 +156,7 @@ def check_common(config: ml_collections.ConfigDict) -> None:
     """Checks the keys every stage shares, and the range of every numeric key
     (`check_ranges`); raises ConfigError naming the first problem."""
     check_ranges(config)
+    trackers.check(config)
     for key, allowed in CHOICES.items():
         try:
             value = get(config, key)

@@ -1,4 +1,5 @@
-"""Metrics to `metrics.jsonl`, TensorBoard and the log; `summary.json` at the end.
+"""Metrics to `metrics.jsonl`, TensorBoard, the trackers `config.loggers` names (W&B,
+MLflow: core/trackers.py) and the log; `summary.json` at the end.
 
 Only process 0 writes; the others get a writer that does nothing, so callers need no
 `if process_index == 0` around every call.
@@ -14,17 +15,34 @@ from typing import Any
 
 from absl import logging
 
+from core import trackers as trackers_lib
 from core.files import atomic_write
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """`config` (optional) names the loggers (`config.loggers`, default jsonl and
+    TensorBoard) and is what trackers get as hyper-parameters."""
+
+    def __init__(self, workdir: str, enabled: bool = True, config=None):
         self.workdir = workdir
         self.enabled = enabled
+        self.config = config
+        loggers = (config or {}).get('loggers', 'jsonl,tensorboard')
+        self._names = trackers_lib.parse(loggers) if enabled else ()
         self._tb = None  # opened by truncate_after (the start of a run) or the first write
+        # Opened by the first write: a run found complete (which writes nothing) opens none.
+        self._trackers = None
         self._path = os.path.join(workdir, 'metrics.jsonl')
 
+    def _open_trackers(self) -> list:
+        if self._trackers is None:
+            self._trackers = trackers_lib.open_trackers(self.workdir, self.config or {})
+        return self._trackers
+
     def _open_tensorboard(self, purge_step: int | None = None) -> None:
+        if 'tensorboard' not in self._names:
+            self._tb = _NoTensorBoard()
+            return
         self._tb = _summary_writer()(
             os.path.join(self.workdir, 'tensorboard'), flush_secs=30, purge_step=purge_step
         )
@@ -56,16 +74,32 @@ class MetricWriter:
             self._open_tensorboard()
         for k, v in scalars.items():
             self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+        for tracker in self._open_trackers():
+            tracker.log(int(step), split, {k: float(v) for k, v in scalars.items()})
 
     def write_summary(self, summary: dict) -> None:
         if not self.enabled:
             return
         with atomic_write(os.path.join(self.workdir, 'summary.json')) as f:
             json.dump(summary, f, indent=2, sort_keys=True)
+        for tracker in self._open_trackers():
+            tracker.summary(summary)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers or ():
+            tracker.close()
+
+
+class _NoTensorBoard:
+    """What `config.loggers` without tensorboard writes to TensorBoard: nothing."""
+
+    def add_scalar(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _summary_writer():

@@ -205,6 +205,8 @@ MEANINGS = {
     'stops after N in a row',
     'peak_tflops': 'Peak TFLOP/s per device for MFU where the device kind is not known '
     '(0: the built-in table)',
+    'loggers': 'Where metrics go, comma-separated: jsonl (required), tensorboard, wandb, mlflow '
+    '(docs/outputs.md, Trackers)',
     'overwrite': 'Move a different run in the workdir to previous/<time>/ and start over',
     # --- fine-tuning
     'transfer.freeze_backbone': 'Train only the new head (a linear probe)',

@@ -33,6 +33,7 @@ RESTART_SAFE_KEYS = (
     'parallelism',
     'mesh',
     'peak_tflops',
+    'loggers',
     'data.prefetch',
     'init_from',
     'early_stopping_patience',
@@ -85,6 +86,7 @@ RUN_OUTPUTS = (
     'log.txt',
     'run.json',
     'curves.png',
+    'trackers.json',
 )
 
 

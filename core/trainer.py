@@ -237,7 +237,7 @@ def train_and_evaluate(
         keep=config.keep_checkpoints,
         best_metric=task.metric,
     )
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, config=config)
 
     # Restore: this workdir's own checkpoint (resume); else init_from (params); else scratch.
     start_step, state = restore(run, config, checkpointer, writer)
