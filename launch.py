@@ -25,6 +25,8 @@ STAGES = {
 DRY_RUN = ('pretrain', 'finetune')  # the stages that take --dry_run
 # Single-process tools with their own flags (--from, --to, --input, ...): interop/main.py.
 TOOLS = ('import-hf', 'export-hf', 'embed')
+# `launch.py plot --workdir RUN [RUN ...]`: runs' curves in one PNG (core/plots.py).
+PLOT = 'plot'
 
 
 def _free_port() -> int:
@@ -105,7 +107,9 @@ def absl_main(stage: str, argv: list[str]) -> None:
 
     def main(unused_argv):
         planned = dry_run is not None and dry_run.value
-        cli.run_stage(lambda c, w: run_stage(stage, c, w, planned), config.value, workdir.value)
+        cli.run_stage(
+            lambda c, w: run_stage(stage, c, w, planned), config.value, workdir.value, stage
+        )
 
     app.run(main, argv=[f'launch.py {stage}', *argv])
 
@@ -114,7 +118,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog='launch.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument('stage', choices=[*sorted(STAGES), *TOOLS])
+    parser.add_argument('stage', choices=[*sorted(STAGES), *TOOLS, PLOT])
     parser.add_argument('--local_processes', type=int, default=0)
     parser.add_argument('--coordinator_address', default=None)
     parser.add_argument('--num_processes', type=int, default=None)
@@ -124,6 +128,11 @@ def main(argv: list[str]) -> int:
         from interop import main as tools
 
         return tools.main(argv)
+    if argv and argv[0] == PLOT:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from core import plots
+
+        return plots.main(argv[1:])
     args, rest = parser.parse_known_args(argv)
     if args.local_processes > 1:
         return _spawn_local(args.stage, args.local_processes, rest)

@@ -8,7 +8,6 @@ and the fix (no traceback: `error_message` says which errors are a user's), 124 
 import difflib
 import errno
 import importlib.util
-import logging as pylogging
 import os
 import sys
 import traceback
@@ -16,6 +15,7 @@ import traceback
 from absl import logging
 
 from core import config as config_lib
+from core import runlog
 from core.errors import UserError
 
 __all__ = [
@@ -107,7 +107,7 @@ def fail_with(e: BaseException) -> int:
     message = error_message(e)
     if message is None:
         raise e
-    logging.error('%s', message)
+    logging.error('%s', message, extra={'file_only': True})  # for log.txt
     sys.stderr.write(f'error: {message}\n')
     sys.stderr.flush()
     return 1
@@ -116,7 +116,7 @@ def fail_with(e: BaseException) -> int:
 def interrupted(what: str) -> int:
     """Ctrl-C: a line saying so instead of a traceback; returns exit code 130 (the shell's
     for SIGINT)."""
-    logging.warning('interrupted (Ctrl-C)')
+    logging.warning('interrupted (Ctrl-C)', extra={'file_only': True})
     sys.stderr.write(f'interrupted (Ctrl-C): {what}\n')
     sys.stderr.flush()
     return 130
@@ -127,21 +127,16 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Keeps Orbax's and Grain's per-operation INFO lines out of the run's log."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax'))
-        return record.levelno >= pylogging.WARNING or not noisy
-
-
 def setup_logging() -> None:
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    """Concise lines on stderr, quiet libraries, records held for WORKDIR/log.txt
+    (core/runlog.py)."""
+    runlog.setup(logging.INFO)
 
 
-def run_stage(fn, config, workdir: str) -> dict:
+def run_stage(fn, config, workdir: str, stage: str | None = None) -> dict:
     setup_logging()
+    if stage is not None:  # what runs, before anything slow
+        logging.info('%s', runlog.start_line(stage, config, workdir, sys.argv[1:]))
     try:
         return fn(config, workdir)
     except KeyboardInterrupt:
