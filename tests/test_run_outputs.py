@@ -152,3 +152,21 @@ def test_reading_a_checkpoint_prints_no_orbax_metadata_warning(run, tmp_path):
     r = launch('export-hf', '--from', run[0], '--to', str(tmp_path / 'hf'))
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'Metadata file does not exist' not in r.stderr
+
+
+def test_tensorboard_is_installable_from_the_project_files():
+    """TensorBoard, the viewer of WORKDIR/tensorboard, is an optional pinned install
+    (requirements-tensorboard.txt), documented wherever `tensorboard --logdir` is; the core
+    and CI do not depend on it."""
+    from tests.conftest import ROOT
+
+    with open(os.path.join(ROOT, 'requirements-tensorboard.txt')) as f:
+        pins = [line.split('#')[0].strip() for line in f]
+    assert any(re.fullmatch(r'tensorboard==[\d.]+', pin) for pin in pins), pins
+    with open(os.path.join(ROOT, 'requirements.txt')) as f:
+        assert not re.search(r'^tensorboard\b', f.read(), re.M)
+    for doc in ('README.md', 'docs/outputs.md'):
+        with open(os.path.join(ROOT, doc)) as f:
+            text = f.read()
+        assert 'tensorboard --logdir' in text, doc
+        assert 'pip install -r requirements-tensorboard.txt' in text, doc
