@@ -107,7 +107,7 @@ def fail_with(e: BaseException) -> int:
     message = error_message(e)
     if message is None:
         raise e
-    logging.error('%s', message, extra={'file_only': True})  # for log.txt
+    logging.error('%s', message, extra=runlog.ONLY)  # for log.txt
     sys.stderr.write(f'error: {message}\n')
     sys.stderr.flush()
     return 1
@@ -116,7 +116,7 @@ def fail_with(e: BaseException) -> int:
 def interrupted(what: str) -> int:
     """Ctrl-C: a line saying so instead of a traceback; returns exit code 130 (the shell's
     for SIGINT)."""
-    logging.warning('interrupted (Ctrl-C)', extra={'file_only': True})
+    logging.warning('interrupted (Ctrl-C)', extra=runlog.ONLY)
     sys.stderr.write(f'interrupted (Ctrl-C): {what}\n')
     sys.stderr.flush()
     return 130
@@ -133,13 +133,24 @@ def setup_logging() -> None:
     runlog.setup(logging.INFO)
 
 
+REPORTED = ('pretrain', 'finetune')  # the stages whose end is reported on stdout
+
+
 def run_stage(fn, config, workdir: str, stage: str | None = None) -> dict:
+    """Runs a stage's `fn(config, workdir)` with its logging set up, a start-up line first
+    and the report of a training run last; a user's error or Ctrl-C exits with its code."""
     setup_logging()
     if stage is not None:  # what runs, before anything slow
         logging.info('%s', runlog.start_line(stage, config, workdir, sys.argv[1:]))
     try:
-        return fn(config, workdir)
+        result = fn(config, workdir)
     except KeyboardInterrupt:
         sys.exit(interrupted('the run stops here; rerun the same command to resume it'))
     except Exception as e:  # a user's error exits 1 with its message; a bug re-raises
         sys.exit(fail_with(e))
+    if stage in REPORTED and isinstance(result, dict) and 'completed' in result:
+        import jax  # (loaded by the run)
+
+        if jax.process_index() == 0:  # what the run reached and where its files are
+            print(runlog.report(result, workdir, config.total_steps), flush=True)
+    return result

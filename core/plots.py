@@ -15,6 +15,7 @@ from typing import IO
 
 import numpy as np
 
+from core import runlog
 from core.errors import UserError
 from core.files import atomic_write
 from core.metrics import read_metrics
@@ -81,12 +82,9 @@ def _run_metric(workdir: str) -> str | None:
     """The task metric of a finished run (summary.json's best_<metric>)."""
     try:
         with open(os.path.join(workdir, 'summary.json')) as f:
-            summary = json.load(f)
+            return runlog.summary_metric(json.load(f))
     except (OSError, ValueError):
         return None
-    not_metrics = ('best_step', 'best_checkpoint_step')
-    names = [k[len('best_') :] for k in summary if k.startswith('best_') and k not in not_metrics]
-    return names[0] if names else None
 
 
 def _labels(workdirs: list[str]) -> list[str]:

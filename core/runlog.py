@@ -27,6 +27,7 @@ from core.files import atomic_write
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy')
 LOG_FILE, RUN_FILE = 'log.txt', 'run.json'
+ONLY = {'file_only': True}  # logging's `extra` of a record kept off stderr (in log.txt only)
 
 
 class Concise(pylogging.Formatter):
@@ -120,6 +121,9 @@ def log_file(workdir: str, enabled: bool = True) -> Iterator[None]:
     root.addHandler(handler)
     try:
         yield
+    except BaseException as e:  # what stopped the run, traceback and all, for log.txt only
+        logging.error('the run stopped: %s: %s', type(e).__name__, e, exc_info=True, extra=ONLY)
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -204,10 +208,19 @@ def record_start(workdir: str, start_step: int) -> dict:
     return entry
 
 
-def report(summary: dict, workdir: str, total_steps: int, metric: str) -> str:
+def summary_metric(summary: dict) -> str | None:
+    """The task metric of a run's summary (its `best_<metric>`)."""
+    not_metrics = ('best_step', 'best_checkpoint_step')
+    names = [k[len('best_') :] for k in summary if k.startswith('best_') and k not in not_metrics]
+    return names[0] if names else None
+
+
+def report(summary: dict, workdir: str, total_steps: int) -> str:
     """The run's end in a few lines: steps, wall time, final and best eval figures, test
     figures, and where its files are."""
     from core.metrics import format_duration
+
+    metric = summary_metric(summary)
 
     status = 'completed' if summary.get('completed') else 'stopped'
     if summary.get('early_stopped'):

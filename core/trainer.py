@@ -263,10 +263,7 @@ def _train(
         logging.info('the run in %s is already complete (step %d)', workdir, start_step)
         checkpointer.close()
         task.close()
-        summary = _read_summary(workdir)
-        if is_main:
-            print(runlog.report(summary, workdir, config.total_steps, task.metric), flush=True)
-        return summary
+        return _read_summary(workdir)
     # The run continues: config.json takes the restart-safe keys that changed (recorded).
     if 'total_steps' in run.plan.changed and start_step:
         old_total = run.plan.changed['total_steps'][0]
@@ -361,8 +358,6 @@ def _train(
             _draw_curves(workdir, task.metric)
         writer.write_summary(summary)
     writer.close()
-    if is_main:
-        print(runlog.report(summary, workdir, config.total_steps, task.metric), flush=True)
     return summary
 
 
