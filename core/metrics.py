@@ -15,6 +15,7 @@ from typing import Any
 from absl import logging
 
 from core.files import atomic_write
+from core.runlog import LiveBar
 
 
 class MetricWriter:
@@ -129,8 +130,15 @@ class Progress:
     remaining steps times the mean wall seconds per step since the clock started.
     """
 
-    def __init__(self, start_step: int, total_steps: int, sync: Callable[[], Any] = lambda: None):
+    def __init__(
+        self,
+        start_step: int,
+        total_steps: int,
+        sync: Callable[[], Any] = lambda: None,
+        live: bool = False,
+    ):
         self.total_steps = total_steps
+        self.bar = LiveBar(total_steps, enabled=live)  # on a terminal only: `tick`
         self._sync = sync
         self._seconds = 0.0  # on the clock, up to its last stop
         self._running_since: float | None = None
@@ -177,10 +185,18 @@ class Progress:
         since = max(self._reported[0], self._first[0]) if self._first else step
         per_step = (now - self._reported[1]) / (step - since) if step > since else None
         self._reported = (step, now)
+        return per_step, self.eta(step)
+
+    def eta(self, step: int) -> float | None:
+        """Estimated wall seconds to the end; None before any step was timed."""
         if self._first is None or step <= self._first[0]:
-            return per_step, None
+            return None
         wall = (time.perf_counter() - self._first[1]) / (step - self._first[0])
-        return per_step, wall * (self.total_steps - step)
+        return wall * (self.total_steps - step)
+
+    def tick(self, step: int) -> None:
+        """`step` is dispatched: the live bar (a terminal's only) redrawn."""
+        self.bar.update(step, self.eta(step))
 
     def log(self, step: int, row: dict, eta: float | None) -> None:
         """One line: `step 20/100 | loss 6.93 | <task metrics> | grad_norm 1.6 | lr 1e-04 |

@@ -30,10 +30,20 @@ LOG_FILE, RUN_FILE = 'log.txt', 'run.json'
 ONLY = {'file_only': True}  # logging's `extra` of a record kept off stderr (in log.txt only)
 
 
+_CLEAR = '\r\x1b[K'  # to the start of the line, erased: a live bar's line is free again
+_bar_shown: list = []  # [the stream] while a LiveBar's line is on it
+
+
 class Concise(pylogging.Formatter):
-    """The message alone; a warning or an error keeps a mark."""
+    """The message alone; a warning or an error keeps a mark. A live bar on the terminal
+    is cleared first (the next step redraws it under the record)."""
 
     def format(self, record: pylogging.LogRecord) -> str:
+        clear = _CLEAR if _bar_shown else ''
+        _bar_shown.clear()
+        return clear + self._format(record)
+
+    def _format(self, record: pylogging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info:
             message += '\n' + self.formatException(record.exc_info)
@@ -42,6 +52,47 @@ class Concise(pylogging.Formatter):
         if record.levelno >= pylogging.WARNING:
             return f'warning: {message}'
         return message
+
+
+class LiveBar:
+    """On a terminal, a status line redrawn in place at most every `min_interval` seconds:
+    `[######......] 13/100 | eta 40s`. Off when the stream is not a terminal (a file, a
+    pipe, CI) or absl's prefixed lines were asked for; log records clear it (Concise)."""
+
+    WIDTH = 24
+
+    def __init__(self, total: int, stream=None, min_interval: float = 0.2, enabled=True):
+        self.total, self.stream = max(total, 1), stream or sys.stderr
+        self.min_interval = min_interval
+        isatty = getattr(self.stream, 'isatty', lambda: False)
+        self.enabled = enabled and isatty() and not _prefixed()
+        self._last = -float('inf')
+
+    def update(self, step: int, eta: float | None) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < self.min_interval and step < self.total):
+            return
+        from core.metrics import format_duration
+
+        self._last = now
+        filled = self.WIDTH * min(step, self.total) // self.total
+        text = f'[{"#" * filled}{"." * (self.WIDTH - filled)}] {step}/{self.total}'
+        if eta is not None:
+            text += f' | eta {format_duration(eta)}'
+        self.stream.write(_CLEAR + text)
+        self.stream.flush()
+        _bar_shown[:] = [self.stream]
+
+    def close(self) -> None:
+        """The bar's line erased (the report and any later line start clean)."""
+        if self.enabled and _bar_shown:
+            self.stream.write(_CLEAR)
+            self.stream.flush()
+            _bar_shown.clear()
+
+
+def _prefixed() -> bool:
+    return os.environ.get('PRETRAX_LOG_PREFIX', '') in ('1', 'true')
 
 
 class Quiet(pylogging.Filter):
@@ -91,7 +142,7 @@ def setup(verbosity: int = logging.INFO) -> None:
     handler = logging.get_absl_handler()
     if not any(isinstance(f, Quiet) for f in handler.filters):
         handler.addFilter(Quiet(stderr=True))
-    if os.environ.get('PRETRAX_LOG_PREFIX', '') not in ('1', 'true'):
+    if not _prefixed():
         handler.setFormatter(Concise())
     absl_logger = logging.get_absl_logger()
     if not any(isinstance(f, OrbaxMetadataWarning) for f in absl_logger.filters):

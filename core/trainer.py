@@ -296,6 +296,7 @@ def _train(
                     state, metrics = stepper.train(state, batch, run.dropout_rng)
                 track.rows.add(metrics)
                 track.watchdog.ping()
+                track.progress.tick(step)
                 due_eval = step % config.eval_every == 0 or step == config.total_steps
                 due_save = step % config.checkpoint_every == 0 or step == config.total_steps
                 boundary = step % config.log_every == 0 or due_save or due_eval
@@ -318,6 +319,7 @@ def _train(
                     logging.warning('SIGTERM: saved step %d; exiting to be restarted', step)
                     break
     finally:
+        track.progress.bar.close()
         compiling.close()
         track.watchdog.stop()
         checkpointer.close()

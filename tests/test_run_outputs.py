@@ -50,6 +50,7 @@ def run(tmp_path_factory, pydoc_vocab):
 def test_a_run_prints_concise_lines_a_start_line_and_a_report(run):
     workdir, r, _, summary = run
     assert not ABSL_PREFIX.search(r.stderr), r.stderr[:2000]
+    assert '\r' not in r.stderr  # no live bar: stderr is not a terminal
     lines = r.stderr.splitlines()
     # Before anything slow: what runs, and where.
     assert lines[0].startswith('pretrain mlm'), lines[:3]
@@ -170,3 +171,29 @@ def test_tensorboard_is_installable_from_the_project_files():
             text = f.read()
         assert 'tensorboard --logdir' in text, doc
         assert 'pip install -r requirements-tensorboard.txt' in text, doc
+
+
+def test_a_terminal_gets_a_live_bar_that_log_lines_clear():
+    import io
+    import logging
+
+    from core import runlog
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
+    bar = runlog.LiveBar(10, stream=tty, min_interval=0.0)
+    bar.update(5, 3.0)
+    assert tty.getvalue() == '\r\x1b[K[############............] 5/10 | eta 3s'
+    record = logging.LogRecord('x', logging.INFO, 'x.py', 1, 'step 5/10 | loss 2', (), None)
+    assert runlog.Concise().format(record) == '\r\x1b[Kstep 5/10 | loss 2'  # the bar cleared
+    assert runlog.Concise().format(record) == 'step 5/10 | loss 2'  # and gone until redrawn
+    bar.update(10, None)
+    bar.close()
+    assert tty.getvalue().endswith('] 10/10\r\x1b[K')
+    # Not a terminal (a file, a pipe, CI): nothing.
+    piped = io.StringIO()
+    runlog.LiveBar(10, stream=piped, min_interval=0.0).update(5, 3.0)
+    assert piped.getvalue() == ''
