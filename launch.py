@@ -35,6 +35,8 @@ DRY_RUN = ('pretrain', 'finetune')  # the stages that take --dry_run
 TOOLS = ('import-hf', 'export-hf', 'embed')
 # Commands that print what the configs are (core/reference.py); nothing runs.
 INFO = ('config', 'list')
+# `launch.py plot --workdir RUN [RUN ...]`: runs' curves in one PNG (core/plots.py).
+PLOT = 'plot'
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -135,7 +137,9 @@ def absl_main(stage: str, argv: list[str], saved=None) -> None:
 
     def main(unused_argv):
         planned = dry_run is not None and dry_run.value
-        cli.run_stage(lambda c, w: run_stage(stage, c, w, planned), config.value, workdir.value)
+        cli.run_stage(
+            lambda c, w: run_stage(stage, c, w, planned), config.value, workdir.value, stage
+        )
 
     app.run(main, argv=[f'launch.py {stage}', *argv])
 
@@ -231,7 +235,7 @@ def info(command: str, argv: list[str]) -> int:
 
 def unknown_command(command: str) -> int:
     """A mistyped command: one line with the closest ones; exit code 2 (as argparse's)."""
-    known = [*STAGES, *INFO, *TOOLS]
+    known = [*STAGES, *INFO, PLOT, *TOOLS]
     close = difflib.get_close_matches(command, known, n=2)
     hint = f'did you mean {" or ".join(close)}? ' if close else ''
     sys.stderr.write(
@@ -247,7 +251,7 @@ def main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,  # --help after a stage is the stage's (stage_help)
     )
-    parser.add_argument('stage', metavar='{' + ','.join([*STAGES, *INFO, *TOOLS]) + '}')
+    parser.add_argument('stage', metavar='{' + ','.join([*STAGES, *INFO, PLOT, *TOOLS]) + '}')
     parser.add_argument('-h', '--help', action='store_true', help='show this help and exit')
     parser.add_argument(
         '--local_processes', type=int, default=0, metavar='N', help='N processes on this machine'
@@ -264,6 +268,10 @@ def main(argv: list[str]) -> int:
         return tools.main(argv)
     if argv and argv[0] in INFO:
         return info(argv[0], argv[1:])
+    if argv and argv[0] == PLOT:
+        from core import plots
+
+        return plots.main(argv[1:])
     if not argv or argv[0] in ('-h', '--help'):
         parser.print_help(sys.stdout if argv else sys.stderr)
         return 0 if argv else 2

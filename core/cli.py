@@ -7,7 +7,6 @@ and the fix (no traceback: `error_message` says which errors are a user's), 124 
 
 import difflib
 import errno
-import logging as pylogging
 import os
 import sys
 import traceback
@@ -15,7 +14,7 @@ import traceback
 from absl import logging
 
 from core import config as config_lib
-from core import reference
+from core import reference, runlog
 from core.errors import UserError
 
 __all__ = [
@@ -117,7 +116,7 @@ def fail_with(e: BaseException) -> int:
     message = error_message(e)
     if message is None:
         raise e
-    logging.error('%s', message)
+    logging.error('%s', message, extra=runlog.ONLY)  # for log.txt
     sys.stderr.write(f'error: {message}\n')
     sys.stderr.flush()
     return 1
@@ -126,7 +125,7 @@ def fail_with(e: BaseException) -> int:
 def interrupted(what: str) -> int:
     """Ctrl-C: a line saying so instead of a traceback; returns exit code 130 (the shell's
     for SIGINT)."""
-    logging.warning('interrupted (Ctrl-C)')
+    logging.warning('interrupted (Ctrl-C)', extra=runlog.ONLY)
     sys.stderr.write(f'interrupted (Ctrl-C): {what}\n')
     sys.stderr.flush()
     return 130
@@ -137,24 +136,30 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Keeps Orbax's and Grain's per-operation INFO lines out of the run's log."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax'))
-        return record.levelno >= pylogging.WARNING or not noisy
-
-
 def setup_logging() -> None:
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    """Concise lines on stderr, quiet libraries, records held for WORKDIR/log.txt
+    (core/runlog.py)."""
+    runlog.setup(logging.INFO)
 
 
-def run_stage(fn, config, workdir: str) -> dict:
+REPORTED = ('pretrain', 'finetune')  # the stages whose end is reported on stdout
+
+
+def run_stage(fn, config, workdir: str, stage: str | None = None) -> dict:
+    """Runs a stage's `fn(config, workdir)` with its logging set up, a start-up line first
+    and the report of a training run last; a user's error or Ctrl-C exits with its code."""
     setup_logging()
+    if stage is not None:  # what runs, before anything slow
+        logging.info('%s', runlog.start_line(stage, config, workdir, sys.argv[1:]))
     try:
-        return fn(config, workdir)
+        result = fn(config, workdir)
     except KeyboardInterrupt:
         sys.exit(interrupted('the run stops here; rerun the same command to resume it'))
     except Exception as e:  # a user's error exits 1 with its message; a bug re-raises
         sys.exit(fail_with(e))
+    if stage in REPORTED and isinstance(result, dict) and 'completed' in result:
+        import jax  # (loaded by the run)
+
+        if jax.process_index() == 0:  # what the run reached and where its files are
+            print(runlog.report(result, workdir, config.total_steps), flush=True)
+    return result

@@ -258,7 +258,10 @@ class Trackers:
             config.watchdog_secs, stacks_path=os.path.join(workdir, stacks)
         )
         self.progress = metrics_lib.Progress(
-            start_step, config.total_steps, sync=lambda: jax.block_until_ready(self.rows.pending)
+            start_step,
+            config.total_steps,
+            sync=lambda: jax.block_until_ready(self.rows.pending),
+            live=jax.process_index() == 0,
         )
         self.pauses = Pauses(self.watchdog, self.progress)
         self.clock = TrainClock(train_time_at(workdir, start_step))

@@ -17,6 +17,7 @@ from absl import logging
 
 from core import trackers as trackers_lib
 from core.files import atomic_write
+from core.runlog import LiveBar
 
 
 class MetricWriter:
@@ -163,8 +164,15 @@ class Progress:
     remaining steps times the mean wall seconds per step since the clock started.
     """
 
-    def __init__(self, start_step: int, total_steps: int, sync: Callable[[], Any] = lambda: None):
+    def __init__(
+        self,
+        start_step: int,
+        total_steps: int,
+        sync: Callable[[], Any] = lambda: None,
+        live: bool = False,
+    ):
         self.total_steps = total_steps
+        self.bar = LiveBar(total_steps, enabled=live)  # on a terminal only: `tick`
         self._sync = sync
         self._seconds = 0.0  # on the clock, up to its last stop
         self._running_since: float | None = None
@@ -211,19 +219,54 @@ class Progress:
         since = max(self._reported[0], self._first[0]) if self._first else step
         per_step = (now - self._reported[1]) / (step - since) if step > since else None
         self._reported = (step, now)
+        return per_step, self.eta(step)
+
+    def eta(self, step: int) -> float | None:
+        """Estimated wall seconds to the end; None before any step was timed."""
         if self._first is None or step <= self._first[0]:
-            return per_step, None
+            return None
         wall = (time.perf_counter() - self._first[1]) / (step - self._first[0])
-        return per_step, wall * (self.total_steps - step)
+        return wall * (self.total_steps - step)
+
+    def tick(self, step: int) -> None:
+        """`step` is dispatched: the live bar (a terminal's only) redrawn."""
+        self.bar.update(step, self.eta(step))
 
     def log(self, step: int, row: dict, eta: float | None) -> None:
-        shown = ' | '.join(
-            f'{k} {v:.4g}' for k, v in row.items() if k not in ('step', 'split', 'learning_rate')
-        )
-        logging.info(
-            'step %d/%d | %s | eta %s',
-            step,
-            self.total_steps,
-            shown,
-            format_duration(eta) if eta is not None else '-',
-        )
+        """One line: `step 20/100 | loss 6.93 | <task metrics> | grad_norm 1.6 | lr 1e-04 |
+        1939 ex/s | eta 1m05s`; tokens/s, step time and the rest are in metrics.jsonl."""
+        logging.info('%s', log_line(step, self.total_steps, row, eta))
+
+
+# Train-row keys the log line shows in its own words (or leaves to metrics.jsonl).
+_SHOWN_APART = (
+    'step',
+    'split',
+    'loss',
+    'grad_norm',
+    'learning_rate',
+    'examples_per_sec',
+    'tokens_per_sec',
+    'step_time_ms',
+    'mfu',
+    'skipped_steps',
+)
+
+
+def log_line(step: int, total_steps: int, row: dict, eta: float | None) -> str:
+    parts = [f'step {step}/{total_steps}']
+    if 'loss' in row:
+        parts.append(f'loss {row["loss"]:.4g}')
+    parts += [f'{k} {v:.4g}' for k, v in row.items() if k not in _SHOWN_APART]
+    if 'grad_norm' in row:
+        parts.append(f'grad_norm {row["grad_norm"]:.3g}')
+    if 'learning_rate' in row:
+        parts.append(f'lr {row["learning_rate"]:.3g}')
+    if 'examples_per_sec' in row:
+        parts.append(f'{row["examples_per_sec"]:.4g} ex/s')
+    if 'mfu' in row:
+        parts.append(f'mfu {row["mfu"]:.1%}')
+    if row.get('skipped_steps'):
+        parts.append(f'skipped {int(row["skipped_steps"])}')
+    parts.append(f'eta {format_duration(eta)}' if eta is not None else 'eta -')
+    return ' | '.join(parts)

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
-from core import loop, optim, recipe, rundir, selection
+from core import loop, optim, recipe, rundir, runlog, selection
 from core import metrics as metrics_lib
 from core import sharding as sharding_lib
 from core import step as step_lib
@@ -229,6 +229,15 @@ def train_and_evaluate(
     started = time.time()
     # Set-up: checks, mesh, task, optimizer, step; a new run's workdir written.
     run = set_up(config, workdir, stage, tasks=tasks)
+    # The workdir is settled (an overwritten run moved aside): log.txt takes the log.
+    with runlog.log_file(workdir, enabled=jax.process_index() == 0):
+        return _train(run, config, workdir, stage, started)
+
+
+def _train(
+    run: RunSetup, config: ml_collections.ConfigDict, workdir: str, stage: str, started: float
+) -> dict:
+    """train_and_evaluate once the run is set up: restore, loop, test, summary."""
     task, stepper, train_iter = run.task, run.stepper, run.task.train_iter
     is_main = jax.process_index() == 0
     checkpointer = ckpt_lib.Checkpointer(
@@ -241,6 +250,8 @@ def train_and_evaluate(
 
     # Restore: this workdir's own checkpoint (resume); else init_from (params); else scratch.
     start_step, state = restore(run, config, checkpointer, writer)
+    if is_main:
+        runlog.record_start(workdir, start_step)  # run.json: command, versions, devices
     num_params = state_lib.count_params(state.params)
     logging.info(
         'model: %.2fM parameters; mesh %s; %s over %d devices, %d processes',
@@ -287,6 +298,7 @@ def train_and_evaluate(
                     state, metrics = stepper.train(state, batch, run.dropout_rng)
                 track.rows.add(metrics)
                 track.watchdog.ping()
+                track.progress.tick(step)
                 due_eval = step % config.eval_every == 0 or step == config.total_steps
                 due_save = step % config.checkpoint_every == 0 or step == config.total_steps
                 boundary = step % config.log_every == 0 or due_save or due_eval
@@ -309,6 +321,7 @@ def train_and_evaluate(
                     logging.warning('SIGTERM: saved step %d; exiting to be restarted', step)
                     break
     finally:
+        track.progress.bar.close()
         compiling.close()
         track.watchdog.stop()
         checkpointer.close()
@@ -345,9 +358,22 @@ def train_and_evaluate(
         last = track.history.rows[-1]['step']
         logging.warning('%s', loop.collapse_message(config, collapsed, last))
     if not preempted:
+        if is_main:
+            _draw_curves(workdir, task.metric)
         writer.write_summary(summary)
     writer.close()
     return summary
+
+
+def _draw_curves(workdir: str, metric: str) -> None:
+    """WORKDIR/curves.png: train loss, learning rate and the eval metric against steps.
+    A picture that cannot be drawn costs the run a warning, not its summary."""
+    from core import plots  # (matplotlib: loaded at the end only)
+
+    try:
+        plots.curves(workdir, metric)
+    except Exception as e:  # noqa: BLE001 - the run's results stand without the picture
+        logging.warning('curves.png not drawn: %s: %s', type(e).__name__, e)
 
 
 def _eval_summary(task: Task, history: loop.EvalHistory, best_checkpoint: int | None) -> dict:

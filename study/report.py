@@ -13,11 +13,11 @@ import csv
 import json
 import math
 import os
-from typing import IO
 
 import numpy as np
 from scipy import stats
 
+from core import plots
 from core.files import atomic_write
 
 CONFIDENCE = 0.95
@@ -178,74 +178,6 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
     return '\n'.join(lines)
 
 
-def _error_bars(rows: list[dict], mean: str, low: str, high: str) -> np.ndarray:
-    """[2, n] distances from the mean to the interval's ends (0 where there is none)."""
-    return np.array(
-        [
-            [0.0 if t[low] is None else t[mean] - t[low] for t in rows],
-            [0.0 if t[high] is None else t[high] - t[mean] for t in rows],
-        ]
-    )
-
-
-def plot(out: str | IO, table: list[dict], metric: str, target: float, title: str) -> None:
-    """Left: the test metric against labelled examples (log scale), one line per arm, 95%
-    intervals over seeds as error bars. Right (when the study has a scratch arm): each
-    arm's paired difference to scratch, with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    arms = list(dict.fromkeys(t['arm'] for t in table))
-    colour = {arm: f'C{i}' for i, arm in enumerate(arms)}  # an arm's colour in both panels
-    compared = [a for a in arms if a != 'scratch' and 'scratch' in arms]
-    fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(11 if compared else 6.4, 4.2))
-    axes = np.atleast_1d(axes)
-    ax = axes[0]
-    for arm in arms:
-        rows = sorted((t for t in table if t['arm'] == arm), key=lambda t: t['budget'])
-        x = [t['train_examples'] or t['budget'] for t in rows]
-        yerr = _error_bars(rows, 'test_mean', 'test_ci_low', 'test_ci_high')
-        means = [t['test_mean'] for t in rows]
-        ax.errorbar(x, means, yerr=yerr, marker='o', capsize=3, label=arm, color=colour[arm])
-    ax.axhline(target, color='gray', linestyle=':', linewidth=1, label=f'target {target:g}')
-    ax.set_xscale('log')
-    ax.set_xlabel('labelled training examples')
-    ax.set_ylabel(f'test {metric} (mean, 95% CI over seeds)')
-    ax.set_title(title)
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend()
-    if compared:
-        ax = axes[1]
-        for arm in compared:
-            rows = sorted(
-                (t for t in table if t['arm'] == arm and t['diff_vs_scratch'] is not None),
-                key=lambda t: t['budget'],
-            )
-            x = [t['train_examples'] or t['budget'] for t in rows]
-            yerr = _error_bars(rows, 'diff_vs_scratch', 'diff_ci_low', 'diff_ci_high')
-            ax.errorbar(
-                x,
-                [t['diff_vs_scratch'] for t in rows],
-                yerr=yerr,
-                marker='o',
-                capsize=3,
-                label=f'{arm} - scratch',
-                color=colour[arm],
-            )
-        ax.axhline(0.0, color='gray', linewidth=1)
-        ax.set_xscale('log')
-        ax.set_xlabel('labelled training examples')
-        ax.set_ylabel(f'paired test {metric} difference (95% CI)')
-        ax.set_title('against scratch, same seeds')
-        ax.grid(True, which='both', alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, format='png', dpi=120)
-    plt.close(fig)
-
-
 def write(workdir: str, result: dict) -> None:
     """study.json (everything), study.csv (the table), study.png; each replaced atomically."""
     with atomic_write(os.path.join(workdir, 'study.json')) as f:
@@ -256,4 +188,4 @@ def write(workdir: str, result: dict) -> None:
         writer.writerows({k: t[k] for k in COLUMNS} for t in result['table'])
     title = f'{result["study"]}: pretrained vs from scratch'
     with atomic_write(os.path.join(workdir, 'study.png'), 'wb') as f:
-        plot(f, result['table'], result['metric'], result['target'], title)
+        plots.study(f, result['table'], result['metric'], result['target'], title)

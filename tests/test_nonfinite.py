@@ -98,6 +98,12 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert step == kept
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
     assert not os.path.exists(os.path.join(workdir, 'checkpoints', str(bad)))
+    # The error is said once on stderr; log.txt keeps it with its traceback.
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'non-finite at step' in errors[0], r.stderr[-2000:]
+    with open(os.path.join(workdir, 'log.txt')) as f:
+        log = f.read()
+    assert 'the run stopped: NonFiniteLossError' in log and 'Traceback' in log
 
 
 @pytest.mark.slow  # the skip itself is checked step by step above

@@ -177,7 +177,11 @@ def test_no_readable_step_says_so_and_moves_nothing(tmp_path, finished, pydoc_vo
     assert 'step 2: data-iterator state: ' in r.stderr
     assert 'process_0-of-1.json is not a JSON data state (Expecting value' in r.stderr
     assert '--config.overwrite=true' in r.stderr
-    assert tree_digest(workdir) == before
+    # Nothing moved or changed; log.txt, the run's log, only gained this start's lines.
+    after = tree_digest(workdir)
+    assert after.pop('log.txt') != before.pop('log.txt') and after == before
+    with open(workdir / 'log.txt') as f:
+        assert 'the run stopped: CheckpointError' in f.read()
 
 
 def test_two_processes_agree_on_the_step_they_resume(tmp_path, finished, pydoc_vocab):

@@ -3,7 +3,6 @@ row and the summary of a run; a restart of the workdir logs into the same run; a
 or missing logger is a one-line error."""
 
 import glob
-import importlib.util
 import json
 import os
 import struct
@@ -13,12 +12,6 @@ import sys
 import pytest
 
 from tests.conftest import SMALL_RUN, launch
-
-# CI installs both (requirements-test.txt); found, not imported, to keep collection quick.
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ('wandb', 'mlflow')),
-    reason='pip install -r requirements-trackers.txt',
-)
 
 RUN = [
     'pretrain',
