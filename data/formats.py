@@ -38,7 +38,7 @@ def is_dataset_dir(path: str) -> bool:
 def match_files(pattern: str) -> list[str]:
     """Sorted paths matching `pattern` (comma-separated globs): files, and `save_to_disk`
     directories; DataError when none match."""
-    paths = sorted(
+    matched = sorted(
         {
             p
             for part in pattern.split(',')
@@ -46,7 +46,13 @@ def match_files(pattern: str) -> list[str]:
             for p in glob.glob(part.strip(), recursive=True)
         }
     )
-    paths = [p for p in paths if os.path.isfile(p) or is_dataset_dir(p)]
+    paths = [p for p in matched if os.path.isfile(p) or is_dataset_dir(p)]
+    folders = [p for p in matched if os.path.isdir(p)]
+    if not paths and folders:
+        raise DataError(
+            f'{folders[0]} is a directory, not a data file (nor a `datasets` save_to_disk '
+            f'directory); give the files in it, e.g. {os.path.join(folders[0], "*.txt")!r}'
+        )
     if not paths:
         raise DataError(
             f'no files match {pattern!r}; check the path in --config.data.files (or '

@@ -95,7 +95,8 @@ def case(tmp_path, text_run, exported, name):
     if name == 'data file that is a directory':
         os.makedirs(t / 'corpus.txt')
         return [*pretrain, f'--config.data.files={t}/corpus.txt'], (
-            f'{t}/corpus.txt: Is a directory (IsADirectoryError); check that path'
+            f'{t}/corpus.txt is a directory, not a data file (nor a `datasets` save_to_disk '
+            f"directory); give the files in it, e.g. '{t}/corpus.txt/*.txt'"
         )
     if name == 'workdir under a file':
         write(t / 'file', 'x')
