@@ -182,7 +182,7 @@ def log_file(workdir: str, enabled: bool = True) -> Iterator[None]:
 
 def start_line(stage: str, config, workdir: str, argv: list[str]) -> str:
     """`pretrain mlm: configs/bert_mlm.py:tiny (+3 overrides) -> WORKDIR`."""
-    spec = '?'
+    spec = os.path.join(workdir, 'config.json')  # no --config: evaluate reads the run's
     for i, arg in enumerate(argv):
         if arg == '--config' and i + 1 < len(argv):
             spec = argv[i + 1]
@@ -295,7 +295,8 @@ def report(summary: dict, workdir: str, total_steps: int) -> str:
     }
     if test:
         shown = ' | '.join(f'{k} {v:.4f}' for k, v in test.items())
-        lines.append(f'  test (checkpoint {summary.get("test_step")}): {shown}')
+        step = summary.get('test_step')
+        lines.append(f'  test (step {step}, the kept checkpoint best on validation): {shown}')
     workdir = os.path.abspath(workdir)
     for label, name in (
         ('summary', 'summary.json'),
