@@ -150,7 +150,9 @@ def run_stage(fn, config, workdir: str, stage: str | None = None) -> dict:
     and the report of a training run last; a user's error or Ctrl-C exits with its code."""
     setup_logging()
     if stage is not None:  # what runs, before anything slow
-        logging.info('%s', runlog.start_line(stage, config, workdir, sys.argv[1:]))
+        argv = sys.argv[1:]
+        spec = argv_value(argv, '--config')
+        logging.info('%s', runlog.start_line(stage, config, workdir, argv, spec))
     try:
         result = fn(config, workdir)
     except KeyboardInterrupt:

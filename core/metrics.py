@@ -229,8 +229,10 @@ class Progress:
         return wall * (self.total_steps - step)
 
     def tick(self, step: int) -> None:
-        """`step` is dispatched: the live bar (a terminal's only) redrawn."""
-        self.bar.update(step, self.eta(step))
+        """`step` is dispatched: the live bar (a terminal's only) redrawn; nothing to
+        compute per step elsewhere."""
+        if self.bar.enabled:
+            self.bar.update(step, self.eta(step))
 
     def log(self, step: int, row: dict, eta: float | None) -> None:
         """One line: `step 20/100 | loss 6.93 | <task metrics> | grad_norm 1.6 | lr 1e-04 |

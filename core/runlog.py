@@ -180,14 +180,10 @@ def log_file(workdir: str, enabled: bool = True) -> Iterator[None]:
         handler.close()
 
 
-def start_line(stage: str, config, workdir: str, argv: list[str]) -> str:
-    """`pretrain mlm: configs/bert_mlm.py:tiny (+3 overrides) -> WORKDIR`."""
-    spec = os.path.join(workdir, 'config.json')  # no --config: evaluate reads the run's
-    for i, arg in enumerate(argv):
-        if arg == '--config' and i + 1 < len(argv):
-            spec = argv[i + 1]
-        elif arg.startswith('--config='):
-            spec = arg[len('--config=') :]
+def start_line(stage: str, config, workdir: str, argv: list[str], spec: str | None) -> str:
+    """`pretrain mlm: configs/bert_mlm.py:tiny (+3 overrides) -> WORKDIR`; `spec` is the
+    --config value (None: evaluate reads the run's own config.json)."""
+    spec = spec or os.path.join(workdir, 'config.json')
     overrides = sum(a.startswith('--config.') for a in argv)
     more = f' (+{overrides} overrides)' if overrides else ''
     task = config.get('task', '') if hasattr(config, 'get') else ''
