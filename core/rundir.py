@@ -101,8 +101,18 @@ STAGING = '.pretrax-starting'
 HISTORY = 'config_history.jsonl'
 
 
-def _restart_safe(key: str, keys: tuple[str, ...] = RESTART_SAFE_KEYS) -> bool:
+def _restart_safe(key: str, keys: tuple[str, ...]) -> bool:
     return any(key == k or key.startswith(k + '.') for k in keys)
+
+
+def _changed_outside(old: dict, new: dict, allowed: tuple[str, ...]) -> list[str]:
+    """The flattened keys of `old` outside `allowed` that `new` changes (sorted), then those
+    `new` lacks (sorted). A key `old` lacks came with a newer pretrax, whose default keeps
+    the behaviour of before: not a difference."""
+    outside = [k for k in sorted(old) if not _restart_safe(k, allowed)]
+    return [k for k in outside if k in new and old[k] != new[k]] + [
+        k for k in outside if k not in new
+    ]
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -164,11 +174,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirPla
     if os.path.isfile(path):
         old = flatten(_saved_config(path))
         new = flatten(json.loads(config.to_json()))
-        # A key the old config lacks came with a newer pretrax, whose default keeps the
-        # behaviour of before: not a difference.
-        differing = sorted(
-            k for k in old if not _restart_safe(k) and k in new and old[k] != new[k]
-        ) + sorted(k for k in old if k not in new and not _restart_safe(k))
+        differing = _changed_outside(old, new, RESTART_SAFE_KEYS)
         if differing and not config.overwrite:
             shown = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differing[:8])
             raise ConfigError(
@@ -217,9 +223,7 @@ def evaluate_changes(saved: ml_collections.ConfigDict, config: ml_collections.Co
     A key the run's config lacks came with a newer pretrax: not a difference."""
     old, new = flatten(json.loads(saved.to_json())), flatten(json.loads(config.to_json()))
     return {
-        k: (old[k], new.get(k, '(none)'))
-        for k in sorted(old)
-        if not _restart_safe(k, EVALUATE_KEYS) and (k not in new or old[k] != new[k])
+        k: (old[k], new.get(k, '(none)')) for k in sorted(_changed_outside(old, new, EVALUATE_KEYS))
     }
 
 
