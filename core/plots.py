@@ -19,6 +19,7 @@ from core import runlog
 from core.errors import UserError
 from core.files import atomic_write
 from core.metrics import read_metrics
+from core.rundir import RUN_OUTPUTS
 
 
 def _pyplot():
@@ -114,7 +115,15 @@ def load_runs(workdirs: list[str]) -> dict[str, list[dict]]:
 
 
 def overlay(workdirs: list[str], metrics: list[str] | None, out: str) -> str:
-    """Several runs' curves in one PNG at `out`; returns its path."""
+    """Several runs' curves in one PNG at `out`; returns its path. A run's own file
+    (rundir.RUN_OUTPUTS in a directory holding a config.json) is never replaced."""
+    target = os.path.abspath(out)
+    folder, name = os.path.split(target)
+    if name in RUN_OUTPUTS and os.path.isfile(os.path.join(folder, 'config.json')):
+        raise UserError(
+            f'--out {out} is the {name} of the run in {folder}; give another --out (e.g. '
+            '--out plot.png in another directory)'
+        )
     runs = load_runs(workdirs)
     if not metrics:
         metric = next(filter(None, map(_run_metric, workdirs)), None)
@@ -151,7 +160,7 @@ def main(argv: list[str]) -> int:
         "eval/accuracy); a bare name is the eval rows' when they have it. Default: the train "
         "loss and the first run's task metric",
     )
-    parser.add_argument('--out', default='curves.png', help='the PNG to write (curves.png)')
+    parser.add_argument('--out', default='plot.png', help='the PNG to write (plot.png)')
     args = parser.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
     try:

@@ -138,6 +138,20 @@ def test_plot_overlays_runs(run, tmp_path):
     assert r.returncode == 1 and 'nosuch' in r.stderr and 'Traceback' not in r.stderr
 
 
+def test_plot_never_replaces_a_runs_own_file(run, tmp_path):
+    """`plot` run from inside a workdir (the default --out is plot.png) or pointed at a
+    run's curves.png refuses, and the run's file stays as it was."""
+    workdir = run[0]
+    curves = os.path.join(workdir, 'curves.png')
+    with open(curves, 'rb') as f:
+        before = f.read()
+    r = launch('plot', '--workdir', workdir, '--out', curves)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert f'--out {curves} is the curves.png of the run in {workdir}' in r.stderr, r.stderr
+    with open(curves, 'rb') as f:
+        assert f.read() == before
+
+
 @pytest.mark.parametrize('bad', ['missing', 'empty'])
 def test_plot_of_a_bad_workdir_is_one_line(tmp_path, bad):
     workdir = tmp_path / bad
