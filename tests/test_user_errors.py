@@ -202,15 +202,19 @@ def test_ctrl_c_stops_a_run_with_a_line_not_a_traceback(tmp_path, pydoc_vocab):
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
     # Started as a terminal's foreground job is: with Ctrl-C's default action. A process
     # started in the background by a non-interactive shell (as a CI runner may start the
-    # suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt.
-    with open(tmp_path / 'log', 'w') as log:
-        proc = subprocess.Popen(
-            [sys.executable, 'launch.py', *args],
-            cwd=ROOT,
-            env=env,
-            stderr=log,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+    # suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt. So
+    # SIGINT is caught here while the child starts (exec resets a caught signal to its
+    # default action), not reset by a preexec_fn: Python code run between fork and exec in
+    # a process with JAX's threads can deadlock the child before it starts (a CI run hung
+    # so).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(tmp_path / 'log', 'w') as log:
+            proc = subprocess.Popen(
+                [sys.executable, 'launch.py', *args], cwd=ROOT, env=env, stderr=log
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
