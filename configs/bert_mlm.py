@@ -65,6 +65,7 @@ def corpus() -> ml_collections.ConfigDict:
     d.text_field = 'text'
     d.label_field = 'label'
     d.vocab_file = ''  # a BERT vocab.txt; empty: train a WordPiece vocab on the corpus
+    d.vocab_sample_bytes = common.VOCAB_SAMPLE_BYTES  # the seeded sample it is trained on
     d.lowercase = True
     d.seq_len = 128
     return d

@@ -45,6 +45,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.resize = True
     c.data.seq_len = 16 if tiny else 64
     c.data.vocab_file = ''  # empty: train a WordPiece vocabulary on the captions
+    c.data.vocab_sample_bytes = common.VOCAB_SAMPLE_BYTES
     c.data.lowercase = True
 
     # Model: the image tower is a ViT (model.*), the text tower a pre-LN Transformer

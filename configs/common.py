@@ -31,6 +31,12 @@ def size(sizes: dict, preset: str, config: str) -> tuple[int, int, int, int]:
     return sizes[preset]
 
 
+# A vocabulary trained on the corpus reads a seeded sample of this many bytes of it (all of a
+# smaller corpus): ~30 s of WordPiece training on 2 cores, whatever the corpus size
+# (data/corpus.py vocab_sample; 0: the whole corpus).
+VOCAB_SAMPLE_BYTES = 50_000_000
+
+
 def data(name: str, *, eval_fraction: float, eval_split: str = '') -> ml_collections.ConfigDict:
     """data.*: where the examples come from (the config adds its fields and lengths)."""
     d = ml_collections.ConfigDict()

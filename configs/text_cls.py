@@ -52,6 +52,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.label_field = 'label'
     c.data.header = True  # tsv/csv: a header row names the columns (else 0-based indices)
     c.data.vocab_file = ''  # a BERT vocab.txt; empty: train a WordPiece vocab on the task
+    c.data.vocab_sample_bytes = common.VOCAB_SAMPLE_BYTES
     c.data.lowercase = True
     c.data.seq_len = 128
     # Test, scored once at the end on the checkpoint validation picked: local files or a

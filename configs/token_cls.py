@@ -32,6 +32,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.tokens_field = 'tokens'  # .jsonl fields
     c.data.tags_field = 'tags'
     c.data.vocab_file = ''  # a BERT vocab.txt; empty: train a WordPiece vocab on the task
+    c.data.vocab_sample_bytes = common.VOCAB_SAMPLE_BYTES
     c.data.lowercase = True
     c.data.seq_len = 128
     c.data.test_files = ''

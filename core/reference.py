@@ -84,6 +84,8 @@ MEANINGS = {
     'data.header': 'tsv/csv: the first row names the columns (false: fields are 0-based indices)',
     'data.vocab_file': "A BERT vocab.txt to tokenize with ('': train a WordPiece vocabulary "
     'of model.vocab_size on the training text, saved in the workdir)',
+    'data.vocab_sample_bytes': 'Bytes of training text a trained vocabulary reads: a seeded '
+    'sample of the documents, the same for every seed (0: all of it)',
     'data.lowercase': 'Lowercase text before WordPiece (uncased vocabulary)',
     'data.seq_len': 'Tokens per example, [CLS] and [SEP] included; at most model.max_len',
     'data.max_predictions': 'Most masked positions predicted per sequence (BERT: 20 at seq '

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from core.errors import DataError
-from data import formats, tfds_source
+from data import corpus, formats, tfds_source
 
 EMBEDDED = ('pydoc', 'pydoc_stdlib')
 
@@ -196,22 +196,8 @@ def embedded_corpus(name: str, decontaminate: bool = True) -> list[str]:
     raise DataError(f'unknown embedded corpus {name!r}; expected one of {EMBEDDED}')
 
 
-_UTF16_BOMS = (b'\xff\xfe', b'\xfe\xff')
-
-
 def _not_utf8(path: str, data: bytes, offset: int, why: str) -> DataError:
-    line = data.count(b'\n', 0, offset) + 1
-    if data.startswith(_UTF16_BOMS) or b'\x00' in data[:4096]:
-        hint = (
-            'it looks like UTF-16 (a UTF-16 byte-order mark or NUL bytes); save it as UTF-8, '
-            f'e.g. iconv -f UTF-16 -t UTF-8 {path} > fixed'
-        )
-    else:
-        hint = (
-            'save it as UTF-8, e.g. iconv -f LATIN1 -t UTF-8 (or the encoding it was written '
-            f'in) {path} > fixed'
-        )
-    return DataError(f'{path} line {line} is not UTF-8 text ({why}); {hint}')
+    return corpus.not_utf8(path, data.count(b'\n', 0, offset) + 1, data[:4096], why)
 
 
 def read_text(path: str) -> str:
@@ -314,11 +300,7 @@ def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f'{path} line {n} is not JSON ({e})') from e
-        if not isinstance(record, dict):
-            raise DataError(
-                f'{path} line {n}: expected a JSON object per line, found {json_kind(record)}'
-            )
-        yield n, record
+        yield n, _json_object(path, n, record)
 
 
 def records(path: str, fields: dict[str, str]) -> Iterator[tuple[int | str, dict]]:
@@ -351,25 +333,41 @@ def _read_delimited(path: str, field: str, delimiter: str) -> list[str]:
         ) from e
 
 
-def read_text_files(pattern: str, text_field: str = 'text') -> list[str]:
+def _json_object(path: str, n: int, record) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(
+            f'{path} line {n}: expected a JSON object per line, found {json_kind(record)}'
+        )
+    return record
+
+
+def read_text_files(pattern: str, text_field: str = 'text') -> Sequence[str]:
     """All documents of the local files matching `pattern` (a glob, comma-separated ok), in
-    file-name order: a `.txt` block, a `.jsonl` object or a table row is a document."""
-    docs = []
+    file-name order: a `.txt` block, a `.jsonl` object or a table row is a document. Plain
+    `.txt` and `.jsonl` files are indexed, not held in memory (`data.corpus`); the others
+    are read whole."""
+    parts = []
     for path in formats.match_files(pattern):
-        ext = formats.kind(path)
+        ext, plain = formats.kind(path), not formats.compression(path)
         if ext == '.txt':
-            docs.extend(_read_txt(path))
+            parts.append(corpus.index_txt(path) if plain else _read_txt(path))
+        elif ext == '.jsonl' and plain:
+
+            def check(n, record, path=path):
+                jsonl_field(path, n, _json_object(path, n, record), text_field, 'text_field')
+
+            parts.append(corpus.index_jsonl(path, text_field, check))
         elif ext == '.jsonl' or ext in formats.TABLES:
-            docs.extend(_read_records(path, text_field))
+            parts.append(_read_records(path, text_field))
         elif ext in ('.tsv', '.csv'):
-            docs.extend(_read_delimited(path, text_field, '\t' if ext == '.tsv' else ','))
+            parts.append(_read_delimited(path, text_field, '\t' if ext == '.tsv' else ','))
         else:
             raise DataError(
                 f'{path}: unsupported extension {ext!r}; text files must be .txt, .jsonl, '
                 '.tsv or .csv (each also .gz or .zst), .parquet, .arrow or a datasets '
                 'save_to_disk directory'
             )
-    return docs
+    return corpus.Concat(parts)
 
 
 class TfdsText(Sequence):

@@ -17,6 +17,7 @@ from tokenizers import BertWordPieceTokenizer
 from core import recipe
 from core.errors import ConfigError, DataError
 from core.files import atomic_write
+from data import corpus
 from data import text as text_lib
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -150,7 +151,8 @@ def make_tokenizer(
     resumed run), `data.vocab_file`, the `init_from` run's, or one trained on the corpus
     (at most the config's `vocab_key` tokens). With `init_from`, `data.vocab_file` must be
     that run's vocabulary, and a run without one needs `data.vocab_file`: a restored
-    embedding is never read under another vocabulary."""
+    embedding is never read under another vocabulary. A trained vocabulary reads at most
+    `data.vocab_sample_bytes` of `train_docs` (`corpus.vocab_sample`)."""
     vocab_size = _dotted(config, vocab_key)
     target = os.path.join(workdir, 'vocab.txt')
     lowercase = config.data.lowercase
@@ -163,13 +165,16 @@ def make_tokenizer(
             elif init_vocab:
                 shutil.copyfile(init_vocab, target)
             else:
-                logging.info('training a %d-token WordPiece vocabulary', vocab_size)
-                train_wordpiece(
-                    (train_docs[i] for i in range(len(train_docs))),
+                sample = corpus.vocab_sample(train_docs, config.data.vocab_sample_bytes)
+                logging.info(
+                    'training a %d-token WordPiece vocabulary on %d of the %d training '
+                    'documents (data.vocab_sample_bytes=%d)',
                     vocab_size,
-                    target,
-                    lowercase,
+                    len(sample),
+                    len(train_docs),
+                    config.data.vocab_sample_bytes,
                 )
+                train_wordpiece(sample, vocab_size, target, lowercase)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('vocab')
     tokenizer = WordPiece(target, lowercase)

@@ -118,25 +118,25 @@ def test_compressed_text_reads_as_the_plain_file(tmp_path, ext, suffix):
         sep = '\t' if ext == '.tsv' else ','
         quote = (lambda d: d) if ext == '.tsv' else (lambda d: '"' + d.replace('"', '""') + '"')
         content = f'id{sep}text\n' + ''.join(f'{i}{sep}{quote(d)}\n' for i, d in enumerate(DOCS))
-    plain = text.read_text_files(write(tmp_path / f'plain{ext}', content))
+    plain = list(text.read_text_files(write(tmp_path / f'plain{ext}', content)))
     assert plain == DOCS
     path = write(tmp_path / f'packed{ext}{suffix}', compressed(content, suffix))
-    assert text.read_text_files(path) == plain
+    assert list(text.read_text_files(path)) == plain
 
 
 @pytest.mark.parametrize('form', list(TABLE_NAMES))
 def test_tables_read_as_the_jsonl_file(tmp_path, form):
     records = [{'body': d, 'n': i} for i, d in enumerate(DOCS)]
-    plain = text.read_text_files(write(tmp_path / 'plain.jsonl', jsonl(records)), 'body')
+    plain = list(text.read_text_files(write(tmp_path / 'plain.jsonl', jsonl(records)), 'body'))
     path = write_table(records, tmp_path / TABLE_NAMES[form], form)
-    assert text.read_text_files(path, 'body') == plain == DOCS
+    assert list(text.read_text_files(path, 'body')) == plain == DOCS
 
 
 def test_a_glob_mixes_formats_in_file_name_order(tmp_path):
     write_table([{'text': 'b1'}, {'text': 'b2'}], tmp_path / 'b.parquet', 'parquet')
     write(tmp_path / 'a.txt.gz', gzip.compress(b'a1\n\na2\n'))
     write_table([{'text': 'c1'}], tmp_path / 'c', 'datasets')
-    assert text.read_text_files(f'{tmp_path}/*') == ['a1', 'a2', 'b1', 'b2', 'c1']
+    assert list(text.read_text_files(f'{tmp_path}/*')) == ['a1', 'a2', 'b1', 'b2', 'c1']
 
 
 # --- labelled text and token classification --------------------------------------------------

@@ -24,7 +24,7 @@ def write(path, content) -> str:
 
 
 def read_pretraining(path):
-    return text.read_text_files(path)
+    return list(text.read_text_files(path))
 
 
 def read_labelled(path):
@@ -177,13 +177,13 @@ def test_utf16_text_is_named_as_such(tmp_path, reader):
 def test_a_utf8_byte_order_mark_is_dropped_by_every_reader(tmp_path, ext, content):
     bom = codecs.BOM_UTF8
     path = write(tmp_path / f'c.{ext}', bom + content.encode())
-    assert text.read_text_files(path) == ['a', 'b']  # the pretraining reader
+    assert list(text.read_text_files(path)) == ['a', 'b']  # the pretraining reader
     path = write(tmp_path / 'l.csv', bom + b'text,label\na,x\nb,y\n')
     assert [e['label'] for e in labelled.read_labelled_text(path)] == ['x', 'y']
     path = write(tmp_path / 'c.jsonl', bom + b'{"text": "a"}\n')
-    assert text.read_text_files(path) == ['a']
+    assert list(text.read_text_files(path)) == ['a']
     path = write(tmp_path / 'c.txt', bom + b'first\n\nsecond\n')
-    assert text.read_text_files(path) == ['first', 'second']
+    assert list(text.read_text_files(path)) == ['first', 'second']
     path = write(tmp_path / 'lines.txt', bom + b'first\nsecond\n')
     assert embed.read_lines(path) == ['first', 'second']
     path = write(tmp_path / 'c.conll', bom + b'EU B-ORG\n')

@@ -37,7 +37,7 @@ def test_txt_documents_are_separated_by_blank_lines(tmp_path):
         'The first document.\nIts second line.\n\nThe second document.\n\n\n'
         'The third document.\n  \nThe fourth document.\n',
     )
-    docs = read_text_files(path)
+    docs = list(read_text_files(path))
     assert docs == [
         'The first document.\nIts second line.',
         'The second document.',
@@ -49,20 +49,20 @@ def test_txt_documents_are_separated_by_blank_lines(tmp_path):
 def test_jsonl_reads_the_configured_field(tmp_path):
     lines = [{'text': 'not this', 'body': f'document {i}'} for i in range(3)]
     path = write(tmp_path / 'a.jsonl', '\n'.join(json.dumps(r) for r in lines) + '\n\n')
-    assert read_text_files(path, 'body') == ['document 0', 'document 1', 'document 2']
-    assert read_text_files(path) == ['not this'] * 3
+    assert list(read_text_files(path, 'body')) == ['document 0', 'document 1', 'document 2']
+    assert list(read_text_files(path)) == ['not this'] * 3
 
 
 @pytest.mark.parametrize('ext, sep', [('tsv', '\t'), ('csv', ',')])
 def test_delimited_reads_the_configured_column(tmp_path, ext, sep):
     rows = [['label', 'sentence'], ['1', 'a first row'], ['0', 'a second row']]
     path = write(tmp_path / f'a.{ext}', '\n'.join(sep.join(r) for r in rows) + '\n')
-    assert read_text_files(path, 'sentence') == ['a first row', 'a second row']
+    assert list(read_text_files(path, 'sentence')) == ['a first row', 'a second row']
 
 
 def test_csv_quoted_field_with_commas(tmp_path):
     path = write(tmp_path / 'a.csv', 'id,text\n1,"one, two, three"\n2,plain\n')
-    assert read_text_files(path) == ['one, two, three', 'plain']
+    assert list(read_text_files(path)) == ['one, two, three', 'plain']
 
 
 def test_comma_separated_globs_and_mixed_formats(tmp_path):
