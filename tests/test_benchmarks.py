@@ -1,7 +1,9 @@
 """The train-step benchmarks' commands (BENCHMARKS.md) run end to end at a toy size and
 print their results table: pretrax and the PyTorch reference side by side. Slow (~1 min):
-two compiles and two PyTorch models per script. No timing is asserted."""
+two compiles and two PyTorch models per script. No timing is asserted. corpus_scale.py: its
+corpus and one tiny pretrain run through it."""
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +11,7 @@ import sys
 
 import pytest
 
+from benchmarks import corpus_scale
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -72,3 +75,46 @@ def test_profile_step_prints_every_section():
         line = next(line for line in flags.splitlines() if line.startswith(row))
         assert float(line.split('|')[2]) > 0, line  # a step time, not 'failed'
     assert '| alternating with the reference |' in out
+
+
+def test_corpus_scale_sizes_are_decimal():
+    assert corpus_scale.parse_size('2M') == 2_000_000
+    assert corpus_scale.parse_size('500k') == 500_000
+    assert corpus_scale.parse_size('1.5G') == 1_500_000_000
+    assert corpus_scale.parse_size('1234') == 1234
+    assert [corpus_scale.size_name(n) for n in (2 * 10**9, 500_000, 1234)] == ['2G', '500K', '1234']
+    for bad in ('2X', '', '-1M', '0'):
+        with pytest.raises(ValueError):
+            corpus_scale.parse_size(bad)
+
+
+def test_corpus_scale_corpus_has_the_size_and_is_deterministic(tmp_path):
+    size = 300_000
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    path, nbytes, how = corpus_scale.corpus(str(tmp_path / 'a'), size)
+    assert os.path.basename(path) == 'corpus_300K.txt' and how.startswith('written')
+    assert size <= nbytes == os.path.getsize(path) <= 1.01 * size
+    other, _, _ = corpus_scale.corpus(str(tmp_path / 'b'), size)
+    with open(path, 'rb') as f, open(other, 'rb') as g:
+        text = f.read()
+        assert text == g.read()  # seeded: the same bytes every time
+    docs = text.decode().split('\n\n')[:-1]  # the last document ends the file
+    assert all(3 <= len(doc.split('\n')) <= 12 for doc in docs), 'documents of 3-12 sentences'
+    assert corpus_scale.corpus(str(tmp_path / 'a'), size) == (path, nbytes, 'reused')
+
+
+def test_corpus_scale_benchmark_measures_a_run_and_kills_one_over_its_memory(tmp_path):
+    common = ['--sizes', '300K', '--steps', '2', '--dir', str(tmp_path)]
+    out = run_benchmark('corpus_scale.py', *common, '--label', 'ok')
+    row = next(line for line in out.splitlines() if line.startswith('| 300,'))
+    cells = [cell.strip() for cell in row.strip('|').split('|')]
+    assert cells[1] == 'ok'
+    rss, first, wall, rate = map(float, cells[2:])
+    assert 0 < rss < 20 and 0 < first < wall and rate > 0
+    out = run_benchmark('corpus_scale.py', *common, '--label', 'small', '--max_rss_gb', '0.01')
+    assert '| small | killed: RSS > 0.01 GB after ' in out
+    with open(tmp_path / 'corpus_scale.jsonl') as f:
+        rows = [json.loads(line) for line in f]
+    assert [r['side'] for r in rows] == ['ok', 'small'] and 'killed' in rows[1]
+    assert rows[0]['command'].endswith('--config.total_steps=2') and rows[0]['commit']
