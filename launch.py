@@ -21,6 +21,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
+
+STARTED = time.time()  # the start-up profile's origin (core/startup.py)
 
 # stage: (an example config, what --workdir is). pretrain and finetune run config.task
 # from the registry (core/task.py TASKS); evaluate scores a fine-tuning run; study runs both.
@@ -286,7 +289,7 @@ def main(argv: list[str]) -> int:
     if args.coordinator_address and (args.num_processes is None or args.process_id is None):
         parser.error('--coordinator_address needs --num_processes and --process_id')
 
-    from core import cli, distributed, rundir
+    from core import cli, compile_cache, distributed, rundir, startup
 
     saved = None
     if args.stage == 'evaluate' and not cli.argv_value(rest, '--config'):
@@ -296,6 +299,8 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(f'error: {e}\n')
             return 1
     cli.check_config_overrides(rest, saved)
+    compile_cache.enable()  # before anything compiles
+    startup.PROCESS_STARTED = STARTED
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     absl_main(args.stage, rest, saved)
     return 0

@@ -67,6 +67,34 @@ def check(config: ml_collections.ConfigDict) -> None:
     parse(config.get('loggers', 'jsonl,tensorboard'))
 
 
+_WANDB_LOCAL_MODES = ('offline', 'disabled', 'dryrun')
+
+
+def check_can_start(config: ml_collections.ConfigDict) -> None:
+    """Before a run reads its data: online W&B needs an API key (`wandb login`, or
+    WANDB_API_KEY). Asked of W&B itself with `wandb.login(verify=False, prompt=False)`
+    (nothing is sent; False without a key), so a missing login is one line at start-up,
+    not an error minutes later at the first metrics row."""
+    names = parse(config.get('loggers', 'jsonl,tensorboard'))
+    if 'wandb' not in names or os.environ.get('WANDB_MODE', '').lower() in _WANDB_LOCAL_MODES:
+        return
+    import wandb
+
+    try:
+        logged_in = wandb.login(verify=False, prompt=False)  # False: no API key
+    except wandb.errors.Error as e:
+        raise ConfigError(_wandb_cannot_start(e)) from None
+    if not logged_in:
+        raise ConfigError(_wandb_cannot_start('no W&B API key is configured'))
+
+
+def _wandb_cannot_start(error) -> str:
+    return (
+        f'--config.loggers names wandb, which cannot start ({error}); run `wandb login`, '
+        'or set WANDB_MODE=offline (sync later with `wandb sync`)'
+    )
+
+
 def open_trackers(workdir: str, config: ml_collections.ConfigDict | dict) -> list:
     """The trackers `config.loggers` names, opened (process 0 only: the caller's to say)."""
     names = parse(config.get('loggers', 'jsonl,tensorboard'))
@@ -147,11 +175,8 @@ class WandbTracker(_Tracker):
                 name=os.path.basename(os.path.abspath(workdir)),
                 dir=os.environ.get('WANDB_DIR') or workdir,
             )
-        except wandb.errors.Error as e:  # not logged in (online), no network, ...
-            raise ConfigError(
-                f'--config.loggers names wandb, which cannot start ({e}); run `wandb login`, '
-                'or set WANDB_MODE=offline (sync later with `wandb sync`)'
-            ) from e
+        except wandb.errors.Error as e:  # no network, a key W&B refuses, ...
+            raise ConfigError(_wandb_cannot_start(e)) from e
         _write_id(workdir, 'wandb', {'id': run_id, 'project': self.run.project})
         self.run.config.update(flat_config, allow_val_change=True)  # resume: changed keys
         self.run.define_metric('step')

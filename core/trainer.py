@@ -26,11 +26,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from core import checkpoint as ckpt_lib
+from core import compile_cache, loop, optim, recipe, rundir, runlog, selection, startup
 from core import config as config_lib
-from core import loop, optim, recipe, rundir, runlog, selection
 from core import metrics as metrics_lib
 from core import sharding as sharding_lib
 from core import step as step_lib
+from core import trackers as trackers_lib
 from core import train_state as state_lib
 from core import watchdog as watchdog_lib
 from core.files import atomic_write
@@ -138,6 +139,7 @@ def set_up(
     write_config: bool = True,
     build_dir: str | None = None,
     evaluating: bool = False,
+    profile: startup.Profile | None = None,
 ) -> RunSetup:
     """Config checks -> mesh -> workdir check -> task -> optimizer -> state shardings ->
     step -> workdir written.
@@ -149,8 +151,10 @@ def set_up(
     as it found it. A dry run (core/memory_plan.py) passes write_config=False, so the
     workdir gets no config.json (a later run there may have any config), and a `build_dir`
     for what the task derives. `evaluate_checkpoint` sets up a finished run (`evaluating`):
-    nothing is written, and the training stream is built but not read.
+    nothing is written, and the training stream is built but not read. `profile` (a
+    training run's) times the build and the set-up after it.
     """
+    profile = profile or startup.NoProfile()
     module = task_module(config, stage, tasks)
     if evaluating:  # the trained model as it was: only data and eval keys may differ
         saved = rundir.run_config(workdir)
@@ -161,6 +165,8 @@ def set_up(
         follow_start(config)
     config_lib.check_common(config)
     module.check_config(config)
+    if not evaluating:
+        trackers_lib.check_can_start(config)  # a missing W&B login: now, not after the data
     is_main = jax.process_index() == 0
 
     # Mesh, then what this start finds in the workdir (nothing is written yet).
@@ -189,7 +195,9 @@ def set_up(
             if evaluating
             else data_shards(config, build_dir if fresh else workdir),
         )
-        task = module.build(config, build_dir or workdir, runtime)
+        with profile.phase('data'):
+            task = module.build(config, build_dir or workdir, runtime)
+        setup_began = time.perf_counter()
 
         # Optimizer, state shardings and the step.
         tx, schedule = optim.make_optimizer(config)
@@ -214,6 +222,7 @@ def set_up(
             rundir.abandon_start(plan)  # the workdir as this start found it
         raise
     _sync('started')
+    profile.add('setup', time.perf_counter() - setup_began)
     return RunSetup(mesh, task, tx, init_rng, dropout_rng, shardings, stepper, plan)
 
 
@@ -227,15 +236,21 @@ def train_and_evaluate(
     """Runs (or resumes) `config.task` of the `stage` (pretrain | finetune) in `workdir`;
     returns the summary."""
     started = time.time()
+    profile = startup.Profile(started)  # where the seconds before the first step go
     # Set-up: checks, mesh, task, optimizer, step; a new run's workdir written.
-    run = set_up(config, workdir, stage, tasks=tasks)
+    run = set_up(config, workdir, stage, tasks=tasks, profile=profile)
     # The workdir is settled (an overwritten run moved aside): log.txt takes the log.
     with runlog.log_file(workdir, enabled=jax.process_index() == 0):
-        return _train(run, config, workdir, stage, started)
+        return _train(run, config, workdir, stage, started, profile)
 
 
 def _train(
-    run: RunSetup, config: ml_collections.ConfigDict, workdir: str, stage: str, started: float
+    run: RunSetup,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stage: str,
+    started: float,
+    profile: startup.Profile,
 ) -> dict:
     """train_and_evaluate once the run is set up: restore, loop, test, summary."""
     task, stepper, train_iter = run.task, run.stepper, run.task.train_iter
@@ -249,7 +264,9 @@ def _train(
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, config=config)
 
     # Restore: this workdir's own checkpoint (resume); else init_from (params); else scratch.
+    restore_began = time.perf_counter()
     start_step, state = restore(run, config, checkpointer, writer)
+    profile.add('restore' if start_step else 'init', time.perf_counter() - restore_began)
     if is_main:
         runlog.record_start(workdir, start_step)  # run.json: command, versions, devices
     num_params = state_lib.count_params(state.params)
@@ -277,7 +294,9 @@ def _train(
     # The loop: step; at log, eval and save steps the train row, the eval, the checkpoint.
     track = loop.Trackers(config, task, workdir, writer, checkpointer.last_good, start_step)
     if start_step == 0:
-        track.evaluate(0, stepper, state.params)  # every run shows its own starting point
+        with profile.phase('eval0'):
+            track.evaluate(0, stepper, state.params)  # every run shows its own starting point
+    first_began = time.perf_counter()
     step, preempted, early_stopped = start_step, False, False
     compiling = watchdog_lib.CompileListener(track.pauses.compile_began, track.pauses.compile_ended)
     try:
@@ -293,7 +312,12 @@ def _train(
                         state, metrics = stepper.train(state, batch, run.dropout_rng)
                     jax.block_until_ready(metrics)
                     track.progress.start(step)
-                    logging.info('first step done (compiled) after %.1fs', time.time() - started)
+                    profile.add('step1', time.perf_counter() - first_began)
+                    logging.info(
+                        'first step done after %s; %s', profile.line(), compile_cache.describe()
+                    )
+                    if compile_cache.damaged():
+                        logging.warning('%s', compile_cache.damaged())
                 else:
                     state, metrics = stepper.train(state, batch, run.dropout_rng)
                 track.rows.add(metrics)
@@ -347,6 +371,7 @@ def _train(
         'num_params': num_params,
         'flops_per_step': task.flops_per_step,
         'wall_time_sec': time.time() - started,
+        'startup_sec': profile.summary(),
         **_eval_summary(task, track.history, best_checkpoint),
         **test,
     }

@@ -1,6 +1,7 @@
 """Local data files by name: the one place that knows which formats a reader can open.
 
-- Text, read whole and checked to be UTF-8 by `data.text.read_text`: `.txt`, `.jsonl`,
+- Text, checked to be UTF-8 and read whole by `data.text.read_text` (a plain `.txt` or
+  `.jsonl` pretraining corpus is indexed instead: `data.corpus`): `.txt`, `.jsonl`,
   `.tsv`, `.csv`, CoNLL, each also compressed, `NAME.gz` (gzip) or `NAME.zst` (Zstandard,
   the `zstandard` package): `read_bytes` undoes the compression the name says.
 - Tables, streamed one record batch at a time through pyarrow (`table_records`):

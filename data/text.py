@@ -9,7 +9,8 @@ Sources, chosen by `config.data`:
   - `files`: local glob of `.txt` (documents separated by blank lines), `.jsonl`
     (`text_field` of each object), `.tsv` / `.csv` (`text_field` column, header row), each
     also `.gz` / `.zst`; `.parquet`, `.arrow` or a `datasets` `save_to_disk` directory
-    (`text_field` column), see `data.formats`;
+    (`text_field` column), see `data.formats`. Plain `.txt` and `.jsonl` files are
+    indexed, not read into memory (`data.corpus`), so a corpus may be larger than memory;
   - any other `name`: a TFDS dataset read with `tfds.data_source` (array_record, no
     TensorFlow), `text_field` of each record.
 """
@@ -25,9 +26,11 @@ import json
 import os
 import re
 import sysconfig
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+from absl import logging
 
 from core.errors import DataError
 from data import corpus, formats, tfds_source
@@ -414,8 +417,15 @@ def load_corpus(data_config) -> tuple[Sequence[str], Sequence[str]]:
     """(train documents, eval documents) as `config.data` describes."""
     c = data_config
     if c.files:
+        started = time.monotonic()
         train = read_text_files(c.files, c.text_field)
         where = c.files
+        logging.info(
+            'data: read %d documents of %s in %.1fs',
+            len(train),
+            c.files,
+            time.monotonic() - started,
+        )
     elif c.name in EMBEDDED:
         train = embedded_corpus(c.name)
         where = f'embedded corpus {c.name}'

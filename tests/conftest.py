@@ -6,6 +6,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# The runs the tests start compile afresh and write nothing to the user's cache directory
+# (core/compile_cache.py); tests/test_compile_cache.py points the cache at its tmp.
+os.environ['PRETRAX_COMPILATION_CACHE'] = 'off'
 
 # A small but real MLM run: BERT with H32 L1 on CPython's docs, seconds per run.
 SMALL_RUN = [

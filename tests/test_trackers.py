@@ -259,6 +259,32 @@ def test_unknown_logger_fails_at_start_up(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
+def test_wandb_without_a_login_fails_at_start_up_before_the_data(tmp_path, pydoc_vocab):
+    """Online W&B with no API key: one line at start-up naming the fix, before the corpus
+    and the vocabulary are read (not after them, at the first metrics row); nothing is
+    written to the workdir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('WANDB_')}
+    env.update(HOME=str(tmp_path / 'home'), WANDB_DIR=str(tmp_path / 'wandb'))
+    workdir = tmp_path / 'run'
+    r = subprocess.run(
+        [sys.executable, 'launch.py', *RUN, '--workdir', str(workdir)]
+        + [f'--config.data.vocab_file={pydoc_vocab}', '--config.loggers=jsonl,wandb'],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'wandb' in errors[0], r.stderr[-2000:]
+    assert 'wandb login' in errors[0] and 'WANDB_MODE=offline' in errors[0]
+    assert 'data:' not in r.stderr  # refused before the corpus was read
+    assert not workdir.exists()
+
+
 def test_loggers_may_change_on_resume(tmp_path):
     """A workdir's run resumes with other loggers (a tracker added or dropped); the change
     is recorded like any restart-safe key's."""

@@ -1,0 +1,120 @@
+"""JAX's persistent compilation cache, on by default: a second start of the same model,
+batch, mesh and jax version reads its compiled steps from disk instead of compiling them.
+
+Where (`directory`): `PRETRAX_COMPILATION_CACHE` (a directory, or `off` to disable it),
+else `JAX_COMPILATION_CACHE_DIR`, else `$XDG_CACHE_HOME/pretrax/jax` (`~/.cache/pretrax/jax`).
+JAX keys every entry on the computation, its compile options, the devices and the
+jax/jaxlib versions, so versions and device kinds never mix. Every compilation is cached,
+however short (a tiny model's steps compile in under JAX's default 1 s threshold); the
+directory is kept under `MAX_BYTES`, the least recently used entries evicted first, under
+a file lock that also keeps processes sharing the directory from writing over each other.
+An entry that cannot be read (cut short by a crash, say) is recompiled: JAX goes on
+(`jax_raise_persistent_cache_errors` stays off), so a run never fails on its cache; its
+warning per entry is counted here instead, and said once with the fix (`damaged`).
+
+`CacheStats` counts what the cache did for this process (JAX's own monitoring events), for
+the start-up line: how many compilations were read from the cache and the time that saved.
+"""
+
+import os
+import warnings
+
+import jax
+from jax import monitoring
+
+ENV = 'PRETRAX_COMPILATION_CACHE'
+OFF = ('off', '0', 'false', 'no', 'none', '')
+MAX_BYTES = 4 * 2**30
+_UNREADABLE = 'Error reading persistent compilation cache entry'
+
+
+def directory() -> str | None:
+    """The cache directory this process uses, or None when disabled."""
+    if ENV in os.environ:
+        value = os.environ[ENV].strip()
+        return None if value.lower() in OFF else os.path.expanduser(value)
+    if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        return os.environ['JAX_COMPILATION_CACHE_DIR']
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'pretrax', 'jax')
+
+
+class CacheStats:
+    """Compilations this process asked the cache for, found there, and the seconds saved."""
+
+    def __init__(self):
+        self.requests = self.hits = self.unreadable = 0
+        self.saved_s = 0.0
+        monitoring.register_event_listener(self._event)
+        monitoring.register_event_duration_secs_listener(self._duration)
+
+    def _event(self, event: str, **kwargs) -> None:
+        if event == '/jax/compilation_cache/compile_requests_use_cache':
+            self.requests += 1
+        elif event == '/jax/compilation_cache/cache_hits':
+            self.hits += 1
+
+    def _duration(self, event: str, duration: float, **kwargs) -> None:
+        if event == '/jax/compilation_cache/compile_time_saved_sec':
+            self.saved_s += duration
+
+    def describe(self) -> str:
+        where = directory()
+        if where is None:
+            return f'compilation cache off ({ENV}=off)'
+        return (
+            f'{self.hits} of {self.requests} compilations read from the cache {where} '
+            f'(saved {self.saved_s:.1f}s)'
+        )
+
+
+STATS: CacheStats | None = None
+
+
+def _count_unreadable() -> None:
+    """JAX warns once per entry it cannot read, with its own file and line: counted instead
+    (`damaged` says it once); every other warning is shown as before."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if STATS is not None and str(message).startswith(_UNREADABLE):
+            STATS.unreadable += 1
+            return
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
+def damaged() -> str | None:
+    """The warning for entries this process could not read, or None."""
+    if STATS is None or not STATS.unreadable:
+        return None
+    return (
+        f'{STATS.unreadable} entries of the compilation cache {directory()} could not be read '
+        '(damaged, e.g. by a crash while they were written) and were compiled again; JAX '
+        f'does not replace them: delete that directory to clear them (or set {ENV}=off)'
+    )
+
+
+def describe() -> str:
+    """What the cache did for this process so far (for the start-up line)."""
+    if STATS is None:
+        return 'compilation cache not in use'
+    return STATS.describe()
+
+
+def enable() -> None:
+    """Points JAX at `directory()` (or turns its cache off); call before the first
+    compilation. Starts counting `STATS`."""
+    global STATS
+    where = directory()
+    if where is None:
+        jax.config.update('jax_enable_compilation_cache', False)
+    else:
+        jax.config.update('jax_enable_compilation_cache', True)
+        jax.config.update('jax_compilation_cache_dir', where)
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+        jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
+    if STATS is None:
+        STATS = CacheStats()
+        _count_unreadable()

@@ -1,0 +1,99 @@
+"""A run's start: the start-up profile (core/startup.py) says where the seconds before the
+first step went, on the terminal and in summary.json; the persistent compilation cache
+(core/compile_cache.py) is on by default under the user's cache directory, a second start
+of the same config reads its compiled steps from it (and computes the same numbers),
+`PRETRAX_COMPILATION_CACHE=off` turns it off, and a damaged entry is recompiled, never a
+failed run."""
+
+import json
+import os
+import re
+
+import pytest
+
+from tests.conftest import SMALL_RUN, launch
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp_path, name: str, vocab: str, stderr: bool = False, **env):
+    workdir = tmp_path / name
+    r = launch(
+        'pretrain',
+        '--config',
+        'configs/bert_mlm.py:tiny',
+        '--workdir',
+        str(workdir),
+        *SMALL_RUN,
+        f'--config.data.vocab_file={vocab}',
+        '--config.total_steps=2',
+        '--config.eval_every=2',
+        env={'HOME': str(tmp_path / 'home'), 'XDG_CACHE_HOME': '', **env},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+    line = next(x for x in r.stderr.splitlines() if 'first step done' in x)
+    with open(workdir / 'summary.json') as f:
+        summary = json.load(f)
+    check_profile(line, summary['startup_sec'])
+    final = {k: v for k, v in summary.items() if k.startswith('final_')}
+    return (line, final, r.stderr) if stderr else (line, final)
+
+
+def check_profile(line: str, profile: dict) -> None:
+    """Every phase of a fresh start, summing to the total the line shows."""
+    phases = ['start', 'data', 'setup', 'init', 'eval0', 'step1']
+    assert sorted(profile) == sorted([*phases, 'total']), profile
+    assert all(profile[p] >= 0 for p in phases)
+    assert abs(sum(profile[p] for p in phases) - profile['total']) < 0.01
+    assert profile['step1'] > 0 and profile['data'] > 0 and profile['start'] > 0.5  # imports
+    m = re.search(r'first step done after ([\d.]+)s \(start ', line)
+    assert m and abs(float(m.group(1)) - profile['total']) <= 0.051, line
+    assert 'data and model' in line and 'step-0 eval' in line, line
+
+
+def cache_counts(line: str) -> tuple[int, int]:
+    m = re.search(r'(\d+) of (\d+) compilations read from the cache', line)
+    assert m, line
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_the_second_start_reads_the_first_ones_compilations(tmp_path, pydoc_vocab, monkeypatch):
+    monkeypatch.delenv('PRETRAX_COMPILATION_CACHE')  # conftest's 'off': the default here
+    first, final = run(tmp_path, 'first', pydoc_vocab)
+    second, final_again = run(tmp_path, 'second', pydoc_vocab)
+    cache = tmp_path / 'home' / '.cache' / 'pretrax' / 'jax'
+    assert str(cache) in first and os.listdir(cache)
+    hits, requests = cache_counts(first)
+    assert hits == 0 and requests > 0
+    hits, requests = cache_counts(second)
+    assert hits == requests > 0, second
+    assert final_again == final  # the cached steps compute the same numbers
+
+
+def test_off_compiles_afresh_and_writes_no_cache(tmp_path, pydoc_vocab):
+    line, _ = run(tmp_path, 'off', pydoc_vocab, PRETRAX_COMPILATION_CACHE='off')
+    assert 'compilation cache off' in line
+    assert not (tmp_path / 'home' / '.cache' / 'pretrax').exists()
+
+
+def test_a_damaged_entry_is_recompiled_not_a_failed_run(tmp_path, pydoc_vocab):
+    cache = tmp_path / 'cache'
+    _, final = run(tmp_path, 'first', pydoc_vocab, PRETRAX_COMPILATION_CACHE=str(cache))
+    entries = [p for p in cache.iterdir() if p.is_file() and p.stat().st_size > 100]
+    assert entries
+    for p in entries:  # cut short, as by a crash while writing
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    line, final_again, stderr = run(
+        tmp_path, 'again', pydoc_vocab, PRETRAX_COMPILATION_CACHE=str(cache), stderr=True
+    )
+    hits, requests = cache_counts(line)
+    assert hits < requests
+    assert final_again == final
+    # One line with the fix, not JAX's warning per entry.
+    assert 'UserWarning' not in stderr, stderr[-3000:]
+    said = [x for x in stderr.splitlines() if 'could not be read' in x]
+    assert len(said) == 1, said
+    damaged = int(re.search(r'warning: (\d+) entries', said[0]).group(1))
+    assert 0 < damaged <= len(entries)  # those read before the first step
+    assert said[0].startswith('warning:') and 'delete that directory' in said[0]
