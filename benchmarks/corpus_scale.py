@@ -12,9 +12,9 @@ CPython's own documentation (`pydoc_data.topics`; the text depends on the Python
 this script). A corpus is a prefix of every larger one; it ends at a document boundary.
 
 Run: REPO's `launch.py pretrain --config configs/bert_mlm.py:tiny` on that corpus for
-`--steps` steps, run by `--python` in REPO (PYTHONPATH=REPO, JAX_PLATFORMS=cpu), so that the
-code of another checkout (`--repo`, e.g. before a change) is measured the same way. Its
-workdir DIR/run_<size>_<label> is deleted first; its output goes to DIR/run_<size>_<label>.log.
+`--steps` steps, run by `--python` in REPO (PYTHONPATH=REPO, JAX_PLATFORMS=cpu, no
+compilation cache: PRETRAX_COMPILATION_CACHE=off), so that the code of another checkout
+(`--repo`, e.g. before a change) is measured the same way. Its workdir DIR/run_<size>_<label> is deleted first; its output goes to DIR/run_<size>_<label>.log.
 
   peak RSS            ru_maxrss of the run (os.wait4), GB = 10**9 bytes
   time to first step  seconds from the start until the log says 'first step done': start-up,
@@ -130,7 +130,10 @@ def run_pretrain(args, corpus_path: str, workdir: str) -> dict:
         '--workdir', workdir, f'--config.data.files={corpus_path}',
         f'--config.total_steps={args.steps}',
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=args.repo, JAX_PLATFORMS='cpu')
+    # Compiled afresh every run (no persistent compilation cache), so the sizes compare.
+    env = dict(
+        os.environ, PYTHONPATH=args.repo, JAX_PLATFORMS='cpu', PRETRAX_COMPILATION_CACHE='off'
+    )
     log_path = workdir + '.log'
     row = {'command': shlex.join(command), 'log': log_path, 'first_step_s': None}
     with open(log_path, 'wb') as log, open(log_path, 'rb') as reader:
