@@ -14,7 +14,8 @@ this script). A corpus is a prefix of every larger one; it ends at a document bo
 Run: REPO's `launch.py pretrain --config configs/bert_mlm.py:tiny` on that corpus for
 `--steps` steps, run by `--python` in REPO (PYTHONPATH=REPO, JAX_PLATFORMS=cpu, no
 compilation cache: PRETRAX_COMPILATION_CACHE=off), so that the code of another checkout
-(`--repo`, e.g. before a change) is measured the same way. Its workdir DIR/run_<size>_<label> is deleted first; its output goes to DIR/run_<size>_<label>.log.
+(`--repo`, e.g. before a change) is measured the same way. Its workdir
+DIR/run_<size>_<label> is deleted first; its output goes to DIR/run_<size>_<label>.log.
 
   peak RSS            ru_maxrss of the run (os.wait4), GB = 10**9 bytes
   time to first step  seconds from the start until the log says 'first step done': start-up,

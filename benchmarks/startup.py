@@ -39,7 +39,9 @@ def start(label: str, args, cache: str) -> dict:
     command += ['--workdir', workdir, '--config.total_steps=2', *args.override]
     env = dict(os.environ, PYTHONPATH=ROOT, PRETRAX_COMPILATION_CACHE=cache)
     began = time.monotonic()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     stamps, first = [0.0], None
     lines = []
 

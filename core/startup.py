@@ -1,5 +1,5 @@
 """Where the seconds before a run's first step go: one line when the first step is done,
-the same figures in summary.json (`startup`).
+the same figures in summary.json (`startup_sec`).
 
 The phases, in order (a resumed run restores instead of initialising and has no step-0
 eval): `start` (the interpreter, imports and the config, from the process's start when
@@ -12,8 +12,9 @@ step-0 eval, its compilation included), `step1` (the first train step, compiled 
 import contextlib
 import time
 
-# time.time() when launch.py began (its first line), for the `start` phase; None when a
-# run is started some other way (a test calling the trainer), which then starts at set-up.
+# time.time() when launch.py began, for the `start` phase of the process's first run; None
+# after it (a study runs several in one process) and when a run is started some other way
+# (a test calling the trainer): such a run's profile starts at set-up.
 PROCESS_STARTED: float | None = None
 
 NAMES = {
@@ -31,9 +32,11 @@ class Profile:
     """Seconds per phase of one start, in the order they ran."""
 
     def __init__(self, started: float):
+        global PROCESS_STARTED
         self.phases: dict[str, float] = {}
-        if PROCESS_STARTED is not None:
+        if PROCESS_STARTED is not None:  # the process's first run: its imports too
             self.phases['start'] = max(started - PROCESS_STARTED, 0.0)
+            PROCESS_STARTED = None
 
     @contextlib.contextmanager
     def phase(self, name: str):

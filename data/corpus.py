@@ -90,10 +90,6 @@ class IndexedFile(Sequence):
     def __len__(self) -> int:
         return len(self.starts)
 
-    def nbytes(self) -> np.ndarray:
-        """Each document's length in bytes, as stored (without reading it)."""
-        return self.ends - self.starts
-
     def __getitem__(self, i):
         n = len(self.starts)
         if not -n <= i < n:
@@ -122,7 +118,7 @@ def index_txt(path: str) -> IndexedFile:
     starts, ends = array('q'), array('q')
     start = end = -1
     for _, offset, raw, line in _lines(path):
-        if line.isspace() or not line:
+        if line.isspace():  # (a line holds its \n: never empty)
             if start >= 0:
                 starts.append(start), ends.append(end)
                 start = -1
@@ -140,7 +136,7 @@ def index_jsonl(path: str, field: str, check) -> IndexedFile:
     raises the DataError for a line that is not an object with text in `field`."""
     starts, ends = array('q'), array('q')
     for n, offset, raw, line in _lines(path):
-        if line.isspace() or not line:
+        if line.isspace():
             continue
         try:
             record = json.loads(line)

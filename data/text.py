@@ -427,6 +427,7 @@ def load_corpus(data_config) -> tuple[Sequence[str], Sequence[str]]:
             time.monotonic() - started,
         )
     elif c.name in EMBEDDED:
+        logging.info("data: reading the embedded corpus %s from this Python's own files", c.name)
         train = embedded_corpus(c.name)
         where = f'embedded corpus {c.name}'
     else:

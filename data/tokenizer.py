@@ -165,14 +165,16 @@ def make_tokenizer(
             elif init_vocab:
                 shutil.copyfile(init_vocab, target)
             else:
-                sample = corpus.vocab_sample(train_docs, config.data.vocab_sample_bytes)
+                # A config saved before the key: 0, the whole corpus, as it was then.
+                sample_bytes = config.data.get('vocab_sample_bytes', 0)
+                sample = corpus.vocab_sample(train_docs, sample_bytes)
                 logging.info(
                     'training a %d-token WordPiece vocabulary on %d of the %d training '
                     'documents (data.vocab_sample_bytes=%d)',
                     vocab_size,
                     len(sample),
                     len(train_docs),
-                    config.data.vocab_sample_bytes,
+                    sample_bytes,
                 )
                 train_wordpiece(sample, vocab_size, target, lowercase)
     if jax.process_count() > 1:
