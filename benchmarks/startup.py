@@ -6,9 +6,11 @@
 Three starts of `launch.py pretrain --config CONFIG --config.total_steps=2` in fresh
 workdirs, one after the other:
 
-  no cache  PRETRAX_COMPILATION_CACHE=off: every step compiled (as before the cache)
-  cold      an empty cache directory: compiled, and written to the cache
-  warm      the same cache directory again: read from it
+  no cache  PRETRAX_CACHE_DIR=off: every step compiled, the embedded corpus parsed (as
+            before the caches)
+  cold      an empty cache directory (PRETRAX_CACHE_DIR=DIR/cache): compiled and
+            parsed, and written to the caches
+  warm      the same cache directory again: read from them
 
 For each: the time to the first step (seconds from spawning the process until its log
 says 'first step done'), the longest silence before it (the longest gap between two lines
@@ -37,7 +39,8 @@ def start(label: str, args, cache: str) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, 'launch.py', 'pretrain', '--config', args.config]
     command += ['--workdir', workdir, '--config.total_steps=2', *args.override]
-    env = dict(os.environ, PYTHONPATH=ROOT, PRETRAX_COMPILATION_CACHE=cache)
+    env = dict(os.environ, PYTHONPATH=ROOT, PRETRAX_CACHE_DIR=cache)
+    env.pop('PRETRAX_COMPILATION_CACHE', None)
     began = time.monotonic()
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

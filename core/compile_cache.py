@@ -2,7 +2,8 @@
 batch, mesh and jax version reads its compiled steps from disk instead of compiling them.
 
 Where (`directory`): `PRETRAX_COMPILATION_CACHE` (a directory, or `off` to disable it),
-else `JAX_COMPILATION_CACHE_DIR`, else `$XDG_CACHE_HOME/pretrax/jax` (`~/.cache/pretrax/jax`).
+else `JAX_COMPILATION_CACHE_DIR`, else pretrax's cache directory's `jax/`
+(`~/.cache/pretrax/jax`; `PRETRAX_CACHE_DIR=off` turns every cache off: core/files.py).
 JAX keys every entry on the computation, its compile options, the devices and the
 jax/jaxlib versions, so versions and device kinds never mix. Every compilation is cached,
 however short (a tiny model's steps compile in under JAX's default 1 s threshold); the
@@ -22,6 +23,8 @@ import warnings
 import jax
 from jax import monitoring
 
+from core.files import user_cache_dir
+
 ENV = 'PRETRAX_COMPILATION_CACHE'
 OFF = ('off', '0', 'false', 'no', 'none', '')
 MAX_BYTES = 4 * 2**30
@@ -35,8 +38,7 @@ def directory() -> str | None:
         return None if value.lower() in OFF else os.path.expanduser(value)
     if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
         return os.environ['JAX_COMPILATION_CACHE_DIR']
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return os.path.join(base, 'pretrax', 'jax')
+    return user_cache_dir('jax')
 
 
 class CacheStats:
@@ -61,7 +63,7 @@ class CacheStats:
     def describe(self) -> str:
         where = directory()
         if where is None:
-            return f'compilation cache off ({ENV}=off)'
+            return 'compilation cache off'
         return (
             f'{self.hits} of {self.requests} compilations read from the cache {where} '
             f'(saved {self.saved_s:.1f}s)'

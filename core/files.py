@@ -1,4 +1,4 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all; where pretrax keeps its caches."""
 
 import contextlib
 import os
@@ -21,3 +21,19 @@ def atomic_write(path: str, mode: str = 'w', **open_args) -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+CACHE_ENV = 'PRETRAX_CACHE_DIR'
+
+
+def user_cache_dir(kind: str) -> str | None:
+    """The directory of pretrax's `kind` cache (`jax` compilations, `corpus` embedded
+    corpora): under `PRETRAX_CACHE_DIR` (`off`: no cache at all), else
+    `$XDG_CACHE_HOME/pretrax`, else `~/.cache/pretrax`. None when caching is off."""
+    base = os.environ.get(CACHE_ENV)
+    if base is not None:
+        if base.strip().lower() in ('off', '0', 'false', 'no', 'none', ''):
+            return None
+        return os.path.join(os.path.expanduser(base), kind)
+    home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(home, 'pretrax', kind)

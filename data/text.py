@@ -21,11 +21,14 @@ import collections
 import csv
 import functools
 import glob
+import hashlib
 import io
 import json
 import os
 import re
+import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -33,6 +36,7 @@ import numpy as np
 from absl import logging
 
 from core.errors import DataError
+from core.files import user_cache_dir
 from data import corpus, formats, tfds_source
 
 EMBEDDED = ('pydoc', 'pydoc_stdlib')
@@ -157,6 +161,37 @@ def sentences(docs: Sequence[str], min_words: int = 5, max_words: int = 64) -> l
     return out
 
 
+def _cached(name: str, build: Callable[[], list[str]]) -> list[str]:
+    """`build()`, kept as JSON in pretrax's `corpus` cache directory (core/files.py) under
+    a key of this Python (its version and standard library) and this file's code, so a
+    second start reads it instead of parsing the standard library again (~3 s). A missing,
+    unreadable or unwritable cache file only means building it: the same documents."""
+    where = user_cache_dir('corpus')
+    if where is None:
+        return build()
+    with open(__file__, 'rb') as f:
+        code = f.read()
+    key = repr((sys.version, sysconfig.get_paths()['stdlib'], name)).encode() + code
+    path = os.path.join(where, f'{name}-{hashlib.sha256(key).hexdigest()[:20]}.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            docs = json.load(f)
+        if isinstance(docs, list) and all(isinstance(d, str) for d in docs):
+            return docs
+    except (OSError, ValueError):
+        pass
+    docs = build()
+    try:  # a name of its own per writer: processes sharing the directory never mix
+        os.makedirs(where, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=where, suffix='.tmp')
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            json.dump(docs, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return docs
+
+
 def stdlib_docstrings(drop: Callable[[str], bool] | None = None) -> list[str]:
     """Docstrings of the standard library's pure-Python modules, one document per module
     (module, class and function docstrings in source order), parsed without importing;
@@ -195,7 +230,8 @@ def embedded_corpus(name: str, decontaminate: bool = True) -> list[str]:
     if name == 'pydoc':
         return pydoc_topics(drop)
     if name == 'pydoc_stdlib':
-        return pydoc_topics(drop) + stdlib_docstrings(drop)
+        stdlib = _cached(f'stdlib_docstrings_{decontaminate}', lambda: stdlib_docstrings(drop))
+        return pydoc_topics(drop) + stdlib
     raise DataError(f'unknown embedded corpus {name!r}; expected one of {EMBEDDED}')
 
 

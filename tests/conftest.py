@@ -7,8 +7,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # The runs the tests start compile afresh and write nothing to the user's cache directory
-# (core/compile_cache.py); tests/test_compile_cache.py points the cache at its tmp.
-os.environ['PRETRAX_COMPILATION_CACHE'] = 'off'
+# (core/files.py user_cache_dir); tests/test_startup.py points the caches at its tmp.
+os.environ['PRETRAX_CACHE_DIR'] = 'off'
 
 # A small but real MLM run: BERT with H32 L1 on CPython's docs, seconds per run.
 SMALL_RUN = [

@@ -3,7 +3,7 @@ first step went, on the terminal and in summary.json; the persistent compilation
 (core/compile_cache.py) is on by default under the user's cache directory, a second start
 of the same config reads its compiled steps from it (and computes the same numbers),
 `PRETRAX_COMPILATION_CACHE=off` turns it off, and a damaged entry is recompiled, never a
-failed run."""
+failed run; the embedded corpus is kept there too, and read back the same."""
 
 import json
 import os
@@ -59,7 +59,7 @@ def cache_counts(line: str) -> tuple[int, int]:
 
 
 def test_the_second_start_reads_the_first_ones_compilations(tmp_path, pydoc_vocab, monkeypatch):
-    monkeypatch.delenv('PRETRAX_COMPILATION_CACHE')  # conftest's 'off': the default here
+    monkeypatch.delenv('PRETRAX_CACHE_DIR')  # conftest's 'off': the default here
     first, final = run(tmp_path, 'first', pydoc_vocab)
     second, final_again = run(tmp_path, 'second', pydoc_vocab)
     cache = tmp_path / 'home' / '.cache' / 'pretrax' / 'jax'
@@ -71,10 +71,11 @@ def test_the_second_start_reads_the_first_ones_compilations(tmp_path, pydoc_voca
     assert final_again == final  # the cached steps compute the same numbers
 
 
-def test_off_compiles_afresh_and_writes_no_cache(tmp_path, pydoc_vocab):
+def test_off_compiles_afresh_and_writes_no_cache(tmp_path, pydoc_vocab, monkeypatch):
+    monkeypatch.delenv('PRETRAX_CACHE_DIR')  # the default would cache: off says not to
     line, _ = run(tmp_path, 'off', pydoc_vocab, PRETRAX_COMPILATION_CACHE='off')
     assert 'compilation cache off' in line
-    assert not (tmp_path / 'home' / '.cache' / 'pretrax').exists()
+    assert not (tmp_path / 'home' / '.cache' / 'pretrax' / 'jax').exists()
 
 
 def test_a_damaged_entry_is_recompiled_not_a_failed_run(tmp_path, pydoc_vocab):
@@ -97,3 +98,27 @@ def test_a_damaged_entry_is_recompiled_not_a_failed_run(tmp_path, pydoc_vocab):
     damaged = int(re.search(r'warning: (\d+) entries', said[0]).group(1))
     assert 0 < damaged <= len(entries)  # those read before the first step
     assert said[0].startswith('warning:') and 'delete that directory' in said[0]
+
+
+def test_the_embedded_corpus_is_kept_in_the_cache_and_read_back_the_same(tmp_path, monkeypatch):
+    from data import text
+
+    monkeypatch.setenv('PRETRAX_CACHE_DIR', str(tmp_path))
+    built = text.embedded_corpus('pydoc_stdlib')
+    [kept] = (tmp_path / 'corpus').iterdir()
+    parse = text.stdlib_docstrings
+
+    def not_again(drop=None):
+        raise AssertionError('the standard library was parsed again')
+
+    monkeypatch.setattr(text, 'stdlib_docstrings', not_again)
+    assert text.embedded_corpus('pydoc_stdlib') == built  # read back, not parsed
+    kept.write_text('["cut sh')  # damaged: built again, the same documents
+    monkeypatch.setattr(text, 'stdlib_docstrings', parse)
+    assert text.embedded_corpus('pydoc_stdlib') == built
+    stdlib = json.loads(kept.read_text())  # written again, whole
+    assert stdlib and built[-len(stdlib) :] == stdlib
+    monkeypatch.setenv('PRETRAX_CACHE_DIR', 'off')
+    kept.unlink()
+    assert text.embedded_corpus('pydoc_stdlib') == built
+    assert not list((tmp_path / 'corpus').iterdir())  # off: nothing written
