@@ -47,6 +47,7 @@ class CacheStats:
     def __init__(self):
         self.requests = self.hits = self.unreadable = 0
         self.saved_s = 0.0
+        self.unusable = ''  # why directory() cannot be used (the cache is then off)
         monitoring.register_event_listener(self._event)
         monitoring.register_event_duration_secs_listener(self._duration)
 
@@ -62,6 +63,11 @@ class CacheStats:
 
     def describe(self) -> str:
         where = directory()
+        if self.unusable:
+            return (
+                f'compilation cache off: {self.unusable}; set PRETRAX_CACHE_DIR to a '
+                'writable directory (or off)'
+            )
         if where is None:
             return 'compilation cache off'
         return (
@@ -91,10 +97,12 @@ def damaged() -> str | None:
     """The warning for entries this process could not read, or None."""
     if STATS is None or not STATS.unreadable:
         return None
+    n = STATS.unreadable
     return (
-        f'{STATS.unreadable} entries of the compilation cache {directory()} could not be read '
-        '(damaged, e.g. by a crash while they were written) and were compiled again; JAX '
-        f'does not replace them: delete that directory to clear them (or set {ENV}=off)'
+        f'{n} {"entry" if n == 1 else "entries"} of the compilation cache {directory()} '
+        'could not be read (damaged, e.g. by a crash while written) and were compiled '
+        f'again; JAX does not replace them: delete that directory to clear them (or set '
+        f'{ENV}=off)'
     )
 
 
@@ -109,7 +117,18 @@ def enable() -> None:
     """Points JAX at `directory()` (or turns its cache off); call before the first
     compilation. Starts counting `STATS`."""
     global STATS
+    if STATS is None:
+        STATS = CacheStats()
+        _count_unreadable()
     where = directory()
+    if where is not None:
+        try:  # a directory this process cannot write is no cache, not a failed run
+            os.makedirs(where, exist_ok=True)
+            if not os.access(where, os.W_OK | os.X_OK):
+                raise PermissionError('not writable')
+        except OSError as e:
+            STATS.unusable = f'{where} cannot be used ({e.strerror or e})'
+            where = None
     if where is None:
         jax.config.update('jax_enable_compilation_cache', False)
     else:
@@ -117,6 +136,3 @@ def enable() -> None:
         jax.config.update('jax_compilation_cache_dir', where)
         jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
         jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
-    if STATS is None:
-        STATS = CacheStats()
-        _count_unreadable()

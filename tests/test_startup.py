@@ -78,6 +78,13 @@ def test_off_compiles_afresh_and_writes_no_cache(tmp_path, pydoc_vocab, monkeypa
     assert not (tmp_path / 'home' / '.cache' / 'pretrax' / 'jax').exists()
 
 
+def test_a_cache_directory_that_cannot_be_made_is_no_cache_not_a_failed_run(tmp_path, pydoc_vocab):
+    (tmp_path / 'a_file').write_text('')
+    unusable = tmp_path / 'a_file' / 'cache'
+    line, _ = run(tmp_path, 'run', pydoc_vocab, PRETRAX_CACHE_DIR=str(unusable))
+    assert f'compilation cache off: {unusable}/jax cannot be used' in line, line
+
+
 def test_a_damaged_entry_is_recompiled_not_a_failed_run(tmp_path, pydoc_vocab):
     cache = tmp_path / 'cache'
     _, final = run(tmp_path, 'first', pydoc_vocab, PRETRAX_COMPILATION_CACHE=str(cache))
