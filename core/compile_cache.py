@@ -23,10 +23,9 @@ import warnings
 import jax
 from jax import monitoring
 
-from core.files import user_cache_dir
+from core.files import turns_cache_off, user_cache_dir
 
 ENV = 'PRETRAX_COMPILATION_CACHE'
-OFF = ('off', '0', 'false', 'no', 'none', '')
 MAX_BYTES = 4 * 2**30
 _UNREADABLE = 'Error reading persistent compilation cache entry'
 
@@ -35,7 +34,7 @@ def directory() -> str | None:
     """The cache directory this process uses, or None when disabled."""
     if ENV in os.environ:
         value = os.environ[ENV].strip()
-        return None if value.lower() in OFF else os.path.expanduser(value)
+        return None if turns_cache_off(value) else os.path.expanduser(value)
     if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
         return os.environ['JAX_COMPILATION_CACHE_DIR']
     return user_cache_dir('jax')

@@ -26,13 +26,19 @@ def atomic_write(path: str, mode: str = 'w', **open_args) -> Iterator[IO]:
 CACHE_ENV = 'PRETRAX_CACHE_DIR'
 
 
+def turns_cache_off(value: str) -> bool:
+    """Whether a cache variable's value (PRETRAX_CACHE_DIR, PRETRAX_COMPILATION_CACHE) says
+    no cache rather than a directory."""
+    return value.strip().lower() in ('off', '0', 'false', 'no', 'none', '')
+
+
 def user_cache_dir(kind: str) -> str | None:
     """The directory of pretrax's `kind` cache (`jax` compilations, `corpus` embedded
     corpora): under `PRETRAX_CACHE_DIR` (`off`: no cache at all), else
     `$XDG_CACHE_HOME/pretrax`, else `~/.cache/pretrax`. None when caching is off."""
     base = os.environ.get(CACHE_ENV)
     if base is not None:
-        if base.strip().lower() in ('off', '0', 'false', 'no', 'none', ''):
+        if turns_cache_off(base):
             return None
         return os.path.join(os.path.expanduser(base), kind)
     home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')

@@ -316,8 +316,9 @@ def _train(
                     logging.info(
                         'first step done after %s; %s', profile.line(), compile_cache.describe()
                     )
-                    if compile_cache.damaged():
-                        logging.warning('%s', compile_cache.damaged())
+                    damaged = compile_cache.damaged()
+                    if damaged:
+                        logging.warning('%s', damaged)
                 else:
                     state, metrics = stepper.train(state, batch, run.dropout_rng)
                 track.rows.add(metrics)
