@@ -283,16 +283,24 @@ class Trackers:
         )
 
     def evaluate(self, step: int, stepper, params) -> None:
+        """The eval at `step`: its row (with `eval_time_sec`, the eval's own wall time once
+        the steps before it are done) and its line, which says how much of that time was
+        compiling (the first eval compiles the eval functions; later ones should not)."""
         began = time.perf_counter()
         train_time = self.clock.now()
         with self.pauses.paused(f'evaluating at step {step}'):
-            result = self.task.evaluate(stepper, params)
+            eval_began = time.perf_counter()  # the steps before it are done: not counted
+            with watchdog_lib.compile_seconds() as compiled:
+                result = self.task.evaluate(stepper, params)
+            seconds = time.perf_counter() - eval_began
         self.clock.leave_out(began)
-        self.writer.write(step, 'eval', {**result, 'train_time_sec': train_time})
-        self.history.add(step, result)
-        logging.info(
-            'eval step %d | %s', step, ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
+        self.writer.write(
+            step, 'eval', {**result, 'train_time_sec': train_time, 'eval_time_sec': seconds}
         )
+        self.history.add(step, result)
+        took = f'{seconds:.1f}s' + (f' ({compiled():.1f}s compiling)' if compiled() >= 0.05 else '')
+        figures = ' | '.join(f'{k} {v:.4f}' for k, v in result.items())
+        logging.info('eval step %d | %s | %s', step, figures, took)
 
 
 # --- What a run gone wrong is told: collapse and loss rise ------------------------------

@@ -121,6 +121,23 @@ class Watchdog:
         _exit(WATCHDOG_EXIT_CODE)
 
 
+@contextlib.contextmanager
+def compile_seconds() -> Iterator[Callable[[], float]]:
+    """Inside the block, the seconds this thread has spent tracing, lowering and compiling
+    since the block began (`with compile_seconds() as compiled: ...; compiled()`)."""
+    thread, total = threading.get_ident(), [0.0]
+
+    def finished(event: str, duration: float, **kwargs) -> None:
+        if event in COMPILE_EVENTS and threading.get_ident() == thread:
+            total[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(finished)
+    try:
+        yield lambda: total[0]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(finished)
+
+
 class CompileListener:
     """Calls `begin()` when jax starts tracing, lowering or compiling a function on this
     thread and `end()` when that finishes (one call each per event; they nest), so that a

@@ -68,3 +68,20 @@ def tree_digest(root) -> dict[str, str]:
             else:
                 digest[rel] = 'dir'
     return digest
+
+
+def check_evals_timed(workdir: str, stderr: str, steps: list[int]) -> None:
+    """Every eval row of `workdir` carries its own time, and the eval lines of one start of
+    the run (`stderr`: its evals at `steps`) show that only its first eval compiled
+    anything: the eval functions are compiled once and reused."""
+    import json
+
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        evals = [r for r in map(json.loads, f) if r['split'] == 'eval']
+    assert [r['step'] for r in evals if r['step'] in steps] == steps
+    assert all(r['eval_time_sec'] > 0 for r in evals), evals
+    lines = [x for x in stderr.splitlines() if x.startswith('eval step ')]
+    assert [int(x.split()[2]) for x in lines] == steps, lines
+    assert all(x.split(' | ')[-1].endswith(('s', 'compiling)')) for x in lines), lines
+    assert 'compiling)' in lines[0], lines  # the first eval compiled its functions
+    assert not any('compiling' in x for x in lines[1:]), lines

@@ -18,7 +18,7 @@ from core import checkpoint
 from models.bert import BertConfig, TextEncoder
 from models.contrastive import SimClrModel, TwoTower
 from models.vit import VisionEncoder, VitConfig
-from tests.conftest import SMALL_RUN, launch
+from tests.conftest import SMALL_RUN, check_evals_timed, launch
 from tests.contract import check_workdir
 
 SIZES = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
@@ -154,6 +154,11 @@ def test_simclr_on_digits_evaluates_with_probes(simclr_run):
     assert summary['final_linear_probe_accuracy'] == evals[-1]['linear_probe_accuracy']
     assert 'best_linear_probe_accuracy' in summary
     assert '4' in os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+def test_simclr_evals_report_their_time_and_compile_once(simclr_run):
+    workdir, r = simclr_run
+    check_evals_timed(workdir, r.stderr, [0, 2, 4])  # loss, k-NN and linear-probe functions
 
 
 def test_simclr_backbone_restores_into_a_vision_encoder(simclr_run):

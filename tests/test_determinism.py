@@ -26,6 +26,7 @@ TIMING = {
     'tokens_per_sec',
     'mfu',
     'train_time_sec',
+    'eval_time_sec',
     'wall_time_sec',
 }
 

@@ -10,7 +10,7 @@ import re
 import jax
 import pytest
 
-from tests.conftest import SMALL_RUN, launch
+from tests.conftest import SMALL_RUN, check_evals_timed, launch
 from tests.contract import check_workdir
 
 ABSL_PREFIX = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]', re.M)
@@ -66,6 +66,12 @@ def test_a_run_prints_concise_lines_a_start_line_and_a_report(run):
     assert f'best {summary["best_mlm_accuracy"]:.4f} at step {summary["best_step"]}' in out
     for name in ('summary.json', 'metrics.jsonl', 'tensorboard', 'checkpoints', 'curves.png'):
         assert os.path.join(workdir, name) in out, (name, out)
+
+
+def test_every_eval_reports_its_time_and_only_the_first_compiles(run):
+    workdir, first, second, _ = run
+    check_evals_timed(workdir, first.stderr, [0, 2, 4])
+    check_evals_timed(workdir, second.stderr, [6])  # the resumed process compiles again
 
 
 def test_log_txt_and_run_json_record_every_start(run):
