@@ -29,9 +29,7 @@ class MaskingSpec:
 
 
 def _word_groups(ids: np.ndarray, candidates: np.ndarray, spec: MaskingSpec) -> list[np.ndarray]:
-    """Candidate positions grouped into words (one group per token without whole_word)."""
-    if not spec.whole_word:
-        return [candidates[i : i + 1] for i in range(len(candidates))]
+    """Candidate positions grouped into whole words (a token and its ## continuations)."""
     groups, current = [], []
     for pos in candidates:
         if current and spec.is_continuation[ids[pos]] and pos == current[-1] + 1:
@@ -59,7 +57,10 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, spec: MaskingSpec)
     candidates = np.flatnonzero(~spec.is_special[ids[:n]])
     num_predict = min(spec.max_predictions, max(1, int(round(len(candidates) * spec.mask_prob))))
     chosen: list[int] = []
-    if len(candidates):
+    if len(candidates) and not spec.whole_word:
+        # Groups of one token: the first num_predict of the same permutation, at once.
+        chosen = candidates[rng.permutation(len(candidates))[:num_predict]].tolist()
+    elif len(candidates):
         groups = _word_groups(ids, candidates, spec)
         for g in rng.permutation(len(groups)):
             if len(chosen) >= num_predict:

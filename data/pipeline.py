@@ -84,15 +84,34 @@ def read_options(threads: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
 
 
+# Token ids a pipeline keeps of the documents it has tokenized, at most this many bytes of
+# ids and text: a corpus that fits (the embedded one: 1.6 MB of text, 0.4M tokens) is
+# tokenized once, not once per epoch, which was half the host's work per batch (the default
+# MLM run reads its corpus 25 times; benchmarks/overhead.py); beyond the bound documents are
+# tokenized each time they come. Per pipeline: a host reading several data shards keeps
+# at most that many times this (and never more than its shards' documents).
+TOKEN_CACHE_BYTES = 64 * 2**20
+
+
 class Tokenize(grain.transforms.Map):
-    """A document -> {'tokens': its ids followed by [SEP]}."""
+    """A document -> {'tokens': its ids followed by [SEP]}, kept (read-only) for the
+    document's next epoch while TOKEN_CACHE_BYTES allow."""
 
     def __init__(self, tokenizer: WordPiece):
         self.tokenizer = tokenizer
+        self._kept: dict[str, np.ndarray] = {}
+        self._room = TOKEN_CACHE_BYTES
 
     def map(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text)
-        return {'tokens': np.append(ids, np.int32(self.tokenizer.sep_id))}
+        tokens = self._kept.get(text)
+        if tokens is None:
+            tokens = np.append(self.tokenizer.encode(text), np.int32(self.tokenizer.sep_id))
+            tokens.setflags(write=False)  # shared by every epoch: nothing may change it
+            cost = tokens.nbytes + sys.getsizeof(text)
+            if cost <= self._room:
+                self._kept[text] = tokens
+                self._room -= cost
+        return {'tokens': tokens}
 
 
 class Mask(grain.transforms.RandomMap):

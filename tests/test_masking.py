@@ -270,3 +270,23 @@ def test_whole_word_masking_chooses_all_pieces_of_a_word():
 def test_without_whole_word_masking_words_are_split():
     split, _ = words_split(whole_word=False)
     assert split > 50
+
+
+def test_token_masking_draws_what_the_word_loop_drew():
+    """Without whole-word masking every candidate is a group of one, and the positions are
+    taken at once from the same permutation the per-group loop (whole-word masking's, and
+    every spec's before) walks: with no ## pieces in the text both give the same example and
+    leave the generator at the same point, so a run's data is what it was."""
+    by_token, by_word = (
+        make_spec(max_predictions=10),
+        make_spec(max_predictions=10, whole_word=True),
+    )
+    data = np.random.default_rng(5)
+    for seed in range(200):
+        n = int(data.integers(0, 70))
+        tokens = random_tokens(data, n, low=0, high=60)  # specials and word starts, no pieces
+        fast_rng, loop_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        fast, loop = mask_tokens(tokens, fast_rng, by_token), mask_tokens(tokens, loop_rng, by_word)
+        for key in fast:
+            np.testing.assert_array_equal(fast[key], loop[key], err_msg=f'{key}, seed {seed}')
+        assert fast_rng.bit_generator.state == loop_rng.bit_generator.state

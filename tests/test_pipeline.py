@@ -1,5 +1,6 @@
 """WordPiece tokenizer (data/tokenizer.py) and the Grain MLM pipeline (data/pipeline.py)."""
 
+import collections
 import os
 import pickle
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from core.errors import DataError
+from data import pipeline
 from data.pipeline import masking_spec, mlm_dataset, most_frequent_token, pad_batch
 from data.text import embedded_corpus
 from data.tokenizer import SPECIAL_TOKENS, WordPiece, train_wordpiece
@@ -377,3 +379,49 @@ def test_shuffle_forever_reshuffles_every_epoch_deterministically(n):
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(n))
     assert [b[i] for i in range(3 * n)] == sum(epochs, [])  # the same for a seed
     assert [c[i] for i in range(n)] != epochs[0]
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the documents it encodes."""
+
+    def __init__(self, tokenizer: WordPiece):
+        self.tokenizer, self.calls = tokenizer, collections.Counter()
+
+    def encode(self, text: str) -> np.ndarray:
+        self.calls[text] += 1
+        return self.tokenizer.encode(text)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+KEPT_BYTES = pipeline.TOKEN_CACHE_BYTES
+
+
+@pytest.mark.parametrize('cache_bytes', [20_000, KEPT_BYTES])
+def test_documents_are_tokenized_once_and_the_batches_do_not_change(
+    pydoc, trained, monkeypatch, cache_bytes
+):
+    """The pipeline keeps a document's ids for its next epochs (the embedded corpus is read
+    25 times by the default run), up to TOKEN_CACHE_BYTES: the same batches as tokenizing
+    every time, and past the bound the rest is tokenized each time, as before."""
+    tokenizer, _ = trained
+    docs = pydoc[:40]
+    spec = masking_spec(tokenizer, data_config())
+    tokens = sum(len(tokenizer.encode(d)) + 1 for d in docs)
+    steps = 3 * tokens // (BATCH * (SEQ_LEN - 2)) + 1  # three epochs and a bit
+
+    def batches(bytes_kept: int) -> tuple[list[dict], collections.Counter]:
+        monkeypatch.setattr(pipeline, 'TOKEN_CACHE_BYTES', bytes_kept)
+        counting = CountingTokenizer(tokenizer)
+        ds = mlm_dataset(docs, counting, spec, batch_size=BATCH, seed=3, prefetch=0)
+        return take(iter(ds), steps), counting.calls
+
+    every_time, calls = batches(0)
+    assert min(calls[d] for d in docs) >= 3
+    kept, calls = batches(cache_bytes)
+    assert_batches_equal(kept, every_time)
+    if cache_bytes == KEPT_BYTES:
+        assert set(calls) == set(docs) and set(calls.values()) == {1}
+    else:  # room for some documents: those once, the rest each time
+        assert 1 in calls.values() and max(calls.values()) >= 3
