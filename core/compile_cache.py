@@ -23,7 +23,7 @@ import warnings
 import jax
 from jax import monitoring
 
-from core.files import turns_cache_off, user_cache_dir
+from core.files import CACHE_ENV, turns_cache_off, user_cache_dir
 
 ENV = 'PRETRAX_COMPILATION_CACHE'
 MAX_BYTES = 4 * 2**30
@@ -38,6 +38,15 @@ def directory() -> str | None:
     if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
         return os.environ['JAX_COMPILATION_CACHE_DIR']
     return user_cache_dir('jax')
+
+
+def _chosen_by() -> str:
+    """The environment variable that chose `directory()` (the one to change)."""
+    if ENV in os.environ:
+        return ENV
+    if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        return 'JAX_COMPILATION_CACHE_DIR'
+    return CACHE_ENV
 
 
 class CacheStats:
@@ -64,8 +73,8 @@ class CacheStats:
         where = directory()
         if self.unusable:
             return (
-                f'compilation cache off: {self.unusable}; set PRETRAX_CACHE_DIR to a '
-                'writable directory (or off)'
+                f'compilation cache off: {self.unusable}; set {_chosen_by()} to a writable '
+                'directory (or off)'
             )
         if where is None:
             return 'compilation cache off'
@@ -97,12 +106,22 @@ def damaged() -> str | None:
     if STATS is None or not STATS.unreadable:
         return None
     n = STATS.unreadable
+    one = n == 1
     return (
-        f'{n} {"entry" if n == 1 else "entries"} of the compilation cache {directory()} '
-        'could not be read (damaged, e.g. by a crash while written) and were compiled '
-        f'again; JAX does not replace them: delete that directory to clear them (or set '
-        f'{ENV}=off)'
+        f'{n} {"entry" if one else "entries"} of the compilation cache {directory()} '
+        f'could not be read (damaged, e.g. by a crash while written) and '
+        f'{"was" if one else "were"} compiled again; JAX does not replace '
+        f'{"it" if one else "them"}: delete that directory to clear '
+        f'{"it" if one else "them"} (or set {ENV}=off)'
     )
+
+
+def preparing(what: str) -> str:
+    """What the process is about to do to run `what` for the first time (a line before a
+    silent wait): compile it, or read it from the cache when there is one."""
+    if STATS is None or STATS.unusable or directory() is None:
+        return f'compiling {what}'
+    return f'compiling {what} or reading it from the compilation cache'
 
 
 def describe() -> str:

@@ -10,7 +10,15 @@ step-0 eval, its compilation included), `step1` (the first train step, compiled 
 """
 
 import contextlib
+import threading
 import time
+from collections.abc import Iterator
+
+from absl import logging
+
+# A slow start-up phase says it is still running after this long (core/startup.heartbeat):
+# two phases in a row that each end just before it leave at most twice this silent.
+HEARTBEAT_SECS = 1.5
 
 # time.time() when launch.py began, for the `start` phase of the process's first run; None
 # after it (a study runs several in one process) and when a run is started some other way
@@ -69,3 +77,25 @@ class NoProfile:
 
     def add(self, name: str, seconds: float) -> None:
         pass
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, first: float = HEARTBEAT_SECS) -> Iterator[None]:
+    """A line `what: still at it after Ns` when the block has run `first` seconds, then at
+    twice the interval each time (1.5, 4.5, 10.5 s, ...): a long compile or restore is never a
+    silent stretch, and a long one does not fill the log."""
+    done, began = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        wait = first
+        while not done.wait(wait - (time.perf_counter() - began)):
+            logging.info('%s: still at it after %.0fs', what, time.perf_counter() - began)
+            wait = 2 * wait + first
+
+    thread = threading.Thread(target=beat, name='heartbeat', daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

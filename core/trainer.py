@@ -265,19 +265,12 @@ def _train(
 
     # Restore: this workdir's own checkpoint (resume); else init_from (params); else scratch.
     restore_began = time.perf_counter()
-    start_step, state = restore(run, config, checkpointer, writer)
+    with startup.heartbeat('model state'):
+        start_step, state = restore(run, config, checkpointer, writer)
     profile.add('restore' if start_step else 'init', time.perf_counter() - restore_began)
     if is_main:
         runlog.record_start(workdir, start_step)  # run.json: command, versions, devices
     num_params = state_lib.count_params(state.params)
-    logging.info(
-        'model: %.2fM parameters; mesh %s; %s over %d devices, %d processes',
-        num_params / 1e6,
-        dict(run.mesh.shape),
-        config.parallelism,
-        jax.device_count(),
-        jax.process_count(),
-    )
     if start_step >= config.total_steps or _read_summary(workdir).get('early_stopped'):
         logging.info('the run in %s is already complete (step %d)', workdir, start_step)
         checkpointer.close()
@@ -294,7 +287,7 @@ def _train(
     # The loop: step; at log, eval and save steps the train row, the eval, the checkpoint.
     track = loop.Trackers(config, task, workdir, writer, checkpointer.last_good, start_step)
     if start_step == 0:
-        with profile.phase('eval0'):
+        with profile.phase('eval0'), startup.heartbeat('step-0 eval'):
             track.evaluate(0, stepper, state.params)  # every run shows its own starting point
     first_began = time.perf_counter()
     step, preempted, early_stopped = start_step, False, False
@@ -308,9 +301,11 @@ def _train(
                 if step == start_step + 1:
                     # Compiling happens in the dispatch: left out of the watchdog and the
                     # throughput (this step is not timed); its execution is guarded.
-                    with track.pauses.paused('compiling the train step'):
-                        state, metrics = stepper.train(state, batch, run.dropout_rng)
-                    jax.block_until_ready(metrics)
+                    logging.info('first step: %s', compile_cache.preparing('the train step'))
+                    with startup.heartbeat('first step'):
+                        with track.pauses.paused('compiling the train step'):
+                            state, metrics = stepper.train(state, batch, run.dropout_rng)
+                        jax.block_until_ready(metrics)
                     track.progress.start(step)
                     profile.add('step1', time.perf_counter() - first_began)
                     logging.info(
@@ -422,6 +417,14 @@ def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
     task = run.task
     abstract = state_lib.abstract_state(
         task.init_params, run.tx, run.mesh, run.init_rng, run.shardings
+    )
+    logging.info(  # before the state is made or read: seconds on a cold start
+        'model: %.2fM parameters; mesh %s; %s over %d devices, %d processes',
+        state_lib.count_params(abstract.params) / 1e6,
+        dict(run.mesh.shape),
+        config.parallelism,
+        jax.device_count(),
+        jax.process_count(),
     )
     start_step, state = checkpointer.restore_latest(abstract, task.train_iter)
     if start_step is not None:

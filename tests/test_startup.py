@@ -78,11 +78,16 @@ def test_off_compiles_afresh_and_writes_no_cache(tmp_path, pydoc_vocab, monkeypa
     assert not (tmp_path / 'home' / '.cache' / 'pretrax' / 'jax').exists()
 
 
-def test_a_cache_directory_that_cannot_be_made_is_no_cache_not_a_failed_run(tmp_path, pydoc_vocab):
+@pytest.mark.parametrize('variable', ['PRETRAX_CACHE_DIR', 'PRETRAX_COMPILATION_CACHE'])
+def test_a_cache_directory_that_cannot_be_made_is_no_cache_not_a_failed_run(
+    tmp_path, pydoc_vocab, variable
+):
     (tmp_path / 'a_file').write_text('')
     unusable = tmp_path / 'a_file' / 'cache'
-    line, _ = run(tmp_path, 'run', pydoc_vocab, PRETRAX_CACHE_DIR=str(unusable))
-    assert f'compilation cache off: {unusable}/jax cannot be used' in line, line
+    line, _ = run(tmp_path, 'run', pydoc_vocab, **{variable: str(unusable)})
+    where = f'{unusable}/jax' if variable == 'PRETRAX_CACHE_DIR' else str(unusable)
+    assert f'compilation cache off: {where} cannot be used' in line, line
+    assert f'set {variable} to a writable directory' in line, line  # the one that chose it
 
 
 def test_a_damaged_entry_is_recompiled_not_a_failed_run(tmp_path, pydoc_vocab):
@@ -102,8 +107,9 @@ def test_a_damaged_entry_is_recompiled_not_a_failed_run(tmp_path, pydoc_vocab):
     assert 'UserWarning' not in stderr, stderr[-3000:]
     said = [x for x in stderr.splitlines() if 'could not be read' in x]
     assert len(said) == 1, said
-    damaged = int(re.search(r'warning: (\d+) entries', said[0]).group(1))
+    damaged = int(re.search(r'warning: (\d+) entr(y|ies) ', said[0]).group(1))
     assert 0 < damaged <= len(entries)  # those read before the first step
+    assert (' was compiled again' if damaged == 1 else ' were compiled again') in said[0]
     assert said[0].startswith('warning:') and 'delete that directory' in said[0]
 
 
@@ -129,3 +135,24 @@ def test_the_embedded_corpus_is_kept_in_the_cache_and_read_back_the_same(tmp_pat
     kept.unlink()
     assert text.embedded_corpus('pydoc_stdlib') == built
     assert not list((tmp_path / 'corpus').iterdir())  # off: nothing written
+
+
+def test_a_slow_phase_says_it_is_still_running_at_growing_intervals(caplog):
+    """core/startup.heartbeat: a line at `first` seconds, then at 3x, 7x, ... it (no
+    silent compile or restore, no flood from a long one); nothing from a quick block."""
+    import logging
+    import time
+
+    from core import startup
+
+    with caplog.at_level(logging.INFO):
+        with startup.heartbeat('quick', first=0.5):
+            pass
+        began = time.perf_counter()
+        with startup.heartbeat('slow', first=0.2):
+            time.sleep(1.0)
+        took = time.perf_counter() - began
+    said = [r.getMessage() for r in caplog.records if 'still at it' in r.getMessage()]
+    assert not any(m.startswith('quick') for m in said) and took < 1.3  # ends with the block
+    assert len(said) == 2 and all(m.startswith('slow: still at it after ') for m in said), said
+    # (at 0.2 and 0.6 s; the next would come at 1.4 s)

@@ -186,3 +186,36 @@ def test_embedded_pydoc_split_is_disjoint():
     train, eval_ = load_corpus(data_config(name='pydoc', eval_fraction=0.05))
     assert len(train) > 10 * len(eval_) > 0
     assert not set(eval_) & set(train) - {''}
+
+
+def test_parsing_the_standard_library_says_how_far_it_is(monkeypatch, caplog):
+    """The embedded corpus's first read (seconds: `ast` over the standard library, before
+    the corpus cache has it) is not a silent stretch of a cold start: a line every
+    PROGRESS_SECS, the same documents as without them."""
+    import logging
+
+    from data import text
+
+    monkeypatch.setattr(text, 'PROGRESS_SECS', 0.0)  # a line before every file
+    with caplog.at_level(logging.INFO):
+        docs = text.stdlib_docstrings()
+    said = [r.getMessage() for r in caplog.records if 'standard-library files' in r.getMessage()]
+    counts = [(int(m.split()[1]), int(m.split()[3])) for m in said]
+    total = counts[0][1]
+    assert total > 100 and [c for c, _ in counts] == list(range(len(counts))), said[:3]
+    assert {t for _, t in counts} == {total} and len(counts) == total
+    assert said[0] == f'data: 0 of {total} standard-library files parsed'
+    monkeypatch.setattr(text, 'PROGRESS_SECS', 1e9)
+    assert text.stdlib_docstrings() == docs
+
+
+def test_the_docstring_walk_finds_what_ast_walk_finds(monkeypatch):
+    """The standard library's docstrings are found by visiting statements only: the same
+    documents, in the same order, as walking every node (what built the corpus before)."""
+    import ast
+
+    from data import text
+
+    fast = text.stdlib_docstrings()
+    monkeypatch.setattr(text, '_statements', ast.walk)
+    assert fast == text.stdlib_docstrings()
