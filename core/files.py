@@ -2,17 +2,20 @@
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from typing import IO
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'w', **open_args) -> Iterator[IO]:
-    """A file opened on PATH.tmp that replaces `path` (os.replace) when the block ends, so a
-    reader, or a crash, never meets half a file. If the block raises, `path` is left as it
-    was and PATH.tmp is removed. `mode` and `open_args` go to `open`; the file gets the
-    permissions of any file the process creates."""
-    tmp = path + '.tmp'
+    """A file opened on a temporary name beside `path` (PATH.<pid>-<random>.tmp, one of its
+    own per writer) that replaces `path` (os.replace) when the block ends, so a reader, or a
+    crash, never meets half a file, and several processes writing `path` at once never mix
+    their bytes (the last to finish wins, whole). If the block raises, `path` is left as it
+    was and the temporary file is removed. `mode` and `open_args` go to `open`; the file gets
+    the permissions of any file the process creates."""
+    tmp = f'{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp'
     try:
         with open(tmp, mode, **open_args) as f:
             yield f

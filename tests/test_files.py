@@ -43,3 +43,17 @@ def test_atomic_write_into_a_missing_directory_names_the_path(tmp_path):
         with atomic_write(path) as f:
             f.write('{}')
     assert path in cli.error_message(failed.value)
+
+
+def test_two_writers_of_one_path_at_once_never_mix(tmp_path):
+    """Two processes writing one file at once (the corpus cache of two runs starting
+    together): each writes a temporary file of its own, the last to finish wins whole."""
+    path = str(tmp_path / 'corpus.json')
+    with atomic_write(path) as first:
+        first.write('a' * 1000)
+        with atomic_write(path) as second:
+            second.write('b' * 10)
+        assert open(path).read() == 'b' * 10
+        first.write('a')
+    assert open(path).read() == 'a' * 1001
+    assert os.listdir(tmp_path) == ['corpus.json']
