@@ -30,23 +30,21 @@ MAX_BYTES = 4 * 2**30
 _UNREADABLE = 'Error reading persistent compilation cache entry'
 
 
-def directory() -> str | None:
-    """The cache directory this process uses, or None when disabled."""
+def _setting() -> tuple[str, str | None]:
+    """(the environment variable that decides the cache directory, the directory this
+    process uses or None when disabled): PRETRAX_COMPILATION_CACHE, else JAX's own
+    JAX_COMPILATION_CACHE_DIR, else pretrax's cache directory (PRETRAX_CACHE_DIR)."""
     if ENV in os.environ:
         value = os.environ[ENV].strip()
-        return None if turns_cache_off(value) else os.path.expanduser(value)
+        return ENV, None if turns_cache_off(value) else os.path.expanduser(value)
     if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        return os.environ['JAX_COMPILATION_CACHE_DIR']
-    return user_cache_dir('jax')
+        return 'JAX_COMPILATION_CACHE_DIR', os.environ['JAX_COMPILATION_CACHE_DIR']
+    return CACHE_ENV, user_cache_dir('jax')
 
 
-def _chosen_by() -> str:
-    """The environment variable that chose `directory()` (the one to change)."""
-    if ENV in os.environ:
-        return ENV
-    if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        return 'JAX_COMPILATION_CACHE_DIR'
-    return CACHE_ENV
+def directory() -> str | None:
+    """The cache directory this process uses, or None when disabled."""
+    return _setting()[1]
 
 
 class CacheStats:
@@ -73,7 +71,7 @@ class CacheStats:
         where = directory()
         if self.unusable:
             return (
-                f'compilation cache off: {self.unusable}; set {_chosen_by()} to a writable '
+                f'compilation cache off: {self.unusable}; set {_setting()[0]} to a writable '
                 'directory (or off)'
             )
         if where is None:

@@ -48,7 +48,7 @@ class Pauses:
         self.progress.pause()
         self.watchdog.pause('compiling')
 
-    def compile_ended(self) -> None:
+    def compile_ended(self, seconds: float) -> None:  # (the compile's duration: not needed)
         self.watchdog.resume()
         self.progress.resume()
 

@@ -125,26 +125,26 @@ class Watchdog:
 def compile_seconds() -> Iterator[Callable[[], float]]:
     """Inside the block, the seconds this thread has spent tracing, lowering and compiling
     since the block began (`with compile_seconds() as compiled: ...; compiled()`)."""
-    thread, total = threading.get_ident(), [0.0]
+    total = [0.0]
 
-    def finished(event: str, duration: float, **kwargs) -> None:
-        if event in COMPILE_EVENTS and threading.get_ident() == thread:
-            total[0] += duration
+    def add(seconds: float) -> None:
+        total[0] += seconds
 
-    jax.monitoring.register_event_duration_secs_listener(finished)
+    listener = CompileListener(lambda: None, add)
     try:
         yield lambda: total[0]
     finally:
-        jax.monitoring.unregister_event_duration_listener(finished)
+        listener.close()
 
 
 class CompileListener:
     """Calls `begin()` when jax starts tracing, lowering or compiling a function on this
-    thread and `end()` when that finishes (one call each per event; they nest), so that a
-    recompile anywhere in the loop is left out of the watchdog and the throughput clock.
-    Other threads' compiles (a checkpointer's) are ignored. `close()` stops listening."""
+    thread and `end(seconds)` when that finishes, with its duration (one call each per
+    event; they nest), so that a recompile anywhere in the loop is left out of the watchdog
+    and the throughput clock. Other threads' compiles (a checkpointer's) are ignored.
+    `close()` stops listening."""
 
-    def __init__(self, begin: Callable[[], None], end: Callable[[], None]):
+    def __init__(self, begin: Callable[[], None], end: Callable[[float], None]):
         thread = threading.get_ident()
 
         def started(event: str, value: float, **kwargs) -> None:
@@ -153,7 +153,7 @@ class CompileListener:
 
         def finished(event: str, duration: float, **kwargs) -> None:
             if event in COMPILE_EVENTS and threading.get_ident() == thread:
-                end()
+                end(duration)
 
         self._listeners = (started, finished)
         jax.monitoring.register_scalar_listener(started)

@@ -119,7 +119,7 @@ def test_compile_listener_sees_a_recompile_on_this_thread_only():
         progress.pause()
         events.append('begin')
 
-    def end():
+    def end(seconds):
         events.append('end')
         progress.resume()
 
