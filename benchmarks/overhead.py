@@ -31,6 +31,9 @@ also gives its other windows. The trainer's own step_time_ms (the mean of its tr
 in that window; checkpoint saves are left out of that clock by design) is printed beside
 it. The machine should be otherwise idle: on a shared or virtual machine single runs of
 the same code differ by several percent, hence the rounds.
+
+Each round deletes and rewrites CASE, CASE_before and CASE_build under `--dir` (the runs'
+workdirs): point it at a directory of its own.
 """
 
 import argparse
