@@ -42,6 +42,16 @@ Arms (`arms`, comma-separated):
   scratch       the same model, configuration and data, from random init
   linear_probe  the pretrained encoder frozen, only the head trained (`probe_learning_rate`)
   imported      fine-tune the checkpoint in `imported` (needs --config.imported)
+  mae           (image studies) fine-tune everything from the study's MAE pretraining
+                (`mae_pretrain`: configs/vit_mae.py:tiny, the same ViT and images as the
+                SimCLR one, run in WORKDIR/mae_pretrain unless `mae_pretrain_workdir` names
+                a finished one)
+  mae_linear_probe  (image studies) the MAE encoder frozen, only the head trained
+
+MAE against SimCLR against scratch on digits (docs/study.md has the table):
+  python launch.py study --config configs/study.py:digits --workdir runs/study_mae \
+      --config.arms=pretrained,mae,scratch,linear_probe,mae_linear_probe \
+      --config.label_fractions="(0.05,1.0)"
 
 Budgets: `label_fractions` (a fraction of each class, 1.0 = every label) or
 `examples_per_class`; set exactly one. The labelled subsets are nested across budgets and
@@ -51,7 +61,7 @@ initialisation and the data order.
 
 import ml_collections
 
-from configs import bert_mlm, image_cls, text_cls, vit_simclr
+from configs import bert_mlm, image_cls, text_cls, vit_mae, vit_simclr
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
@@ -78,6 +88,9 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
         c.label_fractions = (0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
         c.target_accuracy = 0.9
         c.arms = 'pretrained,scratch,linear_probe'
+        # The mae arms' start: MAE on the same images, at SimCLR's budget (700 steps of 256).
+        c.mae_pretrain = vit_mae.get_config('tiny')
+        c.mae_pretrain_workdir = ''  # '' = WORKDIR/mae_pretrain; or an MAE run to reuse
     # Every eval is a candidate: the checkpoint kept best on validation is the one tested.
     c.finetune.checkpoint_every = c.finetune.eval_every
     c.finetune.keep_checkpoints = 1  # the latest, plus the best on validation
@@ -93,16 +106,18 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
     c.pretrain_workdir = ''  # '' = WORKDIR/pretrain; or an existing pretraining to reuse
     c.imported = ''  # a `launch.py import-hf` workdir: the `imported` arm
     if preset == 'smoke':
-        c.pretrain.total_steps = 6
-        c.pretrain.warmup_steps = 2
-        c.pretrain.eval_every = 6
-        c.pretrain.checkpoint_every = 6
-        c.pretrain.log_every = 3
-        c.pretrain.batch_size = 32
-        c.pretrain.model.num_layers = 1
-        c.pretrain.eval.few_shot = 0
-        c.pretrain.eval.probe_train_examples = 200
-        c.pretrain.eval_steps = 1
+        for pre in (c.pretrain, c.mae_pretrain):  # SimCLR's and MAE's
+            pre.total_steps = 6
+            pre.warmup_steps = 2
+            pre.eval_every = 6
+            pre.checkpoint_every = 6
+            pre.log_every = 3
+            pre.batch_size = 32
+            pre.model.num_layers = 1
+            pre.eval.few_shot = 0
+            pre.eval.probe_train_examples = 200
+            pre.eval_steps = 1
+        c.mae_pretrain.decoder.num_layers = 1
         c.finetune.model.num_layers = 1
         c.finetune.total_steps = 8
         c.finetune.warmup_steps = 2

@@ -73,17 +73,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.augment.blur_prob = 0.5 if imagenet else 0.0
     c.augment.blur_sigma = (0.1, 2.0)
 
-    # Online evaluation of frozen backbone features on the labelled splits: fitted on the
-    # training split, scored on the held-out one (never a downstream test split).
-    c.eval = ml_collections.ConfigDict()
-    c.eval.knn_k = 20
-    c.eval.knn_temperature = 0.07
-    c.eval.probe_train_examples = 10_000  # labelled train images the probes fit on
-    c.eval.probe_l2 = 0.0  # 0: chosen on a held-out part of the probe's train split
-    # Also a probe on this many labels per class (0: off), written as
-    # linear_probe_<k>shot_accuracy: with every label, even random features of digits are
-    # nearly linearly separable; with few, the representation decides.
-    c.eval.few_shot = 0 if imagenet else 5
+    c.eval = probes(imagenet)
 
     # Optimization. ImageNet: LARS, lr 0.3 x batch/256 (linear scaling rule), wd 1e-6,
     # 10 warmup epochs, cosine. Digits (CPU): AdamW, which needs no large batch.
@@ -110,6 +100,23 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
         )
     )
     return c
+
+
+def probes(imagenet: bool) -> ml_collections.ConfigDict:
+    """eval.*: online evaluation of frozen backbone features on the labelled splits (also
+    configs/vit_mae.py's)."""
+    # Fitted on the training split, scored on the held-out one (never a downstream test
+    # split).
+    e = ml_collections.ConfigDict()
+    e.knn_k = 20
+    e.knn_temperature = 0.07
+    e.probe_train_examples = 10_000  # labelled train images the probes fit on
+    e.probe_l2 = 0.0  # 0: chosen on a held-out part of the probe's train split
+    # Also a probe on this many labels per class (0: off), written as
+    # linear_probe_<k>shot_accuracy: with every label, even random features of digits are
+    # nearly linearly separable; with few, the representation decides.
+    e.few_shot = 0 if imagenet else 5
+    return e
 
 
 def backbone(sizes: tuple[int, int, int, int], imagenet: bool) -> ml_collections.ConfigDict:

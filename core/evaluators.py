@@ -80,19 +80,21 @@ def summed_loss(stepper, params, batches: Sequence[dict]) -> dict[str, float]:
 
 
 def contrastive_evaluate(
-    loss_batches: Sequence[dict], figures: Callable[[Any, Any], dict[str, float]] | None
+    loss_batches: Sequence[dict],
+    figures: Callable[[Any, Any], dict[str, float]] | None,
+    name: str = 'contrastive',
 ) -> Callable[[Any, Any], dict[str, float]]:
-    """A contrastive task's `evaluate(stepper, params)`: the held-out `contrastive_loss` (and
-    `contrastive_accuracy` where the loss reports `accuracy`) over `loss_batches`, none when
-    the split is smaller than a batch; then `figures(stepper, params)` (a probe, retrieval)."""
+    """A self-supervised task's `evaluate(stepper, params)`: the held-out `<name>_loss` (and
+    `<name>_accuracy` where the loss reports `accuracy`) over `loss_batches`, none when the
+    split is smaller than a batch; then `figures(stepper, params)` (a probe, retrieval)."""
 
     def evaluate(stepper, params) -> dict[str, float]:
         result = {}
         if loss_batches:
             sums = summed_loss(stepper, params, loss_batches)
-            result['contrastive_loss'] = sums['loss']
+            result[f'{name}_loss'] = sums['loss']
             if 'accuracy' in sums:
-                result['contrastive_accuracy'] = sums['accuracy']
+                result[f'{name}_accuracy'] = sums['accuracy']
         if figures is not None:
             result.update(figures(stepper, params))
         return result

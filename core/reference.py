@@ -25,6 +25,10 @@ PRESETS = {
         ('tiny', 'ti', 's', 'b', 'l'),
         'ViT sizes (tiny: H128 L4 for a CPU); `,imagenet` after the size: the ImageNet recipe',
     ),
+    'vit_mae': (
+        ('tiny', 'ti', 's', 'b', 'l'),
+        "vit_simclr's ViT sizes; `,imagenet` after the size: MAE's ImageNet recipe",
+    ),
     'clip': (
         ('tiny', 'ti', 's', 'b', 'l'),
         'image-tower sizes; `,softmax` (CLIP, default) or `,sigmoid` (SigLIP) picks the loss',
@@ -42,7 +46,7 @@ PRESETS = {
 }
 
 # The study config nests whole stage configs; their keys are those files' keys.
-NESTED = {'study': ('pretrain', 'finetune')}
+NESTED = {'study': ('pretrain', 'finetune', 'mae_pretrain')}
 
 # One line per key: looked up by the full dotted key, then by its shorter suffixes
 # (model.text.pooling, text.pooling, pooling), so a leaf entry serves every section where
@@ -52,7 +56,7 @@ MEANINGS = {
     'stage': 'The `launch.py` stage this file is written for (pretrain | finetune | study); '
     'another `launch.py` stage refuses the file with a message naming the right one',
     'task': 'The task module the stage runs (core/task.py registry): pretrain mlm | simclr | '
-    'clip | simcse; finetune text_cls | token_cls | image_cls',
+    'mae | clip | simcse; finetune text_cls | token_cls | image_cls',
     'seed': 'Seeds parameter init, dropout, the data order and masking, and the validation '
     'split and label subsets of labelled data',
     'task_type': 'classification | regression (a numeric label, scored by pearson)',
@@ -127,6 +131,14 @@ MEANINGS = {
     'channels': 'Image channels: 1 grayscale | 3 RGB',
     'head_dropout': 'Dropout before the new classification head',
     'zero_init_head': 'Initialise the new head at zero (the first logits are all equal)',
+    'decoder.hidden_size': 'MAE decoder width (pretraining only; dropped after it)',
+    'decoder.num_layers': 'MAE decoder Transformer layers (pre-LN)',
+    'decoder.num_heads': 'MAE decoder attention heads; must divide decoder.hidden_size',
+    'decoder.mlp_dim': 'MAE decoder feed-forward width',
+    'mae.mask_ratio': "Fraction of each image's patches hidden from the encoder (drawn per "
+    'example on device; every image keeps the same count)',
+    'mae.norm_pix_loss': "Predict each masked patch's pixels normalised by that patch's mean "
+    'and variance (MAE; false: raw pixels in [0, 1])',
     'proj_hidden': 'Projection MLP hidden width (training only; dropped after pretraining)',
     'proj_dim': 'Projection MLP output width, the space the contrastive loss compares in',
     'proj_layers': 'Layers of the projection MLP',
@@ -225,13 +237,16 @@ MEANINGS = {
     'label_fractions': 'Label budgets: fractions of each class (1.0: every label)',
     'examples_per_class': 'Label budgets as labels per class; set this or label_fractions',
     'seeds': 'Seeds of each arm and budget (the intervals are over these)',
-    'arms': 'Comma-separated: pretrained | scratch | linear_probe | imported',
+    'arms': 'Comma-separated: pretrained | scratch | linear_probe | imported | mae | '
+    'mae_linear_probe (the last two: image studies)',
     'target_accuracy': 'Validation accuracy whose steps-to-target the report counts',
     'probe_learning_rate': "The linear_probe arm's learning rate",
     'learning_rates': 'A grid every arm runs at, validation picks the rate ((): each arm at '
     "its start's own rate)",
     'pretrain_workdir': "An existing pretraining to reuse ('': WORKDIR/pretrain)",
     'imported': "A `launch.py import-hf` workdir: the imported arm's start",
+    'mae_pretrain_workdir': "A finished MAE run the mae arms start from ('': WORKDIR/"
+    'mae_pretrain, trained with the `mae_pretrain` block)',
 }
 
 

@@ -33,6 +33,7 @@ TASKS = {
         'simclr': 'pretrain.simclr',
         'clip': 'pretrain.clip',
         'simcse': 'pretrain.simcse',
+        'mae': 'pretrain.mae',
     },
     'finetune': {
         'text_cls': 'finetune.text_cls',

@@ -82,10 +82,14 @@ class VisionEncoder(nn.Module):
     cfg: VitConfig
 
     @nn.compact
-    def __call__(self, images: jax.Array, deterministic: bool = True, rows=None) -> jax.Array:
+    def __call__(
+        self, images: jax.Array, deterministic: bool = True, rows=None, keep=None
+    ) -> jax.Array:
         """images: [batch, image_size, image_size, channels], float in [0, 1]; rows: [batch],
         each image's row in the step's batch, which its dropout masks depend on (None: 0 ..
-        batch - 1)."""
+        batch - 1); keep: [batch, kept] patch indices (row-major), the only patches the
+        encoder sees, each with its own position (MAE's visible patches; None: all).
+        Returns [batch, (cls) + kept, hidden] with `keep`."""
         cfg = self.cfg
         if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
             raise ValueError(
@@ -96,14 +100,25 @@ class VisionEncoder(nn.Module):
         x = PatchEmbed(cfg.patch_size, cfg.hidden_size, cfg.dtype, name='patch_embed')(
             images * 2.0 - 1.0
         )
-        if cfg.pooling == 'cls':
+        has_cls = cfg.pooling == 'cls'
+        if has_cls:  # params made in this order: their init keys depend on it
             cls = self.param('cls', zeros_init('embed'), (cfg.hidden_size,))
-            cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
-            x = jnp.concatenate([cls, x], axis=1)
         pos = self.param(
             'pos_embedding', dense_init(None, 'embed'), (cfg.num_tokens, cfg.hidden_size)
         )
-        x = x + pos[None].astype(x.dtype)
+        pos = pos[None].astype(x.dtype)
+        batch = x.shape[0]
+        if keep is None:
+            if has_cls:
+                cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, cfg.hidden_size))
+                x = jnp.concatenate([cls, x], axis=1)
+            x = x + pos
+        else:  # positions first, then only the kept patches
+            x = x + pos[:, int(has_cls) :]
+            x = jnp.take_along_axis(x, keep[..., None].astype(jnp.int32), axis=1)
+            if has_cls:
+                cls = cls.astype(x.dtype) + pos[:, 0]
+                x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.hidden_size)), x], 1)
         x = ExampleDropout(cfg.dropout_rate)(x, rows, deterministic)
         x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
         x = Encoder.of(cfg, layer_norm='pre', name='encoder')(x, None, deterministic, rows)

@@ -69,20 +69,29 @@ def image_batches(source, runtime: Runtime) -> list[dict]:
     )
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
-    del workdir
+def image_inputs(config, runtime: Runtime):
+    """(train source, eval source, the training stream) of an image pretraining."""
     m = config.model
-    vit = VitConfig.from_config(config.model, dtype=compute_dtype(config))
     train_source, eval_source = image_splits.image_splits(config.data, m.image_size, m.channels)
     train_ds = shards.training_stream(
-        functools.partial(pipeline.image_dataset, train_source, train=True),
-        config,
-        runtime,
+        functools.partial(pipeline.image_dataset, train_source, train=True), config, runtime
     )
-    model = SimClrModel(vit, m.proj_hidden, m.proj_dim, m.proj_layers)
-    aug = augment_lib.AugmentConfig.from_config(config.augment)
-    loss_fn = simclr_loss_fn(model, aug, config.loss.temperature, runtime)
+    logging.info(
+        'data: %d train / %d eval images of %dx%dx%d, %d classes',
+        len(train_source),
+        len(eval_source),
+        m.image_size,
+        m.image_size,
+        m.channels,
+        image_sources.num_classes(train_source),
+    )
+    return train_source, eval_source, train_ds
 
+
+def image_evals(config, train_source, eval_source, apply, runtime: Runtime):
+    """(held-out loss batches, FeatureProbe or None) of an image pretraining: k-NN and linear
+    probes on the frozen `features` (apply(variables, images, method='features')), fitted
+    on up to eval.probe_train_examples training images and scored on the eval split."""
     loss_batches = evaluators.fixed_batches(
         lambda **kw: pipeline.image_dataset(eval_source, **kw),
         len(eval_source),
@@ -92,7 +101,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     if not loss_batches:
         logging.warning(
             'the eval split (%d images) is smaller than one batch of %d: the held-out '
-            'contrastive loss is not computed (k-NN and linear probe still are)',
+            'loss is not computed (k-NN and linear probe still are)',
             len(eval_source),
             config.batch_size,
         )
@@ -101,7 +110,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     if num_classes > 1:
         probe_train = image_sources.probe_subset(train_source, config.eval.probe_train_examples)
         probe = evaluators.FeatureProbe(
-            lambda params, batch: model.apply(
+            lambda params, batch: apply(
                 {'params': params}, batch['image'].astype(jnp.float32) / 255.0, method='features'
             ),
             image_batches(probe_train, runtime),
@@ -118,16 +127,19 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     else:
         logging.warning('the images carry no labels: k-NN and linear probe are not computed')
 
+    return loss_batches, probe
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
+    del workdir
+    m = config.model
+    vit = VitConfig.from_config(config.model, dtype=compute_dtype(config))
+    train_source, eval_source, train_ds = image_inputs(config, runtime)
+    model = SimClrModel(vit, m.proj_hidden, m.proj_dim, m.proj_layers)
+    aug = augment_lib.AugmentConfig.from_config(config.augment)
+    loss_fn = simclr_loss_fn(model, aug, config.loss.temperature, runtime)
+    loss_batches, probe = image_evals(config, train_source, eval_source, model.apply, runtime)
     example = jnp.zeros((1, m.image_size, m.image_size, m.channels), jnp.float32)
-    logging.info(
-        'data: %d train / %d eval images of %dx%dx%d, %d classes',
-        len(train_source),
-        len(eval_source),
-        m.image_size,
-        m.image_size,
-        m.channels,
-        num_classes,
-    )
     return Task(
         name='simclr',
         model=model,

@@ -58,7 +58,8 @@ def render() -> str:
             lines += [
                 '',
                 f'{nested}: whole stage configs, so their keys are those of the files they '
-                'are built from (`digits` and `smoke`: vit_simclr.py and image_cls.py; `text`: '
+                'are built from (`digits` and `smoke`: vit_simclr.py, image_cls.py and vit_mae.py; '
+                '`text`: '
                 "bert_mlm.py and text_cls.py); only the study's own keys are listed here.",
             ]
         lines += ['', '| key | default | meaning |', '| --- | --- | --- |']

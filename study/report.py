@@ -133,18 +133,21 @@ def _with_interval(mean: float, low: float | None, high: float | None, sign: str
     return f'{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]'
 
 
+FINE_TUNED = ('pretrained', 'imported', 'mae')
+
+
 def markdown(table: list[dict], metric: str, target: float) -> str:
     """The table: a line per budget; per arm the test metric of the validation-selected
-    checkpoints (mean [95% interval] over seeds), the paired pretrained - scratch
-    difference [95% interval], and the steps and training seconds to reach `target` on the
-    validation rows (mean over the seeds that did)."""
+    checkpoints (mean [95% interval] over seeds), the paired difference [95% interval] of
+    each fine-tuned start (pretrained, imported, mae) to scratch, and the steps and training
+    seconds to reach `target` on the validation rows (mean over the seeds that did)."""
     arms = list(dict.fromkeys(t['arm'] for t in table))
     by_key = {(t['arm'], t['budget']): t for t in table}
     budgets = sorted({t['budget'] for t in table})
     head = ['budget', 'labels', *(f'{arm} test {metric}' for arm in arms)]
-    gain = 'pretrained' in arms and 'scratch' in arms
-    if gain:
-        head.append('pretrained - scratch (paired)')
+    # The paired gains of the arms that fine-tune a start (probes: only their own column).
+    gains = [a for a in arms if a in FINE_TUNED] if 'scratch' in arms else []
+    head += [f'{arm} - scratch (paired)' for arm in gains]
     head += [f'{arm}: steps (s) to {target:g} (validation)' for arm in arms]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for budget in budgets:
@@ -158,8 +161,8 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
             else '-'
             for t in rows
         ]
-        if gain:
-            p = by_key.get(('pretrained', budget))
+        for arm in gains:
+            p = by_key.get((arm, budget))
             if p and p['diff_vs_scratch'] is not None:
                 line.append(
                     _with_interval(p['diff_vs_scratch'], p['diff_ci_low'], p['diff_ci_high'], '+')

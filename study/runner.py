@@ -2,6 +2,8 @@
 
 WORKDIR/config.json             the study's resolved config
 WORKDIR/pretrain/               the pretraining run (unless `pretrain_workdir` names one)
+WORKDIR/mae_pretrain/           the MAE pretraining of an image study's mae arms (unless
+                                `mae_pretrain_workdir` names one)
 WORKDIR/runs/<arm>/<budget>/seed<k>/   one fine-tuning workdir per run (with a
                                        `learning_rates` grid: .../seed<k>/lr<rate>/)
 WORKDIR/study.json, study.csv   per-run results and the table (study/report.py)
@@ -37,7 +39,9 @@ from core import metrics as metrics_lib
 from core import recipe, trainer
 from core.errors import ConfigError, UserError
 
-ARMS = ('pretrained', 'scratch', 'linear_probe', 'imported')
+ARMS = ('pretrained', 'scratch', 'linear_probe', 'imported', 'mae', 'mae_linear_probe')
+# The arms that start from the study's MAE pretraining (`mae_pretrain`), not `pretrain`.
+MAE_ARMS = ('mae', 'mae_linear_probe')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,11 @@ def arms(config) -> list[str]:
         )
     if config.imported and 'imported' not in names:
         names.append('imported')
+    if any(a in MAE_ARMS for a in names) and 'mae_pretrain' not in config:
+        raise ConfigError(
+            f'study arms={config.arms!r}: the MAE arms ({", ".join(MAE_ARMS)}) are for image '
+            'studies (configs/study.py:digits), which pretrain a ViT with MAE beside SimCLR'
+        )
     return names
 
 
@@ -141,9 +150,11 @@ def completed(workdir: str) -> bool:
     return bool(read_json(os.path.join(workdir, 'summary.json')).get('completed'))
 
 
-def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.ConfigDict:
+def finetune_config(
+    config, run: Run, pretrain_dir: str, mae_dir: str = ''
+) -> ml_collections.ConfigDict:
     """The stage config of one run: the study's `finetune` block, this run's budget and seed,
-    and how the arm starts."""
+    and how the arm starts (pretrain_dir: the study's pretraining; mae_dir: its MAE one)."""
     c = ml_collections.ConfigDict(config.finetune.to_dict())
     c.seed = run.seed
     every_label = isinstance(run.budget, float) and run.budget == 1.0
@@ -151,6 +162,8 @@ def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.Confi
     source = pretrain_dir
     if run.arm == 'imported':
         source = config.imported
+    elif run.arm in MAE_ARMS:
+        source = mae_dir
     if source:
         saved = read_json(os.path.join(source, 'config.json'))
         if not saved:
@@ -159,9 +172,9 @@ def finetune_config(config, run: Run, pretrain_dir: str) -> ml_collections.Confi
                 'workdir (a pretraining run, or one written by `launch.py import-hf`)'
             )
         recipe.adopt_architecture(c, saved, c.get('init_subtree', 'backbone'))
-    if run.arm in ('pretrained', 'linear_probe', 'imported'):
+    if run.arm != 'scratch':
         c.init_from = source
-    if run.arm == 'linear_probe':
+    if run.arm in ('linear_probe', 'mae_linear_probe'):
         c.transfer.freeze_backbone = True
         c.learning_rate = config.probe_learning_rate
     given = {k.partition('.')[2] for k in config_lib.COMMAND_LINE_KEYS if k.startswith('finetune.')}
@@ -224,23 +237,26 @@ def result_row(run: Run, workdir: str, metric: str, target: float) -> dict:
     }
 
 
-def run_pretraining(config, workdir: str) -> str:
-    """The pretraining's workdir: reused when complete, else run (or resumed) here."""
-    if config.pretrain_workdir:
-        if not completed(config.pretrain_workdir):
+def run_pretraining(config, workdir: str, key: str = 'pretrain') -> str:
+    """The workdir of the study's pretraining `key` (pretrain, mae_pretrain): the one
+    `<key>_workdir` names when given (it must be complete), else WORKDIR/<key>, reused when
+    complete, else run (or resumed) here."""
+    given = config[f'{key}_workdir']
+    if given:
+        if not completed(given):
             raise UserError(
-                f'pretrain_workdir {config.pretrain_workdir} holds no completed pretraining '
-                '(no summary.json with completed=true): finish that run, or leave '
-                '--config.pretrain_workdir empty to pretrain inside the study'
+                f'{key}_workdir {given} holds no completed pretraining (no summary.json with '
+                f'completed=true): finish that run, or leave --config.{key}_workdir empty to '
+                'pretrain inside the study'
             )
-        logging.info('study: reusing the pretraining in %s', config.pretrain_workdir)
-        return config.pretrain_workdir
-    path = os.path.join(workdir, 'pretrain')
+        logging.info('study: reusing the pretraining in %s', given)
+        return given
+    path = os.path.join(workdir, key)
     if completed(path):
         logging.info('study: the pretraining in %s is complete; reusing it', path)
         return path
     logging.info('study: pretraining in %s', path)
-    pretrain_config = ml_collections.ConfigDict(config.pretrain.to_dict())
+    pretrain_config = ml_collections.ConfigDict(config[key].to_dict())
     trainer.train_and_evaluate(pretrain_config, path, 'pretrain')
     jax.clear_caches()
     return path
@@ -260,6 +276,8 @@ def run_study(config, workdir: str) -> dict:
             f.write(config.to_json(indent=2))
     needs_pretraining = any(r.arm in ('pretrained', 'linear_probe') for r in runs)
     pretrain_dir = run_pretraining(config, workdir) if needs_pretraining else ''
+    needs_mae = any(r.arm in MAE_ARMS for r in runs)
+    mae_dir = run_pretraining(config, workdir, 'mae_pretrain') if needs_mae else ''
 
     rows = []
     for i, run in enumerate(runs):
@@ -268,7 +286,9 @@ def run_study(config, workdir: str) -> dict:
             logging.info('study: run %d/%d %s is complete', i + 1, len(runs), run.path)
         else:
             logging.info('study: run %d/%d %s', i + 1, len(runs), run.path)
-            trainer.train_and_evaluate(finetune_config(config, run, pretrain_dir), path, 'finetune')
+            trainer.train_and_evaluate(
+                finetune_config(config, run, pretrain_dir, mae_dir), path, 'finetune'
+            )
             jax.clear_caches()  # each run compiles its own step; keep memory flat
         if is_main:  # process 0 wrote the run's files; the others may not see them yet
             rows.append(result_row(run, path, metric, config.target_accuracy))
@@ -282,6 +302,7 @@ def run_study(config, workdir: str) -> dict:
         'metric': metric,
         'target': config.target_accuracy,
         'pretrain_workdir': pretrain_dir,
+        'mae_pretrain_workdir': mae_dir,
         'learning_rates': list(config.learning_rates),
         'table': table,
         'runs': chosen,  # with a grid: each the run at the rate validation chose

@@ -33,6 +33,7 @@ PRESETS = {
     'token_cls': ('', *BERT),
     'clip': ('', *VIT, *(f'{p},{loss}' for p in VIT for loss in ('softmax', 'sigmoid'))),
     'vit_simclr': ('', *VIT, *(f'{p},{r}' for p in VIT for r in ('digits', 'imagenet'))),
+    'vit_mae': ('', *VIT, *(f'{p},{r}' for p in VIT for r in ('digits', 'imagenet'))),
     'image_cls': ('', *VIT, *(f'{p},{r}' for p in VIT for r in ('digits', 'imagenet'))),
     'study': ('', 'digits', 'text', 'smoke'),
 }

@@ -152,6 +152,57 @@ def test_a_run_without_a_test_figure_is_refused(tmp_path):
         runner.result_row(runner.Run('scratch', 1.0, 0), str(workdir), 'accuracy', 0.9)
 
 
+def test_mae_arms_start_from_the_mae_pretraining(tmp_path):
+    simclr, mae = tmp_path / 'simclr', tmp_path / 'mae'
+    c = study_config.get_config('digits')
+    for path, block, layers in ((simclr, c.pretrain, 2), (mae, c.mae_pretrain, 3)):
+        path.mkdir()
+        saved = block.to_dict()
+        saved['model']['num_layers'] = layers
+        (path / 'config.json').write_text(json.dumps(saved))
+
+    def config(arm):
+        return runner.finetune_config(c, runner.Run(arm, 0.1, 0), str(simclr), str(mae))
+
+    tuned, probe, pretrained = config('mae'), config('mae_linear_probe'), config('pretrained')
+    assert tuned.init_from == probe.init_from == str(mae) and tuned.model.num_layers == 3
+    assert not tuned.transfer.freeze_backbone and probe.transfer.freeze_backbone
+    assert probe.learning_rate == c.probe_learning_rate
+    assert pretrained.init_from == str(simclr) and pretrained.model.num_layers == 2
+    c.arms = 'scratch,mae'
+    assert [r.arm for r in runner.plan(c)][:2] == ['scratch', 'mae']
+    text = study_config.get_config('text')
+    text.arms = 'pretrained,mae'
+    with pytest.raises(ConfigError, match='image studies'):
+        runner.plan(text)
+
+
+def test_smoke_study_with_mae_arms(tmp_path):
+    """An MAE pretraining runs in WORKDIR/mae_pretrain and both mae arms start from it."""
+    workdir = str(tmp_path / 'study')
+    r = launch(
+        'study',
+        '--config',
+        'configs/study.py:smoke',
+        '--workdir',
+        workdir,
+        '--config.arms=scratch,mae,mae_linear_probe',
+        '--config.label_fractions=(1.0,)',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    mae = os.path.join(workdir, 'mae_pretrain')
+    assert json.load(open(os.path.join(mae, 'summary.json')))['task'] == 'mae'
+    assert not os.path.exists(os.path.join(workdir, 'pretrain'))  # no SimCLR arm asked
+    result = json.load(open(os.path.join(workdir, 'study.json')))
+    assert result['mae_pretrain_workdir'] == mae
+    assert [t['arm'] for t in result['table']] == ['scratch', 'mae', 'mae_linear_probe']
+    for arm in ('mae', 'mae_linear_probe'):
+        run = json.load(open(os.path.join(workdir, 'runs', arm, 'frac_1', 'seed0', 'config.json')))
+        assert run['init_from'] == mae
+        assert run['transfer']['freeze_backbone'] == (arm == 'mae_linear_probe')
+    assert 'mae - scratch (paired)' in r.stdout
+
+
 def _study_args(workdir: str) -> list[str]:
     return [
         'study',
