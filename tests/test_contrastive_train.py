@@ -408,7 +408,7 @@ def bad_run(tmp_path, case: str) -> tuple[subprocess.CompletedProcess, list[str]
         return r, ['batch_size 4', 'not divisible by 8', 'use a multiple of 8']
     if case == 'unknown task':
         r = launch(*SIMCLR, *workdir, '--config.task=simclrr')
-        return r, ["--config.task='simclrr' is not a", "['clip', 'mlm', 'simclr', 'simcse']"]
+        return r, ["--config.task='simclrr' is not a", "['clip', 'mae', 'mlm', 'simclr', 'simcse']"]
     if case == 'simcse without dropout':
         r = launch(
             'pretrain',
