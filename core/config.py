@@ -60,6 +60,7 @@ RANGES = {
     'attention_dropout_rate': PROBABILITY,
     'head_dropout': PROBABILITY,
     'mask_prob': PROBABILITY,
+    'alpha': PROBABILITY,  # distill.alpha: the soft targets' weight
     'eval_fraction': PROBABILITY,
     'b1': PROBABILITY,  # Adam's moment decays
     'b2': PROBABILITY,

@@ -164,16 +164,21 @@ def transfer_scale_fn(config) -> Callable[[str], float | np.ndarray] | None:
                        (embeddings the smallest, the head 1; Clark et al. 2020, BEiT)
       head_lr_scale=s  the new head (every parameter outside backbone/) learns s times
                        faster than the encoder's top layer
+      teacher          (config.teacher, distillation) factor 0 under teacher/
     """
     t = config.get('transfer')
     if t is None:
         return None
     num_layers = config.model.num_layers
     head = t.get('head_lr_scale', 1.0)
-    if not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0 and head == 1.0:
+    teacher = bool(config.get('teacher'))
+    plain = not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0
+    if plain and head == 1.0 and not teacher:
         return None
 
     def factor(path: str, depth: int) -> float:
+        if path.startswith('teacher/'):
+            return 0.0  # a distillation teacher (finetune/distill.py): never trained
         if not path.startswith('backbone/'):
             return float(head)
         frozen = t.freeze_backbone or (t.freeze_layers > 0 and depth <= t.freeze_layers)

@@ -35,6 +35,7 @@ PRESETS = {
     ),
     'text_cls': (('tiny', 'small', 'base', 'large'), 'the BERT sizes of bert_mlm'),
     'token_cls': (('tiny', 'small', 'base', 'large'), 'the BERT sizes of bert_mlm'),
+    'distill': (('tiny', 'small', 'base', 'large'), "the student's BERT sizes, as text_cls"),
     'image_cls': (
         ('tiny', 'ti', 's', 'b', 'l'),
         'the ViT sizes of vit_simclr; `,imagenet` after the size: the ImageNet recipe',
@@ -131,6 +132,13 @@ MEANINGS = {
     'channels': 'Image channels: 1 grayscale | 3 RGB',
     'head_dropout': 'Dropout before the new classification head',
     'zero_init_head': 'Initialise the new head at zero (the first logits are all equal)',
+    'teacher': 'The workdir of a finished text_cls run whose soft targets the student learns '
+    '(its validation-selected checkpoint, frozen in the step)',
+    'distill.temperature': 'T: teacher and student logits are divided by it in the soft term, '
+    'which is scaled by T^2',
+    'distill.alpha': "The soft term's weight; the labels' is 1 - alpha",
+    'distill.unlabelled': 'Also train on the training examples train_examples leaves '
+    'unlabelled, on soft targets only',
     'decoder.hidden_size': 'MAE decoder width (pretraining only; dropped after it)',
     'decoder.num_layers': 'MAE decoder Transformer layers (pre-LN)',
     'decoder.num_heads': 'MAE decoder attention heads; must divide decoder.hidden_size',

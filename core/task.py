@@ -129,4 +129,7 @@ class Task:
     # the evaluate stage). None: the task has no test split. `evaluate` and `predict`
     # above score the validation split.
     test: Callable[[], Scorer] | None = None
+    # frozen(params, abstract_params) -> params with the frozen parameters a new run reads
+    # from elsewhere (a distillation teacher: finetune/distill.py); None: none.
+    frozen: Callable[[Any, Any], Any] | None = None
     close: Callable[[], None] = lambda: None

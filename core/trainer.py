@@ -115,8 +115,13 @@ class RunSetup:
 def follow_start(config: ml_collections.ConfigDict) -> None:
     """With init_from, the encoder's architecture is the one it was saved with, and a
     fine-tuning run's optimizer and pooling defaults follow that start (core/recipe.py);
-    each change is logged. Done before config.json is written or compared, so a resumed
+    each change is logged. With a distillation teacher, the student tokenizes with the
+    teacher's vocabulary. Done before config.json is written or compared, so a resumed
     run (and `evaluate` with the run's command) compares equal."""
+    if config.get('teacher'):
+        from finetune import distill
+
+        distill.adopt_vocabulary(config, distill.read_teacher(config.teacher, config.task))
     if not config.get('init_from'):
         return
     saved = recipe.saved_run_config(config.init_from)
@@ -438,6 +443,8 @@ def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
     if config.init_from:
         params = task.init_from.restore(state.params, abstract.params, config.init_from)
         state = state.replace(params=params)
+    if task.frozen is not None:
+        state = state.replace(params=task.frozen(state.params, abstract.params))
     return 0, state
 
 

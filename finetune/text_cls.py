@@ -15,21 +15,30 @@ from the training examples (WORKDIR/labels.json); an unknown label elsewhere is 
 
 from collections.abc import Callable
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import linen as nn
 
 from core import config as config_lib
 from core.task import InitFrom, Runtime, Scorer, Task, compute_dtype
 from data import labelled
 from data.text import TfdsText
 from data.tokenizer import WordPiece, make_tokenizer
-from finetune import classify
+from finetune import classify, distill
 from models.bert import BertConfig
 from models.classifier import TextClassifier
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    if 'distill' in config:
+        if not config.teacher:
+            raise config_lib.ConfigError(
+                'a distillation run needs its teacher: --config.teacher=WORKDIR, a finished '
+                'text_cls run (python launch.py finetune --config configs/text_cls.py ...)'
+            )
+        distill.check_config(config)
     d = config.data
     if d.get('test_files') or d.get('test_split'):
         if not d.files and d.name == 'pydoc_topics':
@@ -185,6 +194,11 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         return {k: np.stack([e[k] for e in encoded]) for k in encoded[0]}
 
     train_examples = [encode(train[i], train_labels[i]) for i in picked]
+    teacher = distill.read_teacher(config.teacher, 'text_cls') if config.get('teacher') else None
+    if teacher is not None:
+        train_examples = distill_examples(
+            config, teacher, label_map, train, train_labels, picked, encode
+        )
     logging.info(
         'data: %s, %d train (of %d) / %d validation examples, %s; %s',
         where,
@@ -195,8 +209,37 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         'a test split scored at the end' if load_test else 'no test split',
     )
     model = make_model(config, label_map.num_classes)
+    example = classify.text_example(seq)
     t = config.transfer
     loss_fn = classify.loss_fn_for(model, regression, t.freeze_backbone, lambda b: b)
+    init_params = lambda rng: model.init(rng, example)['params']  # noqa: E731
+    frozen, extras = None, {}
+    if teacher is not None:
+        teacher_model = make_model(
+            ml_collections.ConfigDict(
+                {'model': teacher.config.model, 'precision': config.precision}
+            ),
+            label_map.num_classes,
+        )
+        d = config.distill
+        loss_fn = distill.loss_fn_for(
+            model, teacher_model, d.temperature, d.alpha, t.freeze_backbone, lambda b: b
+        )
+        student_init = init_params
+
+        def init_params(rng):
+            student_rng, teacher_rng = jax.random.split(rng)
+            teacher_params = teacher_model.init(teacher_rng, example)['params']
+            return {**student_init(student_rng), distill.TEACHER: teacher_params}
+
+        frozen = distill.restore_teacher(teacher)
+        extras = {  # num_params counts both; these, each
+            'teacher': teacher.workdir,
+            'teacher_step': teacher.step,
+            'teacher_params': param_count(teacher_model, example),
+            'student_params': param_count(model, example),
+        }
+        logging.info('distilling %s (step %d) into this run', teacher.workdir, teacher.step)
 
     def scorer(examples: list[dict], labels: np.ndarray) -> Scorer:
         batches = classify.eval_batches(arrays(examples, labels), runtime)
@@ -209,11 +252,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         return scorer(examples, labels)
 
     val = scorer(validation, eval_labels)
-    example = classify.text_example(seq)
     return Task(
         name='text_cls',
         model=model,
-        init_params=lambda rng: model.init(rng, example)['params'],
+        init_params=init_params,
         loss_fn=loss_fn,
         train_iter=iter(classify.train_dataset(train_examples, config, runtime)),
         evaluate=val.evaluate,
@@ -223,5 +265,34 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         init_from=InitFrom({'backbone': config.init_subtree}),
         predict=val.predict,
         test=test if load_test is not None else None,
-        summary_extras=lambda final: {'train_examples': len(picked)},
+        summary_extras=lambda final: {'train_examples': len(picked), **extras},
+        frozen=frozen,
     )
+
+
+def param_count(model, example) -> int:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), example)['params']
+    return sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+
+
+def distill_examples(config, teacher, label_map, train, labels, picked, encode) -> list[dict]:
+    """The training stream of a distilled student: the labelled examples, plus (with
+    distill.unlabelled) the training examples the label budget left out, without their
+    labels (`labelled` 0: the soft targets only). Validation examples are in neither."""
+    if teacher.label_map != label_map:
+        raise config_lib.ConfigError(
+            f'the teacher {teacher.workdir} was trained on other labels ({teacher.label_map}) '
+            f'than this task has ({label_map}); distil a teacher of the same task'
+        )
+    examples = [dict(encode(train[i], labels[i]), labelled=np.int32(1)) for i in picked]
+    if config.distill.unlabelled:
+        chosen = set(int(i) for i in picked)
+        rest = [i for i in range(len(train)) if i not in chosen]
+        no_label = np.zeros((), labels.dtype)
+        examples += [dict(encode(train[i], no_label), labelled=np.int32(0)) for i in rest]
+        logging.info(
+            'distillation: %d labelled + %d unlabelled training examples (soft targets only)',
+            len(picked),
+            len(rest),
+        )
+    return examples

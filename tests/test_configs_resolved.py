@@ -30,6 +30,7 @@ PRESETS = {
     'bert_mlm': ('', *BERT),
     'simcse': ('', *BERT),
     'text_cls': ('', *BERT),
+    'distill': ('', *BERT),
     'token_cls': ('', *BERT),
     'clip': ('', *VIT, *(f'{p},{loss}' for p in VIT for loss in ('softmax', 'sigmoid'))),
     'vit_simclr': ('', *VIT, *(f'{p},{r}' for p in VIT for r in ('digits', 'imagenet'))),

@@ -1,0 +1,205 @@
+"""Knowledge distillation (finetune/distill.py, configs/distill.py): the loss against NumPy,
+what reaches the student and the teacher, and a teacher -> student run end to end whose
+teacher leaves the run exactly as it came in."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core import checkpoint
+from finetune import distill
+from tests.conftest import launch
+
+TINY = [
+    '--config.model.num_layers=1',
+    '--config.model.num_heads=2',
+    '--config.model.mlp_dim=64',
+    '--config.data.seq_len=32',
+    '--config.batch_size=16',
+    '--config.warmup_steps=1',
+    '--config.log_every=1',
+]
+TEACHER = [
+    'finetune',
+    '--config',
+    'configs/text_cls.py:tiny',
+    *TINY,
+    '--config.model.hidden_size=32',
+    '--config.model.vocab_size=512',
+    '--config.total_steps=8',
+    '--config.eval_every=4',
+    '--config.checkpoint_every=4',
+]
+STUDENT = [
+    'finetune',
+    '--config',
+    'configs/distill.py:tiny',
+    *TINY,
+    '--config.model.hidden_size=16',
+    '--config.total_steps=4',
+    '--config.eval_every=2',
+    '--config.checkpoint_every=2',
+]
+
+
+def numpy_kd(student, teacher, t):
+    def log_softmax(x):
+        x = x / t
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p_teacher = np.exp(log_softmax(teacher))
+    return t * t * (p_teacher * (log_softmax(teacher) - log_softmax(student))).sum(-1)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0, 4.0])
+def test_kd_loss_is_t_squared_kl_of_the_softened_distributions(temperature):
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(2, 6, 5)) * 3
+    got = distill.kd_loss(jnp.asarray(student), jnp.asarray(teacher), temperature)
+    np.testing.assert_allclose(np.asarray(got), numpy_kd(student, teacher, temperature), rtol=1e-5)
+    same = distill.kd_loss(jnp.asarray(teacher), jnp.asarray(teacher), temperature)
+    np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0, 4.0])
+def test_kd_gradient_scale_does_not_shrink_with_the_temperature(temperature):
+    """d(T^2 KL)/d student = T (softmax(s / T) - softmax(t / T)): the T^2 factor keeps the
+    soft targets' gradient at the hard labels' scale (Hinton et al. 2015)."""
+    rng = np.random.default_rng(1)
+    student, teacher = rng.normal(size=(2, 4, 7)).astype(np.float32)
+    grad = jax.grad(lambda s: jnp.sum(distill.kd_loss(s, jnp.asarray(teacher), temperature)))(
+        jnp.asarray(student)
+    )
+
+    def softmax(x):
+        e = np.exp(x / temperature - (x / temperature).max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    want = temperature * (softmax(student) - softmax(teacher))
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-6)
+
+
+class Linear:
+    """A stand-in model: logits = x @ params['w'] (apply's Flax signature)."""
+
+    def apply(self, variables, x, deterministic=True, rows=None, rngs=None):
+        return x @ variables['params']['w']
+
+
+def test_the_loss_mixes_soft_and_hard_terms_and_never_trains_the_teacher():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    params = {
+        'w': jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+        'teacher': {'w': jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)},
+    }
+    batch = {'x': x, 'label': jnp.array([0, 1, 2, 3]), 'labelled': jnp.array([1, 1, 0, 0])}
+    loss_fn = distill.loss_fn_for(Linear(), Linear(), 2.0, 0.3, False, lambda b: b['x'])
+    loss, sums = loss_fn(params, batch, jax.random.key(0), True)
+    student, teacher = np.asarray(x @ params['w']), np.asarray(x @ params['teacher']['w'])
+    soft = numpy_kd(student, teacher, 2.0)
+    shifted = student - student.max(-1, keepdims=True)
+    nll = -(shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))[np.arange(4), [0, 1, 2, 3]]
+    hard = nll * np.array([1, 1, 0, 0])  # unlabelled rows: the soft term only
+    np.testing.assert_allclose(float(loss), np.sum(0.3 * soft + 0.7 * hard), rtol=1e-5)
+    np.testing.assert_allclose(float(sums['kd_loss']), soft.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums['label_loss']), hard.sum(), rtol=1e-5)
+    assert float(sums['denominator']) == 4
+    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0), True)[0])(params)
+    assert np.all(np.asarray(grads['teacher']['w']) == 0)
+    assert np.any(np.asarray(grads['w']) != 0)
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory) -> str:
+    workdir = str(tmp_path_factory.mktemp('distill') / 'teacher')
+    r = launch(*TEACHER, '--workdir', workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir
+
+
+def read(workdir: str, name: str) -> dict:
+    with open(os.path.join(workdir, name)) as f:
+        return json.load(f)
+
+
+def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
+    workdir = str(tmp_path / 'student')
+    r = launch(
+        *STUDENT, '--workdir', workdir, f'--config.teacher={teacher}', '--config.train_examples=0.1'
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The budget's labelled tenth, plus the rest of the training split without labels.
+    assert 'distillation: 58 labelled + 511 unlabelled training examples' in r.stderr
+    summary = read(workdir, 'summary.json')
+    teacher_step = summary['teacher_step']
+    assert summary['completed'] and summary['teacher'] == teacher
+    assert teacher_step == read(teacher, 'summary.json')['best_checkpoint_step']
+    assert summary['student_params'] < summary['teacher_params']
+    assert summary['num_params'] == summary['student_params'] + summary['teacher_params']
+    assert 'test_accuracy' in summary
+    # The student reads the teacher's token ids.
+    assert read(workdir, 'config.json')['data']['vocab_file'] == os.path.join(teacher, 'vocab.txt')
+    train = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
+    train = [x for x in train if x['split'] == 'train']
+    assert all({'kd_loss', 'label_loss', 'teacher_agreement'} <= set(x) for x in train)
+
+    # The teacher inside the student's checkpoint is bit for bit the teacher's selected one.
+    def params(path, *subtree):
+        saved = checkpoint.saved_params_metadata(path, *subtree)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+        return checkpoint.restore_params(path, target, subtree)[0]
+
+    inside = params(workdir, 'teacher')
+    original = params(os.path.join(teacher, 'checkpoints', str(teacher_step)))
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(original), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... while the student moved off its initialisation.
+    first = params(os.path.join(workdir, 'checkpoints', '2'), 'head')
+    last = params(os.path.join(workdir, 'checkpoints', '4'), 'head')
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(last))
+    )
+
+
+@pytest.mark.parametrize(
+    'extra, message',
+    [
+        ((), 'a distillation run needs its teacher: --config.teacher=WORKDIR'),
+        (('--config.teacher=/nonexistent',), '--config.teacher=/nonexistent: no config.json'),
+        (('--config.distill.alpha=1.5',), 'distill.alpha'),
+    ],
+)
+def test_distillation_errors_name_the_fix(tmp_path, extra, message):
+    r = launch(*STUDENT, '--workdir', str(tmp_path / 'bad'), *extra)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr
+
+
+def test_a_teacher_of_another_task_or_vocabulary_is_refused(teacher, tmp_path):
+    other = tmp_path / 'vocab.txt'
+    other.write_text('[PAD]\n[UNK]\n')
+    r = launch(
+        *STUDENT,
+        '--workdir',
+        str(tmp_path / 'student'),
+        f'--config.teacher={teacher}',
+        f'--config.data.vocab_file={other}',
+    )
+    assert r.returncode != 0 and 'is not the vocabulary of the teacher' in r.stderr
+    assert 'Traceback' not in r.stderr
+    mlm = tmp_path / 'mlm'
+    mlm.mkdir()
+    (mlm / 'config.json').write_text(json.dumps({'task': 'mlm'}))
+    r = launch(*STUDENT, '--workdir', str(tmp_path / 'student2'), f'--config.teacher={mlm}')
+    assert r.returncode != 0 and "is a 'mlm' run; a text_cls student distils" in r.stderr
+    assert 'Traceback' not in r.stderr
