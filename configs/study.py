@@ -42,6 +42,11 @@ Arms (`arms`, comma-separated):
   scratch       the same model, configuration and data, from random init
   linear_probe  the pretrained encoder frozen, only the head trained (`probe_learning_rate`)
   imported      fine-tune the checkpoint in `imported` (needs --config.imported)
+  distilled     (text studies, with `imported`) the finetune block's model from scratch,
+                distilled (configs/distill.py, the `distill` keys) from the imported arm's
+                run of the same budget and seed, on its labels and the budget's unlabelled
+                rest; scratch then reads the teacher's vocabulary too (not with the
+                pretrained or linear_probe arms)
   mae           (image studies) fine-tune everything from the study's MAE pretraining
                 (`mae_pretrain`: configs/vit_mae.py:tiny, the same ViT and images as the
                 SimCLR one, run in WORKDIR/mae_pretrain unless `mae_pretrain_workdir` names
@@ -61,7 +66,7 @@ initialisation and the data order.
 
 import ml_collections
 
-from configs import bert_mlm, image_cls, text_cls, vit_mae, vit_simclr
+from configs import bert_mlm, distill, image_cls, text_cls, vit_mae, vit_simclr
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
@@ -79,6 +84,8 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
         c.label_fractions = (0.05, 0.1, 0.25, 0.5, 1.0)
         c.target_accuracy = 0.5
         c.arms = 'pretrained,scratch'
+        # The distilled arm: configs/distill.py's soft-target keys (T, alpha, unlabelled).
+        c.distill = distill.get_config('tiny').distill
     else:
         c.pretrain = vit_simclr.get_config('tiny')
         c.finetune = image_cls.get_config('tiny')

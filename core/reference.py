@@ -245,8 +245,8 @@ MEANINGS = {
     'label_fractions': 'Label budgets: fractions of each class (1.0: every label)',
     'examples_per_class': 'Label budgets as labels per class; set this or label_fractions',
     'seeds': 'Seeds of each arm and budget (the intervals are over these)',
-    'arms': 'Comma-separated: pretrained | scratch | linear_probe | imported | mae | '
-    'mae_linear_probe (the last two: image studies)',
+    'arms': 'Comma-separated: pretrained | scratch | linear_probe | imported | distilled '
+    '(text, with imported) | mae | mae_linear_probe (image studies)',
     'target_accuracy': 'Validation accuracy whose steps-to-target the report counts',
     'probe_learning_rate': "The linear_probe arm's learning rate",
     'learning_rates': 'A grid every arm runs at, validation picks the rate ((): each arm at '

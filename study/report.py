@@ -133,13 +133,13 @@ def _with_interval(mean: float, low: float | None, high: float | None, sign: str
     return f'{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]'
 
 
-FINE_TUNED = ('pretrained', 'imported', 'mae')
+FINE_TUNED = ('pretrained', 'imported', 'distilled', 'mae')
 
 
 def markdown(table: list[dict], metric: str, target: float) -> str:
     """The table: a line per budget; per arm the test metric of the validation-selected
     checkpoints (mean [95% interval] over seeds), the paired difference [95% interval] of
-    each fine-tuned start (pretrained, imported, mae) to scratch, and the steps and training
+    each trained arm (pretrained, imported, distilled, mae) to scratch, and the steps and training
     seconds to reach `target` on the validation rows (mean over the seeds that did)."""
     arms = list(dict.fromkeys(t['arm'] for t in table))
     by_key = {(t['arm'], t['budget']): t for t in table}

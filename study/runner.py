@@ -39,7 +39,15 @@ from core import metrics as metrics_lib
 from core import recipe, trainer
 from core.errors import ConfigError, UserError
 
-ARMS = ('pretrained', 'scratch', 'linear_probe', 'imported', 'mae', 'mae_linear_probe')
+ARMS = (
+    'pretrained',
+    'scratch',
+    'linear_probe',
+    'imported',
+    'distilled',
+    'mae',
+    'mae_linear_probe',
+)
 # The arms that start from the study's MAE pretraining (`mae_pretrain`), not `pretrain`.
 MAE_ARMS = ('mae', 'mae_linear_probe')
 
@@ -79,6 +87,30 @@ def arms(config) -> list[str]:
         )
     if config.imported and 'imported' not in names:
         names.append('imported')
+    if 'distilled' in names:
+        if 'distill' not in config:
+            raise ConfigError(
+                'the distilled arm is for text studies (configs/study.py:text with '
+                '--config.imported=DIR)'
+            )
+        if not config.imported:
+            raise ConfigError(
+                "the distilled arm distils the imported arm's runs: give --config.imported=DIR "
+                '(a `launch.py import-hf` workdir), the teacher fine-tuned at each budget and seed'
+            )
+        if {'pretrained', 'linear_probe'} & set(names):
+            raise ConfigError(
+                "the distilled arm and scratch both read the teacher's vocabulary, which a "
+                'pretrained arm does not: run the distillation study apart, e.g. '
+                '--config.arms=imported,distilled,scratch'
+            )
+        if config.learning_rates:
+            raise ConfigError(
+                'the distilled arm has no learning-rate grid yet (its teacher would be one '
+                'run of the grid): leave --config.learning_rates empty'
+            )
+        # Each teacher (the imported arm's run of that budget and seed) runs first.
+        names = [a for a in names if a != 'distilled'] + ['distilled']
     if any(a in MAE_ARMS for a in names) and 'mae_pretrain' not in config:
         raise ConfigError(
             f'study arms={config.arms!r}: the MAE arms ({", ".join(MAE_ARMS)}) are for image '
@@ -151,10 +183,12 @@ def completed(workdir: str) -> bool:
 
 
 def finetune_config(
-    config, run: Run, pretrain_dir: str, mae_dir: str = ''
+    config, run: Run, pretrain_dir: str, mae_dir: str = '', teacher_dir: str = ''
 ) -> ml_collections.ConfigDict:
     """The stage config of one run: the study's `finetune` block, this run's budget and seed,
-    and how the arm starts (pretrain_dir: the study's pretraining; mae_dir: its MAE one)."""
+    and how the arm starts (pretrain_dir: the study's pretraining; mae_dir: its MAE one;
+    teacher_dir: the distilled arm's teacher, the imported arm's run of this budget and
+    seed)."""
     c = ml_collections.ConfigDict(config.finetune.to_dict())
     c.seed = run.seed
     every_label = isinstance(run.budget, float) and run.budget == 1.0
@@ -172,7 +206,7 @@ def finetune_config(
                 'workdir (a pretraining run, or one written by `launch.py import-hf`)'
             )
         recipe.adopt_architecture(c, saved, c.get('init_subtree', 'backbone'))
-    if run.arm != 'scratch':
+    if run.arm not in ('scratch', 'distilled'):
         c.init_from = source
     if run.arm in ('linear_probe', 'mae_linear_probe'):
         c.transfer.freeze_backbone = True
@@ -185,10 +219,18 @@ def finetune_config(
         # A pretrained start takes the fine-tuning defaults of its encoder (core/recipe.py),
         # except what the study's command line (--config.finetune.KEY) or grid gives.
         recipe.apply(c, saved, recipe.run_directory(source), given)
+    if run.arm == 'distilled':  # the student: this block's model, from scratch
+        c.teacher = teacher_dir
+        c.distill = ml_collections.ConfigDict(config.distill.to_dict())
     if run.arm == 'scratch' and 'vocab_file' in c.data and not c.data.vocab_file:
         vocab = os.path.join(pretrain_dir, 'vocab.txt') if pretrain_dir else ''
         if os.path.isfile(vocab):
             c.data.vocab_file = vocab  # the same tokenization as the pretrained arm
+        elif 'distilled' in arms(config):  # the label-only student: the teacher's tokens
+            teacher = read_json(os.path.join(config.imported, 'config.json'))
+            c.data.vocab_file = os.path.join(config.imported, 'vocab.txt')
+            c.data.lowercase = teacher['data'].get('lowercase', c.data.lowercase)
+            c.model.vocab_size = teacher['model']['vocab_size']
     return c
 
 
@@ -286,9 +328,9 @@ def run_study(config, workdir: str) -> dict:
             logging.info('study: run %d/%d %s is complete', i + 1, len(runs), run.path)
         else:
             logging.info('study: run %d/%d %s', i + 1, len(runs), run.path)
-            trainer.train_and_evaluate(
-                finetune_config(config, run, pretrain_dir, mae_dir), path, 'finetune'
-            )
+            teacher = os.path.join(workdir, dataclasses.replace(run, arm='imported').path)
+            c = finetune_config(config, run, pretrain_dir, mae_dir, teacher)
+            trainer.train_and_evaluate(c, path, 'finetune')
             jax.clear_caches()  # each run compiles its own step; keep memory flat
         if is_main:  # process 0 wrote the run's files; the others may not see them yet
             rows.append(result_row(run, path, metric, config.target_accuracy))

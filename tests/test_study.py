@@ -17,7 +17,7 @@ from core.errors import ConfigError, UserError
 from core.metrics import read_metrics
 from data import digits
 from study import report, runner
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, SMALL_RUN, launch
 from tests.contract import check_workdir
 
 
@@ -175,6 +175,98 @@ def test_mae_arms_start_from_the_mae_pretraining(tmp_path):
     text.arms = 'pretrained,mae'
     with pytest.raises(ConfigError, match='image studies'):
         runner.plan(text)
+
+
+def test_distilled_arm_distils_the_imported_run_of_its_budget_and_seed(tmp_path):
+    imported = tmp_path / 'minilm'
+    imported.mkdir()
+    c = study_config.get_config('text')
+    saved = c.pretrain.to_dict()
+    saved['model'].update(vocab_size=30522, hidden_size=384, num_layers=6)
+    saved['data']['lowercase'] = True
+    (imported / 'config.json').write_text(json.dumps(saved))
+    (imported / 'vocab.txt').write_text('[PAD]\n')
+    c.imported = str(imported)
+    c.arms = 'distilled,scratch'
+    assert runner.arms(c) == ['scratch', 'imported', 'distilled']  # each teacher first
+    teacher = str(tmp_path / 'runs' / 'imported' / 'frac_0.1' / 'seed2')
+    student = runner.finetune_config(c, runner.Run('distilled', 0.1, 2), '', '', teacher)
+    assert student.teacher == teacher and not student.init_from
+    assert student.distill.temperature == c.distill.temperature
+    assert student.model.num_layers == c.finetune.model.num_layers  # the small model
+    scratch = runner.finetune_config(c, runner.Run('scratch', 0.1, 2), '')
+    assert scratch.data.vocab_file == str(imported / 'vocab.txt')  # the teacher's tokens
+    assert scratch.model.vocab_size == 30522 and scratch.model.hidden_size == 128
+    for arms, match in (('pretrained,distilled', 'apart'), ('distilled', 'learning-rate grid')):
+        c.arms = arms
+        c.learning_rates = (1e-3, 1e-4) if arms == 'distilled' else ()
+        with pytest.raises(ConfigError, match=match):
+            runner.plan(c)
+    c.imported, c.learning_rates = '', ()
+    with pytest.raises(ConfigError, match='--config.imported'):
+        runner.plan(c)
+    digits = study_config.get_config('digits')
+    digits.arms, digits.imported = 'distilled', str(imported)
+    with pytest.raises(ConfigError, match='text studies'):
+        runner.plan(digits)
+
+
+def test_smoke_study_with_a_distilled_arm(tmp_path):
+    """A text study whose `imported` start is a small MLM run: the imported arm's run of
+    each budget and seed is the teacher its distilled arm learns from; scratch and the
+    student read its vocabulary."""
+    imported = str(tmp_path / 'mlm')
+    steps = ['--config.total_steps=4', '--config.checkpoint_every=4', '--config.eval_every=4']
+    r = launch(
+        'pretrain',
+        '--config',
+        'configs/bert_mlm.py:tiny',
+        '--workdir',
+        imported,
+        *SMALL_RUN,
+        *steps,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    workdir = str(tmp_path / 'study')
+    small = [
+        f'--config.finetune.model.{k}={v}'
+        for k, v in (('hidden_size', 16), ('num_layers', 1), ('num_heads', 2), ('mlp_dim', 32))
+    ]
+    r = launch(
+        'study',
+        '--config',
+        'configs/study.py:text',
+        '--workdir',
+        workdir,
+        f'--config.imported={imported}',
+        '--config.arms=distilled,scratch',
+        '--config.label_fractions=(0.5,)',
+        '--config.seeds=(0,)',
+        *small,
+        '--config.finetune.data.seq_len=32',
+        '--config.finetune.batch_size=16',
+        *(
+            f'--config.finetune.{k}={v}'
+            for k, v in (
+                ('total_steps', 4),
+                ('warmup_steps', 1),
+                ('eval_every', 2),
+                ('checkpoint_every', 2),
+            )
+        ),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(os.path.join(workdir, 'study.json')))
+    assert [t['arm'] for t in result['table']] == ['scratch', 'imported', 'distilled']
+    run = os.path.join(workdir, 'runs', '{}', 'frac_0.5', 'seed0')
+    student = json.load(open(os.path.join(run.format('distilled'), 'summary.json')))
+    assert student['teacher'] == os.path.abspath(run.format('imported'))
+    assert student['student_params'] < student['teacher_params']
+    vocab = open(os.path.join(imported, 'vocab.txt')).read()
+    for arm in ('scratch', 'distilled'):
+        config = json.load(open(os.path.join(run.format(arm), 'config.json')))
+        assert open(config['data']['vocab_file']).read() == vocab
+    assert 'distilled - scratch (paired)' in r.stdout
 
 
 def test_smoke_study_with_mae_arms(tmp_path):
