@@ -39,6 +39,8 @@ COLUMNS = (
     'reached',
     'steps_to_target',
     'time_to_target_sec',
+    'params',
+    'step_time_ms',
     'wall_time_sec',
 )
 
@@ -64,8 +66,9 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
     """One row per (arm, budget): the test `metric` of the validation-selected checkpoints
     over seeds (mean and 95% interval), the paired difference to the scratch arm over the
     seeds both ran (mean and 95% interval), the validation figure of those checkpoints,
-    and how many seeds reached the target (validation rows) with their mean steps and
-    training seconds to reach it."""
+    how many seeds reached the target (validation rows) with their mean steps and
+    training seconds to reach it, and the model's size (a distilled run: the student's)
+    and median training step time."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row['arm'], row['budget']), []).append(row)
@@ -102,6 +105,8 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
                 'time_to_target_sec': _mean_or_none(
                     [r['train_time_to_target_sec'] for r in reached]
                 ),
+                'params': _mean_or_none([r.get('params') for r in group]),
+                'step_time_ms': _mean_or_none([r.get('step_time_ms') for r in group]),
                 'wall_time_sec': float(np.mean([r['wall_time_sec'] for r in group])),
             }
         )

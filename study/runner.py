@@ -32,6 +32,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from core import config as config_lib
@@ -257,11 +258,9 @@ def result_row(run: Run, workdir: str, metric: str, target: float) -> dict:
         )
     step, seconds = time_to_target(workdir, metric, target)
     selected = summary['test_step']
-    val = {
-        r['step']: r.get(metric)
-        for r in metrics_lib.read_metrics(workdir)
-        if r['split'] == 'eval' and r['step'] == selected
-    }
+    rows = metrics_lib.read_metrics(workdir)
+    val = {r['step']: r.get(metric) for r in rows if r['split'] == 'eval' and r['step'] == selected}
+    step_times = [r['step_time_ms'] for r in rows if r['split'] == 'train' and 'step_time_ms' in r]
     return {
         'arm': run.arm,
         'budget': run.budget,
@@ -274,6 +273,8 @@ def result_row(run: Run, workdir: str, metric: str, target: float) -> dict:
         'steps': summary['steps'],
         'steps_to_target': step,
         'train_time_to_target_sec': seconds,
+        'params': summary.get('student_params', summary.get('num_params')),
+        'step_time_ms': float(np.median(step_times)) if step_times else None,
         'wall_time_sec': summary['wall_time_sec'],
         'workdir': workdir,
     }

@@ -262,6 +262,10 @@ def test_smoke_study_with_a_distilled_arm(tmp_path):
     student = json.load(open(os.path.join(run.format('distilled'), 'summary.json')))
     assert student['teacher'] == os.path.abspath(run.format('imported'))
     assert student['student_params'] < student['teacher_params']
+    by_arm = {t['arm']: t for t in result['table']}
+    assert by_arm['distilled']['params'] == student['student_params']  # not the teacher's
+    assert by_arm['imported']['params'] == student['teacher_params']  # the teacher's run
+    assert all(t['step_time_ms'] > 0 for t in result['table'])
     vocab = open(os.path.join(imported, 'vocab.txt')).read()
     for arm in ('scratch', 'distilled'):
         config = json.load(open(os.path.join(run.format(arm), 'config.json')))
