@@ -26,7 +26,10 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from absl import logging
+from flax import linen as nn
 
 from core import checkpoint as ckpt_lib
 from core import selection
@@ -158,3 +161,33 @@ def restore_teacher(teacher: Teacher):
         return dict(params, **{TEACHER: restored})
 
     return restore
+
+
+def param_count(model, example) -> int:
+    """Parameters of `model` (shapes only: nothing is initialised)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), example)['params']
+    return sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+
+
+def training_examples(config, teacher, label_map, train, labels, picked, encode) -> list[dict]:
+    """The training stream of a distilled student: the labelled examples (`picked` of
+    `train`, each `encode(example, label)`), plus (with
+    distill.unlabelled) the training examples the label budget left out, without their
+    labels (`labelled` 0: the soft targets only). Validation examples are in neither."""
+    if teacher.label_map != label_map:
+        raise ConfigError(
+            f'the teacher {teacher.workdir} was trained on other labels ({teacher.label_map}) '
+            f'than this task has ({label_map}); distil a teacher of the same task'
+        )
+    examples = [dict(encode(train[i], labels[i]), labelled=np.int32(1)) for i in picked]
+    if config.distill.unlabelled:
+        chosen = set(int(i) for i in picked)
+        rest = [i for i in range(len(train)) if i not in chosen]
+        no_label = np.zeros((), labels.dtype)
+        examples += [dict(encode(train[i], no_label), labelled=np.int32(0)) for i in rest]
+        logging.info(
+            'distillation: %d labelled + %d unlabelled training examples (soft targets only)',
+            len(picked),
+            len(rest),
+        )
+    return examples

@@ -19,7 +19,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import linen as nn
 
 from core import config as config_lib
 from core.task import InitFrom, Runtime, Scorer, Task, compute_dtype
@@ -196,7 +195,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     train_examples = [encode(train[i], train_labels[i]) for i in picked]
     teacher = distill.read_teacher(config.teacher, 'text_cls') if config.get('teacher') else None
     if teacher is not None:
-        train_examples = distill_examples(
+        train_examples = distill.training_examples(
             config, teacher, label_map, train, train_labels, picked, encode
         )
     logging.info(
@@ -236,8 +235,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         extras = {  # num_params counts both; these, each
             'teacher': teacher.workdir,
             'teacher_step': teacher.step,
-            'teacher_params': param_count(teacher_model, example),
-            'student_params': param_count(model, example),
+            'teacher_params': distill.param_count(teacher_model, example),
+            'student_params': distill.param_count(model, example),
         }
         logging.info('distilling %s (step %d) into this run', teacher.workdir, teacher.step)
 
@@ -268,31 +267,3 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         summary_extras=lambda final: {'train_examples': len(picked), **extras},
         frozen=frozen,
     )
-
-
-def param_count(model, example) -> int:
-    shapes = jax.eval_shape(model.init, jax.random.key(0), example)['params']
-    return sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
-
-
-def distill_examples(config, teacher, label_map, train, labels, picked, encode) -> list[dict]:
-    """The training stream of a distilled student: the labelled examples, plus (with
-    distill.unlabelled) the training examples the label budget left out, without their
-    labels (`labelled` 0: the soft targets only). Validation examples are in neither."""
-    if teacher.label_map != label_map:
-        raise config_lib.ConfigError(
-            f'the teacher {teacher.workdir} was trained on other labels ({teacher.label_map}) '
-            f'than this task has ({label_map}); distil a teacher of the same task'
-        )
-    examples = [dict(encode(train[i], labels[i]), labelled=np.int32(1)) for i in picked]
-    if config.distill.unlabelled:
-        chosen = set(int(i) for i in picked)
-        rest = [i for i in range(len(train)) if i not in chosen]
-        no_label = np.zeros((), labels.dtype)
-        examples += [dict(encode(train[i], no_label), labelled=np.int32(0)) for i in rest]
-        logging.info(
-            'distillation: %d labelled + %d unlabelled training examples (soft targets only)',
-            len(picked),
-            len(rest),
-        )
-    return examples
