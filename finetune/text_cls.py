@@ -69,6 +69,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def follow_start(config: ml_collections.ConfigDict) -> None:
+    """A distilled student reads its teacher's token ids (core/trainer.py follow_start)."""
+    if config.get('teacher'):
+        distill.adopt_vocabulary(config, distill.read_teacher(config.teacher, 'text_cls'))
+
+
 def encode_pair(wordpiece: WordPiece, text: str, pair: str, seq_len: int) -> dict:
     """[CLS] text [SEP] (pair [SEP]) -> input_ids, input_mask, segment_ids int32 [seq_len];
     the longer text is cut first until both fit (BERT's longest-first truncation)."""
