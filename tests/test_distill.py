@@ -203,3 +203,31 @@ def test_a_teacher_of_another_task_or_vocabulary_is_refused(teacher, tmp_path):
     r = launch(*STUDENT, '--workdir', str(tmp_path / 'student2'), f'--config.teacher={mlm}')
     assert r.returncode != 0 and "is a 'mlm' run; a text_cls student distils" in r.stderr
     assert 'Traceback' not in r.stderr
+
+
+def test_a_student_on_a_data_fsdp_mesh_is_the_one_device_run(teacher, tmp_path):
+    """The teacher's params are sharded like the student's (logical axes) and its forward
+    pass runs in the same step: 8 devices (data 2 x fsdp 4) give the one-device run."""
+
+    def run(name: str, devices: int, *extra: str) -> list[dict]:
+        workdir = str(tmp_path / name)
+        r = launch(
+            *STUDENT,
+            '--workdir',
+            workdir,
+            f'--config.teacher={teacher}',
+            '--config.model.dropout_rate=0.1',
+            *extra,
+            env={'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'},
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
+        return [x for x in rows if x['split'] == 'train']
+
+    one = run('one', 1)
+    mesh = run('mesh', 8, '--config.mesh.data=2', '--config.mesh.fsdp=4')
+    assert [x['step'] for x in mesh] == [x['step'] for x in one] == [1, 2, 3, 4]
+    for key in ('loss', 'kd_loss', 'label_loss', 'teacher_agreement'):
+        np.testing.assert_allclose(
+            [x[key] for x in mesh], [x[key] for x in one], rtol=1e-5, atol=1e-6, err_msg=key
+        )
