@@ -9,12 +9,13 @@ trains its model, the student, on the teacher's soft targets as well as the labe
 per example, summed over the batch. T^2 keeps the soft term's gradient at the scale of the
 hard one whatever the temperature (its gradient in the student's logits is
 T * (softmax(student / T) - softmax(teacher / T))). With `distill.unlabelled` the
-training stream also carries the training examples the label budget left out (and
-`data.unlabelled_files`), which only the soft term sees.
+training stream also carries the training examples the label budget left out, which
+only the soft term sees.
 
 The teacher runs inside the same sharded step: its parameters are the `teacher/` subtree of
 the run's params, restored from the teacher's validation-selected checkpoint when the run
-starts, read with stop_gradient and frozen by the optimizer (a zero update, core/optim.py),
+starts, read with stop_gradient and frozen by the optimizer (a zero update, core/optim.py;
+its optimizer moments are kept, at zero: memory twice the teacher's size, not yet saved),
 applied in the run's compute dtype and without dropout. Its logits are never stored.
 Checkpoints of the run carry the teacher, so a resume needs nothing else; what transfers
 (`backbone/`, `head/`) is the student alone.
