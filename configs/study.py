@@ -53,7 +53,8 @@ Arms (`arms`, comma-separated):
                 a finished one)
   mae_linear_probe  (image studies) the MAE encoder frozen, only the head trained
 
-MAE against SimCLR against scratch on digits (docs/study.md has the table):
+MAE against SimCLR against scratch on digits (docs/techniques.md has the table: MAE -
+scratch +0.132 test accuracy with 62 labels, +0.035 with all; SimCLR +0.239, +0.047):
   python launch.py study --config configs/study.py:digits --workdir runs/study_mae \
       --config.arms=pretrained,mae,scratch,linear_probe,mae_linear_probe \
       --config.label_fractions="(0.05,1.0)"

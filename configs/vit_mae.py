@@ -2,7 +2,10 @@ r"""Masked image modelling (MAE, He et al. 2022) pretraining of a ViT.
 
 Run (the default: the tiny ViT of configs/vit_simclr.py on the embedded scikit-learn
 digits, 16x16 grayscale in 4x4 patches, the same 1408 training images and 302 held out
-for the probes; the 389 test images are left to image_cls):
+for the probes; the 389 test images are left to image_cls; 1.5 minutes on 2 CPU cores;
+on the frozen backbone, linear probe 0.957 (0.884 at random init), 5-labels-per-class
+probe 0.770 (0.545), 20-NN 0.897 (0.503); docs/techniques.md has the details and the
+study against SimCLR):
 
   python launch.py pretrain --config configs/vit_mae.py:tiny --workdir runs/mae
   python launch.py finetune --config configs/image_cls.py:tiny --workdir runs/digits_mae \
