@@ -219,6 +219,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     loss_fn = classify.loss_fn_for(model, regression, t.freeze_backbone, lambda b: b)
     init_params = lambda rng: model.init(rng, example)['params']  # noqa: E731
     frozen, extras = None, {}
+    flops = classify.encoder_train_flops(config, seq)
     if teacher is not None:
         teacher_model = make_model(
             ml_collections.ConfigDict(
@@ -237,6 +238,11 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             teacher_params = teacher_model.init(teacher_rng, example)['params']
             return {**student_init(student_rng), distill.TEACHER: teacher_params}
 
+        # The teacher's forward pass runs in every step: a third of its training FLOPs.
+        teacher_run = ml_collections.ConfigDict(
+            {'model': teacher.config.model, 'batch_size': config.batch_size}
+        )
+        flops += classify.encoder_train_flops(teacher_run, seq) / 3.0
         frozen = distill.restore_teacher(teacher)
         extras = {  # num_params counts both; these, each
             'teacher': teacher.workdir,
@@ -265,7 +271,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_iter=iter(classify.train_dataset(train_examples, config, runtime)),
         evaluate=val.evaluate,
         metric=classify.task_metric(label_map, config),
-        flops_per_step=classify.encoder_train_flops(config, seq),
+        flops_per_step=flops,
         tokens_per_example=seq,
         init_from=InitFrom({'backbone': config.init_subtree}),
         predict=val.predict,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core import checkpoint
+from core import checkpoint, flops
 from finetune import distill
 from tests.conftest import launch
 
@@ -146,6 +146,9 @@ def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
     assert summary['student_params'] < summary['teacher_params']
     assert summary['num_params'] == summary['student_params'] + summary['teacher_params']
     assert 'test_accuracy' in summary
+    # MFU counts the teacher's forward pass (batch 16 x 32 tokens, one layer each).
+    student, teacher_fwd = (flops.encoder_forward_flops(16, 32, h, 1, 64) for h in (16, 32))
+    assert summary['flops_per_step'] == pytest.approx(3 * student + teacher_fwd)
     # The student reads the teacher's token ids.
     assert read(workdir, 'config.json')['data']['vocab_file'] == os.path.join(teacher, 'vocab.txt')
     train = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
