@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import re
 import sys
 import time
 
@@ -63,6 +64,12 @@ def step_arguments(
     parser.add_argument('--precision', default='', help='float32 | bfloat16 (default: f32 CPU)')
     parser.add_argument('--remat', default='none', choices=['none', 'dots', 'full'])
     parser.add_argument('--scan_layers', action='store_true', help="pretrax's layers in nn.scan")
+    parser.add_argument(
+        '--attention_impl',
+        default='auto',
+        choices=['auto', 'xla', 'cudnn'],
+        help="pretrax's attention (model.attention_impl; auto: cuDNN flash on a GPU in bf16)",
+    )
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all)')
     parser.add_argument('--peak_tflops', type=float, default=0.0, help='per device, for MFU')
     parser.add_argument(
@@ -95,6 +102,7 @@ class Measured:
     ms: dict[str, np.ndarray]
     xla_flops: float  # pretrax's step, XLA cost analysis
     pretrax_bytes: int
+    fused_attention_calls: int  # cuDNN fused-attention custom calls in pretrax's step
     reference_bytes: int | None
     top_ops: list[tuple[str, float, int]]
     params: int
@@ -108,13 +116,14 @@ def measure(pretrax, reference, args, runtime: 'TorchRuntime', **others) -> Meas
     """Times `pretrax`, `reference` and `others` (name -> step) interleaved, then profiles
     the reference; prints the parameter counts and the step times."""
     contenders = {'pretrax': pretrax.step, 'reference': reference.step, **others}
-    xla_flops, pretrax_bytes = pretrax.xla_cost()
+    xla_flops, pretrax_bytes, fused_attention = pretrax.xla_cost()
     runtime.reset_peak_memory()
     ms = timed_rounds(contenders, args.steps, args.warmup)
     m = Measured(
         ms,
         xla_flops,
         pretrax_bytes,
+        fused_attention,
         runtime.peak_memory(),
         profile_top_ops(reference.step) if args.profile else [],
         pretrax.num_params(),
@@ -122,6 +131,10 @@ def measure(pretrax, reference, args, runtime: 'TorchRuntime', **others) -> Meas
     )
     p_ms, r_ms = ms['pretrax'], ms['reference']
     print(f'- params: pretrax {m.params:,}, reference {m.reference_params:,}')
+    print(
+        f'- pretrax attention: {args.attention_impl}; cuDNN fused-attention calls in the '
+        f'compiled step: {m.fused_attention_calls}'
+    )
     print(
         f'- ms/step: pretrax median {m.median("pretrax"):.1f} (min {p_ms.min():.1f}, max '
         f'{p_ms.max():.1f}); reference median {m.median("reference"):.1f} (min '
@@ -146,8 +159,9 @@ class PretraxStep:
     def num_params(self) -> int:
         return train_state.count_params(self.state.params)
 
-    def xla_cost(self) -> tuple[float, int]:
-        return xla_cost(self.stepper.lower_train(self.state, self.batch, self.rng).compile())
+    def xla_cost(self) -> tuple[float, int, int]:
+        compiled = self.stepper.lower_train(self.state, self.batch, self.rng).compile()
+        return (*xla_cost(compiled), fused_attention_calls(compiled.as_text()))
 
     def step(self):
         self.state, metrics = self.stepper.train(self.state, self.batch, self.rng)
@@ -190,6 +204,13 @@ def xla_cost(compiled) -> tuple[float, int]:
         - m.alias_size_in_bytes
     )
     return float(cost['flops']), int(peak)
+
+
+def fused_attention_calls(hlo: str) -> int:
+    """How many cuDNN fused-attention kernels (forward and backward) a compiled program's
+    HLO calls: custom calls whose target names cuDNN's fMHA (`__cudnn$fmha...`). Zero on
+    CPU, and on a GPU where the XLA attention path ran instead."""
+    return len(re.findall(r'custom_call_target="[^"]*fmha', hlo, re.IGNORECASE))
 
 
 def measured_matmul_flops(dtype: str, size: int | None = None, repeats: int = 5) -> float:

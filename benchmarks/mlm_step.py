@@ -114,6 +114,7 @@ def pretrax_step(size: dict, batch: dict, args, encoder_only=False) -> common.Pr
         remat=args.remat,
         scan_layers=args.scan_layers,
         dtype=args.precision,
+        attention_impl=args.attention_impl,
         **size,
     )
     model = BertForMlm(config)

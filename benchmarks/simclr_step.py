@@ -54,7 +54,9 @@ def train_flops(size: str, batch: int) -> float:
     return flops.vit_train_flops(vit_config(size, 'float32', 'none'), 2 * batch, head)
 
 
-def vit_config(size: str, precision: str, remat: str, scan: bool = False) -> VitConfig:
+def vit_config(
+    size: str, precision: str, remat: str, scan: bool = False, attention: str = 'auto'
+) -> VitConfig:
     hidden, layers, heads, mlp = VIT_SIZES[size]
     return VitConfig(
         image_size=IMAGE,
@@ -67,6 +69,7 @@ def vit_config(size: str, precision: str, remat: str, scan: bool = False) -> Vit
         remat=remat,
         scan_layers=scan,
         dtype=precision,
+        attention_impl=attention,
     )
 
 
@@ -95,7 +98,7 @@ def views_loss_fn(model: SimClrModel, mesh):
 def pretrax_step(size: str, batch: dict, args, augment: bool = False) -> common.PretraxStep:
     """pretrax's SimCLR train step on the two given views, or (`augment`) as a run takes it:
     one batch of images, both views augmented on the device inside the step."""
-    vit = vit_config(size, args.precision, args.remat, args.scan_layers)
+    vit = vit_config(size, args.precision, args.remat, args.scan_layers, args.attention_impl)
     model = SimClrModel(vit, PROJ_HIDDEN, PROJ_DIM, PROJ_LAYERS)
     mesh = sharding.make_mesh()
     example = jnp.zeros((1, IMAGE, IMAGE, CHANNELS), jnp.float32)

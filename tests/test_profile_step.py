@@ -1,10 +1,11 @@
 """benchmarks/profile_step.py's accounting, on inputs whose answer is known: matmul FLOPs
-read from compiled HLO, and each op's own time from nested profile events."""
+read from compiled HLO, each op's own time from nested profile events, and the cuDNN
+fused-attention calls the step benchmarks report."""
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import profile_step
+from benchmarks import common, profile_step
 
 
 def test_dot_flops_are_read_from_the_compiled_hlo():
@@ -46,3 +47,18 @@ def test_an_op_whose_completion_comes_after_its_event_is_asynchronous():
         {'ph': 'X', 'name': 'end: dot.2', 'ts': 5000, 'dur': 1, 'pid': 1, 'tid': 2},
     ]
     assert profile_step.asynchronous_ops(events, {'ynn_fusion.1', 'dot.2'}) == {'dot.2'}
+
+
+def test_fused_attention_calls_counts_cudnn_fmha_only():
+    # The custom-call targets the H200 run's compiled BERT step held (BENCHMARKS.md "GPU"):
+    # a forward and a backward fMHA per layer count; a cuDNN GEMM fusion does not.
+    hlo = '\n'.join(
+        [
+            '%a = custom-call(...), custom_call_target="__cudnn$fmhaSoftmax", backend_config=',
+            '%b = custom-call(...), custom_call_target="__cudnn$fmhaSoftmaxBackward"',
+            '%c = custom-call(...), custom_call_target="__cudnn$fusion"',
+            '%d = custom-call(...), custom_call_target="__cublas$gemm"',
+        ]
+    )
+    assert common.fused_attention_calls(hlo) == 2
+    assert common.fused_attention_calls(hlo.replace('fmha', 'gemm')) == 0
