@@ -13,14 +13,27 @@ workdir), and its validation picks its checkpoint as any text_cls run's does:
       --config.teacher=runs/teacher
 
 Presets: the BERT sizes of text_cls.py (the student's). Every key of text_cls.py applies.
+
+MLM distillation (pretraining a small encoder from a larger one): the presets mlm_tiny,
+mlm_small, mlm_base, mlm_large are configs/bert_mlm.py's student sizes with a teacher, an
+MLM run or an import-hf workdir, whose vocabulary the student takes:
+
+  python launch.py pretrain --config configs/distill.py:mlm_tiny --workdir runs/mlm_student \
+      --config.teacher=runs/mlm_teacher [--config.distill.hidden_weight=1]
+
+A teacher imported without an MLM head (a sentence-transformers MiniLM) has nothing to say
+at the masked positions: distil its hidden states alone (--config.distill.alpha=0
+--config.distill.hidden_weight=1).
 """
 
 import ml_collections
 
-from configs import text_cls
+from configs import bert_mlm, text_cls
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+    if preset.startswith('mlm_'):
+        return mlm(preset.removeprefix('mlm_'))
     c = text_cls.get_config(preset)
     c.teacher = ''  # the workdir of a finished text_cls run: the teacher (required)
     c.distill = ml_collections.ConfigDict()
@@ -29,4 +42,25 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     # Also train on the training examples that train_examples leaves unlabelled (the
     # embedded tasks' remainder of the training split): soft targets only.
     c.distill.unlabelled = True
+    # Hidden-state matching (TinyBERT-style): this weight times the mean squared error
+    # between each student layer's output and its matched teacher layer's (layers spread
+    # evenly, the last with the last), through a learned projection when the widths
+    # differ. 0: off (logits only).
+    c.distill.hidden_weight = 0.0
+    # More unlabelled text of the task (a glob of .txt/.jsonl/.tsv/.csv; data.text_field),
+    # soft targets only; any validation or test text in it is dropped.
+    c.data.unlabelled_files = ''
+    return c
+
+
+def mlm(size: str) -> ml_collections.ConfigDict:
+    """MLM distillation: configs/bert_mlm.py's pretraining of the `size` student, learning
+    from the teacher's predictions at the masked positions (and, with hidden_weight, its
+    layers' states) as well as the masked tokens."""
+    c = bert_mlm.get_config(size)
+    c.teacher = ''  # a finished MLM run, or an import-hf workdir (required)
+    c.distill = ml_collections.ConfigDict()
+    c.distill.temperature = 2.0
+    c.distill.alpha = 0.5  # the teacher's predictions; the masked tokens get 1 - alpha
+    c.distill.hidden_weight = 0.0  # hidden-state matching (TinyBERT's general distillation)
     return c

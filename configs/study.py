@@ -47,6 +47,11 @@ Arms (`arms`, comma-separated):
                 run of the same budget and seed, on its labels and the budget's unlabelled
                 rest; scratch then reads the teacher's vocabulary too (not with the
                 pretrained or linear_probe arms)
+  domain_adapted  (text studies, with `imported`) fine-tune, as the imported arm does, the
+                imported encoder after domain-adaptive pretraining (`dapt`: configs/dapt.py,
+                MLM continued on the task's training text less that seed's validation
+                split; one run per seed in WORKDIR/dapt/seed<k>, its checkpoint chosen by
+                held-out masked-token accuracy); reported against the imported arm too
   mae           (image studies) fine-tune everything from the study's MAE pretraining
                 (`mae_pretrain`: configs/vit_mae.py:tiny, the same ViT and images as the
                 SimCLR one, run in WORKDIR/mae_pretrain unless `mae_pretrain_workdir` names
@@ -67,7 +72,7 @@ initialisation and the data order.
 
 import ml_collections
 
-from configs import bert_mlm, distill, image_cls, text_cls, vit_mae, vit_simclr
+from configs import bert_mlm, dapt, distill, image_cls, text_cls, vit_mae, vit_simclr
 
 
 def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
@@ -87,6 +92,9 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
         c.arms = 'pretrained,scratch'
         # The distilled arm: configs/distill.py's soft-target keys (T, alpha, unlabelled).
         c.distill = distill.get_config('tiny').distill
+        # The domain_adapted arm's pretraining (configs/dapt.py), per seed, from `imported`;
+        # its task keys (data.name, files, fields, eval_fraction) are the finetune block's.
+        c.dapt = dapt.get_config('tiny')
     else:
         c.pretrain = vit_simclr.get_config('tiny')
         c.finetune = image_cls.get_config('tiny')

@@ -81,6 +81,7 @@ RANGES = {
     'grad_clip_norm': NON_NEGATIVE,  # 0: no clipping
     'trust_coefficient': NON_NEGATIVE,
     'probe_l2': NON_NEGATIVE,
+    'hidden_weight': NON_NEGATIVE,  # distill.hidden_weight: 0 = no hidden-state matching
     'peak_tflops': NON_NEGATIVE,
     'max_abs_logit_bias': NON_NEGATIVE,
     'watchdog_secs': NON_NEGATIVE,

@@ -5,6 +5,7 @@ import re
 from collections.abc import Callable
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 
@@ -167,11 +168,15 @@ def transfer_scale_fn(config) -> Callable[[str], float | np.ndarray] | None:
       teacher          (config.teacher, distillation) factor 0 under teacher/
     """
     t = config.get('transfer')
-    if t is None:
+    teacher = bool(config.get('teacher'))
+    if t is None and not teacher:
         return None
+    if t is None:  # MLM distillation (configs/distill.py:mlm_*): only the teacher is held
+        t = ml_collections.ConfigDict(
+            dict(freeze_backbone=False, freeze_layers=0, layer_decay=1.0, head_lr_scale=1.0)
+        )
     num_layers = config.model.num_layers
     head = t.get('head_lr_scale', 1.0)
-    teacher = bool(config.get('teacher'))
     plain = not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0
     if plain and head == 1.0 and not teacher:
         return None

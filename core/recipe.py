@@ -99,7 +99,8 @@ def sentence_pooling(directory: str) -> str | None:
 def source_pooling(saved: dict, run_dir: str | None) -> str | None:
     """How the start pooled a text sequence: its run's model.pooling, else import.json's
     `pooling` (a sentence-transformers checkpoint's; an import written before import.json
-    had the key: read from the source it names, when still there), else 'pooler' for a
+    had the key: read from the source it names, when still there), else its own start's
+    (a run continued from another, followed through `init_from`), else 'pooler' for a
     checkpoint with BERT's pooler; None when the start says nothing (a pretrax MLM run)."""
     model = saved.get('model', {})
     if model.get('pooling'):
@@ -112,6 +113,13 @@ def source_pooling(saved: dict, run_dir: str | None) -> str | None:
         pooling = sentence_pooling(info['source'])
     if pooling:
         return pooling
+    start = run_directory(saved['init_from']) if saved.get('init_from') else None
+    if start and os.path.abspath(start) != os.path.abspath(run_dir or ''):
+        # A continued pretraining (configs/dapt.py from an imported MiniLM) pools as its
+        # start did: its own MLM config has no pooling to say.
+        pooling = source_pooling(read_json(os.path.join(start, 'config.json')), start)
+        if pooling:
+            return pooling
     return 'pooler' if model.get('pooler') else None
 
 

@@ -35,7 +35,14 @@ PRESETS = {
     ),
     'text_cls': (('tiny', 'small', 'base', 'large'), 'the BERT sizes of bert_mlm'),
     'token_cls': (('tiny', 'small', 'base', 'large'), 'the BERT sizes of bert_mlm'),
-    'distill': (('tiny', 'small', 'base', 'large'), "the student's BERT sizes, as text_cls"),
+    'distill': (
+        ('tiny', 'small', 'base', 'large', 'mlm_tiny', 'mlm_small', 'mlm_base', 'mlm_large'),
+        "the student's BERT sizes, as text_cls; mlm_<size>: MLM distillation (bert_mlm's)",
+    ),
+    'dapt': (
+        ('tiny', 'small', 'base', 'large'),
+        'the BERT sizes of bert_mlm (from scratch; init_from adopts the start)',
+    ),
     'image_cls': (
         ('tiny', 'ti', 's', 'b', 'l'),
         'the ViT sizes of vit_simclr; `,imagenet` after the size: the ImageNet recipe',
@@ -93,6 +100,10 @@ MEANINGS = {
     'sample of the documents, the same for every seed (0: all of it)',
     'data.lowercase': 'Lowercase text before WordPiece (uncased vocabulary)',
     'data.seq_len': 'Tokens per example, [CLS] and [SEP] included; at most model.max_len',
+    'data.unlabelled_files': 'More unlabelled text of the task (a glob) the teacher labels '
+    'with soft targets; validation and test text in it is dropped',
+    'data.task_text': 'The corpus is the training text of the labelled task data.* names '
+    '(configs/dapt.py), less its validation split, which is held out',
     'data.max_predictions': 'Most masked positions predicted per sequence (BERT: 20 at seq '
     '128, 80 at 512)',
     'data.mask_prob': 'Fraction of tokens chosen as prediction targets (80% [MASK], 10% '
@@ -137,6 +148,9 @@ MEANINGS = {
     'distill.temperature': 'T: teacher and student logits are divided by it in the soft term, '
     'which is scaled by T^2',
     'distill.alpha': "The soft term's weight; the labels' is 1 - alpha",
+    'distill.hidden_weight': 'Weight of the hidden-state term: MSE between each student '
+    "layer's output and its matched teacher layer's, through a learned projection when the "
+    'widths differ (0: off)',
     'distill.unlabelled': 'Also train on the training examples train_examples leaves '
     'unlabelled, on soft targets only',
     'decoder.hidden_size': 'MAE decoder width (pretraining only; dropped after it)',
@@ -245,8 +259,8 @@ MEANINGS = {
     'label_fractions': 'Label budgets: fractions of each class (1.0: every label)',
     'examples_per_class': 'Label budgets as labels per class; set this or label_fractions',
     'seeds': 'Seeds of each arm and budget (the intervals are over these)',
-    'arms': 'Comma-separated: pretrained | scratch | linear_probe | imported | distilled '
-    '(text, with imported) | mae | mae_linear_probe (image studies)',
+    'arms': 'Comma-separated: pretrained | scratch | linear_probe | imported | distilled, '
+    'domain_adapted (text, with imported) | mae | mae_linear_probe (image studies)',
     'target_accuracy': 'Validation accuracy whose steps-to-target the report counts',
     'probe_learning_rate': "The linear_probe arm's learning rate",
     'learning_rates': 'A grid every arm runs at, validation picks the rate ((): each arm at '

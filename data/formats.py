@@ -57,7 +57,7 @@ def match_files(pattern: str) -> list[str]:
     if not paths:
         raise DataError(
             f'no files match {pattern!r}; check the path in --config.data.files (or '
-            '--config.data.eval_files, --config.data.test_files)'
+            '--config.data.eval_files, --config.data.test_files, --config.data.unlabelled_files)'
         )
     return paths
 

@@ -18,13 +18,16 @@ import csv
 import io
 import json
 import re
+from collections.abc import Callable
 
 import numpy as np
 
 from core.errors import ConfigError, DataError
 from data import formats
 from data.formats import match_files  # noqa: F401 (the readers' one file matcher, re-exported)
+from data.labels import LabelMap
 from data.text import (
+    TfdsText,
     heldout_indices,
     jsonl_field,
     pydoc_topic_paragraphs,
@@ -198,6 +201,103 @@ def pydoc_topics_task(split: str, min_paragraphs: int = 20) -> list[dict]:
         {'text': texts[i], 'text_pair': '', 'label': names[labels[i]]}
         for i in (train_idx if split == 'train' else test_idx)
     ]
+
+
+def _read_task_files(d, pattern: str) -> list[dict]:
+    return read_labelled_text(
+        pattern,
+        text_field=d.text_field,
+        text_pair_field=d.text_pair_field,
+        label_field=d.label_field,
+        header=d.header,
+    )
+
+
+def text_task_splits(
+    d,
+) -> tuple[list[dict], list[dict] | None, Callable[[], list[dict]] | None, str]:
+    """(training examples, validation examples, test loader, where they come from) of the
+    text classification task that `d` (a text_cls config's `data`) describes.
+
+    Validation: `data.eval_files`, or the TFDS `data.eval_split`; None when neither is
+    given (the caller carves it out of the training examples by seed). Test: a function
+    that reads `data.test_files`, the TFDS `data.test_split` or the embedded task's fixed
+    test split when called, at the end of training; None without a test split."""
+    embedded = not d.files and d.name == 'pydoc_topics'
+    tfds = not d.files and not embedded
+    if d.files:
+        train, where = _read_task_files(d, d.files), d.files
+    elif embedded:
+        train, where = pydoc_topics_task('train'), 'the embedded pydoc_topics task'
+    elif not d.name:
+        raise ConfigError(
+            'text classification needs data: the embedded --config.data.name=pydoc_topics, '
+            'a prepared TFDS dataset by name, or --config.data.files=train.tsv'
+        )
+    else:
+        train, where = tfds_examples(d, d.train_split), f'TFDS {d.name}'
+    if d.eval_files:
+        validation = _read_task_files(d, d.eval_files)
+    elif tfds and d.eval_split:
+        validation = tfds_examples(d, d.eval_split)
+    else:
+        validation = None
+    if d.get('test_files'):
+        test = lambda: _read_task_files(d, d.test_files)  # noqa: E731
+    elif embedded:
+        test = lambda: pydoc_topics_task('test')  # noqa: E731
+    elif tfds and d.get('test_split'):
+        test = lambda: tfds_examples(d, d.test_split)  # noqa: E731
+    else:
+        test = None
+    return train, validation, test, where
+
+
+def tfds_examples(d, split: str) -> list[dict]:
+    """A prepared TFDS split (GLUE-style: text, optional pair, label features) read without
+    TensorFlow; ClassLabel ids become label strings ('0', '1', ...)."""
+    fields = {'text': d.text_field, 'label': d.label_field}
+    if d.text_pair_field:
+        fields['text_pair'] = d.text_pair_field
+    columns = {k: TfdsText(d.name, split, f, d.data_dir) for k, f in fields.items()}
+    n = len(columns['text'])
+    return [
+        {
+            'text': columns['text'][i],
+            'text_pair': columns['text_pair'][i] if 'text_pair' in columns else '',
+            'label': columns['label'][i],
+        }
+        for i in range(n)
+    ]
+
+
+def task_texts(config) -> tuple[list[str], list[str], str]:
+    """(training texts, validation texts, where) of the text classification task that a
+    text_cls-style `config` describes (`data.*`, `seed`, `task_type`): the text a run of
+    that task with this seed trains on (every training example, whatever its label budget:
+    their labels are never read here) and the text its validation split scores, carved by
+    seed exactly as the fine-tuning carves it (data.eval_fraction of each class) when the
+    task has no validation split of its own. The test split is not read. A pair's two
+    texts are one document. Domain-adaptive pretraining (configs/dapt.py) trains on the
+    first and evaluates on the second."""
+    train, validation, _, where = text_task_splits(config.data)
+    if validation is None:
+        regression = config.get('task_type', 'classification') == 'regression'
+        raw = [e['label'] for e in train]
+        label_map = LabelMap.fit(raw, regression=regression, where=where)
+        labels = label_map.encode(raw, where=where)
+        train_idx, val_idx = validation_split(
+            labels, config.data.eval_fraction, config.seed, per_class=not regression
+        )
+        if len(val_idx) == 0:
+            raise DataError(
+                f'{where}: {len(train)} examples are too few to hold out eval_fraction='
+                f'{config.data.eval_fraction} for validation; give a validation split '
+                '(--config.data.eval_files, or data.eval_split of a TFDS dataset)'
+            )
+        train, validation = [train[i] for i in train_idx], [train[i] for i in val_idx]
+    join = lambda e: (e['text'] + ' ' + e['text_pair']).strip()  # noqa: E731
+    return [join(e) for e in train], [join(e) for e in validation], where
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ trains its model, the student, on the teacher's soft targets as well as the labe
 per example, summed over the batch. T^2 keeps the soft term's gradient at the scale of the
 hard one whatever the temperature (its gradient in the student's logits is
 T * (softmax(student / T) - softmax(teacher / T))). With `distill.unlabelled` the
-training stream also carries the training examples the label budget left out, which
-only the soft term sees.
+training stream also carries the training examples the label budget left out, and with
+`data.unlabelled_files` the task's text from those files (less any validation or test
+text): only the soft term sees them.
 
 The teacher runs inside the same sharded step: its parameters are the `teacher/` subtree of
 the run's params, restored from the teacher's validation-selected checkpoint when the run
@@ -22,6 +23,7 @@ Checkpoints of the run carry the teacher, so a resume needs nothing else; what t
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -35,8 +37,12 @@ from flax import linen as nn
 from core import checkpoint as ckpt_lib
 from core import selection
 from core.config import read_json
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
+from core.losses import weighted_cross_entropy
+from data.formats import match_files
 from data.labels import LabelMap
+from data.text import read_text_files
+from models.encoder import LAYERS, dense_init, zeros_init
 
 TEACHER = 'teacher'
 
@@ -49,31 +55,187 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     return t * t * jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
 
 
-def loss_fn_for(model, teacher, temperature: float, alpha: float, freeze_backbone: bool, inputs):
+def matched_layers(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs of hidden-state matching: every student layer
+    i to teacher layer ceil((i + 1) * L_t / L_s) - 1, so the last layers meet and the
+    rest spread evenly (a 2-layer student of a 6-layer teacher: (0, 2), (1, 5))."""
+    return [(i, -(-(i + 1) * teacher_layers // student_layers) - 1) for i in range(student_layers)]
+
+
+def layer_outputs(intermediates) -> list[jax.Array]:
+    """The per-layer outputs a TextClassifier's encoder sowed (EncoderLayer's 'hidden'),
+    first layer first, from unrolled `layer_<i>` entries or the scanned stack."""
+    encoder = intermediates['backbone']['encoder']
+    if LAYERS in encoder:  # model.scan_layers: one [layers, batch, length, hidden] stack
+        stacked = encoder[LAYERS]['hidden'][0]
+        return [stacked[i] for i in range(stacked.shape[0])]
+    count = sum(1 for key in encoder if key.startswith('layer_'))
+    return [encoder[f'layer_{i}']['hidden'][0] for i in range(count)]
+
+
+class HiddenProjection(nn.Module):
+    """The learned map of student hidden states to the teacher's width (TinyBERT's W_h),
+    trained with the student and left behind by fine-tuning (it is not under backbone/)."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', dense_init('embed', None), (x.shape[-1], self.width))
+        bias = self.param('bias', zeros_init(None), (self.width,))
+        return x.astype(jnp.float32) @ kernel.astype(jnp.float32) + bias
+
+
+def hidden_loss(student, teacher, pairs, mask: jax.Array, project=None) -> jax.Array:
+    """[batch] mean squared error between student and teacher hidden states (lists of
+    [batch, length, hidden], layer by layer), per real token (mask [batch, length]) and
+    hidden unit, averaged over the `pairs` of matched layers; `project` maps the student's
+    states to the teacher's width first."""
+    mask = mask.astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    per_pair = []
+    for s, t in pairs:
+        h = student[s].astype(jnp.float32)
+        h = project(h) if project is not None else h
+        error = jnp.mean(jnp.square(h - teacher[t].astype(jnp.float32)), axis=-1)
+        per_pair.append(jnp.sum(error * mask, axis=1) / tokens)
+    return jnp.mean(jnp.stack(per_pair), axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenMatching:
+    """distill.hidden_weight > 0: the matched layers and the projection (None when the
+    widths agree), applied on params['hidden_projection']."""
+
+    weight: float
+    pairs: list[tuple[int, int]]
+    projection: HiddenProjection | None
+
+
+PROJECTION = 'hidden_projection'
+
+
+def hidden_matching(config, teacher_config) -> HiddenMatching | None:
+    """The hidden-state matching of a student config and its teacher's (None: off)."""
+    weight = float(config.distill.get('hidden_weight', 0.0))
+    if weight <= 0.0:
+        return None
+    s, t = config.model, teacher_config.model
+    pairs = matched_layers(s.num_layers, t.num_layers)
+    width = t.hidden_size
+    return HiddenMatching(
+        weight, pairs, None if s.hidden_size == width else HiddenProjection(width)
+    )
+
+
+def loss_fn_for(
+    model,
+    teacher,
+    temperature: float,
+    alpha: float,
+    freeze_backbone: bool,
+    inputs,
+    hidden: HiddenMatching | None = None,
+):
     """loss_fn(params, batch, rng, train, rows) of a distilled classifier: `model` (the
     student) on params without `teacher/`, `teacher` on params['teacher'] (stop_gradient,
     deterministic). Batch rows with labelled == 0 (unlabelled) get the soft term only.
-    Reports the soft term (`kd_loss`), the hard one over labelled rows (`label_loss`), and
-    how often the student's class is the teacher's (`teacher_agreement`)."""
+    With `hidden`, every row adds hidden.weight times the hidden-state error of the matched
+    layers (`hidden_loss`). Reports the soft term (`kd_loss`), the hard one over labelled
+    rows (`label_loss`), the hidden-state one (`hidden_loss`), and how often the student's
+    class is the teacher's (`teacher_agreement`)."""
+    mutable = ['intermediates'] if hidden is not None else False
 
     def loss_fn(params, batch, rng, train: bool, rows=None):
-        student = {k: v for k, v in params.items() if k != TEACHER}
+        student = {k: v for k, v in params.items() if k not in (TEACHER, PROJECTION)}
         if freeze_backbone:
             student['backbone'] = jax.lax.stop_gradient(student['backbone'])
         x = inputs(batch)
-        logits = model.apply({'params': student}, x, not train, rows, rngs={'dropout': rng})
-        teacher_logits = teacher.apply({'params': jax.lax.stop_gradient(params[TEACHER])}, x)
+        teacher_params = {'params': jax.lax.stop_gradient(params[TEACHER])}
+        logits = model.apply(
+            {'params': student}, x, not train, rows, rngs={'dropout': rng}, mutable=mutable
+        )
+        teacher_logits = teacher.apply(teacher_params, x, mutable=mutable)
+        extra = {}
+        if hidden is not None:
+            (logits, sown), (teacher_logits, teacher_sown) = logits, teacher_logits
+            project = None
+            if hidden.projection is not None:
+                project = functools.partial(hidden.projection.apply, {'params': params[PROJECTION]})
+            matched = hidden_loss(
+                layer_outputs(sown['intermediates']),
+                layer_outputs(teacher_sown['intermediates']),
+                hidden.pairs,
+                x['input_mask'],
+                project,
+            )
+            extra['hidden_loss'] = jnp.sum(matched)
         soft = kd_loss(logits, teacher_logits, temperature)
         labels = batch['label'].astype(jnp.int32)
         labelled = batch.get('labelled', jnp.ones_like(labels)).astype(jnp.float32)
         hard = optax.softmax_cross_entropy_with_integer_labels(logits, labels) * labelled
         loss = alpha * soft + (1.0 - alpha) * hard
+        if hidden is not None:
+            loss = loss + hidden.weight * matched
         agree = jnp.argmax(logits, axis=1) == jnp.argmax(teacher_logits, axis=1)
         count = jnp.asarray(labels.shape[0], jnp.float32)
         return jnp.sum(loss), {
             'kd_loss': jnp.sum(soft),
             'label_loss': jnp.sum(hard),
+            **extra,
             'teacher_agreement': jnp.sum(agree.astype(jnp.float32)),
+            'denominator': count,
+        }
+
+    return loss_fn
+
+
+def mlm_loss_fn_for(model, teacher, temperature: float, alpha: float, hidden=None):
+    """loss_fn(params, batch, rng, train, rows) of MLM distillation (configs/distill.py:
+    mlm_*): `model` (a BertForMlm student) on params without `teacher/`, `teacher` (a
+    BertForMlm) on params['teacher'] (stop_gradient, deterministic), both scored at the
+    batch's masked positions. Per masked position: alpha * T^2 * KL(teacher || student at
+    T) + (1 - alpha) * cross-entropy with the masked token; with `hidden`, each sequence
+    adds hidden.weight times its hidden-state error, spread over its masked positions, so
+    the loss per masked token is alpha * soft + (1 - alpha) * hard + weight * hidden on
+    average. Reports `mlm_accuracy` (the student's), `kd_loss`, `label_loss`,
+    `hidden_loss` (per sequence) and `teacher_agreement` (per masked token)."""
+    mutable = ['intermediates'] if hidden is not None else False
+
+    def loss_fn(params, batch, rng, train: bool, rows=None):
+        student = {k: v for k, v in params.items() if k not in (TEACHER, PROJECTION)}
+        teacher_params = {'params': jax.lax.stop_gradient(params[TEACHER])}
+        logits = model.apply(
+            {'params': student}, batch, not train, rows, rngs={'dropout': rng}, mutable=mutable
+        )
+        teacher_logits = teacher.apply(teacher_params, batch, mutable=mutable)
+        weights = batch['masked_weights'].astype(jnp.float32)
+        extra, total = {}, 0.0
+        if hidden is not None:
+            (logits, sown), (teacher_logits, teacher_sown) = logits, teacher_logits
+            project = None
+            if hidden.projection is not None:
+                project = functools.partial(hidden.projection.apply, {'params': params[PROJECTION]})
+            matched = hidden_loss(
+                layer_outputs(sown['intermediates']),
+                layer_outputs(teacher_sown['intermediates']),
+                hidden.pairs,
+                batch['input_mask'],
+                project,
+            )
+            # Per masked token on average: the batch's mean sequence error, times the tokens.
+            per_token = jnp.mean(matched) * jnp.sum(weights)
+            total = hidden.weight * per_token
+            extra['hidden_loss'] = per_token
+        soft = jnp.sum(kd_loss(logits, teacher_logits, temperature) * weights)
+        hard, correct, count = weighted_cross_entropy(logits, batch['masked_ids'], weights)
+        agree = jnp.argmax(logits, axis=-1) == jnp.argmax(teacher_logits, axis=-1)
+        return alpha * soft + (1.0 - alpha) * hard + total, {
+            'mlm_accuracy': correct,
+            'kd_loss': soft,
+            'label_loss': hard,
+            **extra,
+            'teacher_agreement': jnp.sum(agree.astype(jnp.float32) * weights),
             'denominator': count,
         }
 
@@ -82,12 +244,15 @@ def loss_fn_for(model, teacher, temperature: float, alpha: float, freeze_backbon
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-    """A finished classification run to distil: its config, labels and selected step."""
+    """A finished run to distil: its config, labels (a classifier's; None for MLM), the
+    step its validation selected, and whether its MLM head is untrained (an import-hf of a
+    checkpoint without one: import.json lists it as initialised)."""
 
     workdir: str
     config: ml_collections.ConfigDict
-    label_map: LabelMap
+    label_map: LabelMap | None
     step: int
+    fresh_head: bool = False
 
     @property
     def checkpoint(self) -> str:
@@ -99,8 +264,9 @@ class Teacher:
 
 
 def read_teacher(workdir: str, task: str) -> Teacher:
-    """The teacher in `workdir`: a finished `task` run (its config.json, labels.json and
-    the checkpoint its validation selected). Anything missing is a ConfigError naming it."""
+    """The teacher in `workdir`: a finished `task` run, or an import-hf workdir (its
+    config.json, a classifier's labels.json, and the checkpoint its validation selected).
+    Anything missing is a ConfigError naming it."""
     path = os.path.join(workdir, 'config.json')
     if not os.path.isfile(path):
         raise ConfigError(
@@ -113,12 +279,25 @@ def read_teacher(workdir: str, task: str) -> Teacher:
             f'--config.teacher={workdir} is a {config.get("task")!r} run; a {task} student '
             f'distils a {task} teacher (a fine-tuned classifier)'
         )
-    labels = os.path.join(workdir, 'labels.json')
-    if not os.path.isfile(labels):
-        raise ConfigError(f'--config.teacher={workdir}: no labels.json; is the run finished?')
-    metric = config.get('eval', {}).get('metric') or 'accuracy'
-    step = selection.best_kept_step(workdir, metric)
-    return Teacher(os.path.abspath(workdir), config, LabelMap.load(labels), step)
+    label_map = None
+    if task != 'mlm':
+        labels = os.path.join(workdir, 'labels.json')
+        if not os.path.isfile(labels):
+            raise ConfigError(f'--config.teacher={workdir}: no labels.json; is the run finished?')
+        label_map = LabelMap.load(labels)
+    imported = os.path.join(workdir, 'import.json')  # an import-hf workdir: finished as made
+    summary = os.path.join(workdir, 'summary.json')
+    finished = os.path.isfile(summary) and read_json(summary).get('completed')
+    if not (finished or os.path.isfile(imported)):
+        raise ConfigError(
+            f'--config.teacher={workdir} has not finished training (its summary.json does not '
+            'say completed): a teacher still training, or cut off, would change under the '
+            'student; finish it first (rerun its command: it resumes), then distil'
+        )
+    fresh = os.path.isfile(imported) and 'mlm_head' in read_json(imported).get('initialised', [])
+    metric = 'mlm_accuracy' if task == 'mlm' else config.get('eval', {}).get('metric')
+    step = selection.best_kept_step(workdir, metric or 'accuracy')
+    return Teacher(os.path.abspath(workdir), config, label_map, step, bool(fresh))
 
 
 def adopt_vocabulary(config: ml_collections.ConfigDict, teacher: Teacher) -> None:
@@ -146,11 +325,60 @@ def _tokens(path: str) -> list[str]:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """distill.* beyond their ranges (core/config.py RANGES: alpha, temperature)."""
+    """distill.* beyond their ranges (core/config.py RANGES: alpha, temperature), and
+    data.unlabelled_files."""
     if config.task_type == 'regression':
         raise ConfigError(
             'distillation here is of classifiers: task_type=regression has no soft targets'
         )
+    pattern = config.data.get('unlabelled_files')
+    if pattern:
+        if config.data.text_pair_field:
+            raise ConfigError(
+                f'data.unlabelled_files={pattern!r} holds single texts, and this task reads '
+                f'pairs (data.text_pair_field={config.data.text_pair_field!r}); leave '
+                'data.unlabelled_files empty for a pair task'
+            )
+        match_files(pattern)  # there, before any training
+
+
+def unlabelled_file_examples(config, encode, no_label, held_out: set[str]) -> list[dict]:
+    """data.unlabelled_files: more text of the task without labels (a .txt block, a .jsonl
+    object or a table row's data.text_field per example), which only the soft term sees. A
+    text that is also one of the task's validation or test examples (`held_out`, after
+    whitespace normalisation) is dropped and counted in the log: the text that selects
+    checkpoints and the text that is scored stay unseen."""
+    pattern = config.data.unlabelled_files
+    texts = read_text_files(pattern, config.data.text_field)
+    kept, dropped = [], 0
+    for text in texts:
+        if not text.strip():
+            continue
+        if normalise(text) in held_out:
+            dropped += 1
+            continue
+        kept.append(text)
+    if not kept:
+        raise DataError(
+            f"--config.data.unlabelled_files={pattern!r} holds no text beyond the task's "
+            f'validation and test examples ({dropped} of those dropped); give other text, or '
+            'leave it empty'
+        )
+    logging.info(
+        'distillation: %d unlabelled examples from %s (soft targets only); %d dropped as '
+        'validation or test text',
+        len(kept),
+        pattern,
+        dropped,
+    )
+    return [
+        dict(encode({'text': t, 'text_pair': ''}, no_label), labelled=np.int32(0)) for t in kept
+    ]
+
+
+def normalise(text: str) -> str:
+    """A text as the unlabelled files are compared with the task's: whitespace collapsed."""
+    return ' '.join(text.split())
 
 
 def restore_teacher(teacher: Teacher):

@@ -13,9 +13,8 @@ and scored once, after training, on the checkpoint validation selected. Labels a
 from the training examples (WORKDIR/labels.json); an unknown label elsewhere is an error.
 """
 
-from collections.abc import Callable
-
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -23,7 +22,6 @@ from absl import logging
 from core import config as config_lib
 from core.task import InitFrom, Runtime, Scorer, Task, compute_dtype
 from data import labelled
-from data.text import TfdsText
 from data.tokenizer import WordPiece, make_tokenizer
 from finetune import classify, distill
 from models.bert import BertConfig
@@ -95,74 +93,6 @@ def encode_pair(wordpiece: WordPiece, text: str, pair: str, seq_len: int) -> dic
     return out
 
 
-def _read_files(d, pattern: str) -> list[dict]:
-    return labelled.read_labelled_text(
-        pattern,
-        text_field=d.text_field,
-        text_pair_field=d.text_pair_field,
-        label_field=d.label_field,
-        header=d.header,
-    )
-
-
-def load_splits(
-    config,
-) -> tuple[list[dict], list[dict] | None, Callable[[], list[dict]] | None, str]:
-    """(training examples, validation examples, test loader, where they come from).
-
-    Validation: `data.eval_files`, or the TFDS `data.eval_split`; None when neither is
-    given (the caller carves it out of the training examples by seed). Test: a function
-    that reads `data.test_files`, the TFDS `data.test_split` or the embedded task's fixed
-    test split when called, at the end of training; None without a test split."""
-    d = config.data
-    embedded = not d.files and d.name == 'pydoc_topics'
-    tfds = not d.files and not embedded
-    if d.files:
-        train, where = _read_files(d, d.files), d.files
-    elif embedded:
-        train, where = labelled.pydoc_topics_task('train'), 'the embedded pydoc_topics task'
-    elif not d.name:
-        raise config_lib.ConfigError(
-            'text classification needs data: the embedded --config.data.name=pydoc_topics, '
-            'a prepared TFDS dataset by name, or --config.data.files=train.tsv'
-        )
-    else:
-        train, where = tfds_examples(d, d.train_split), f'TFDS {d.name}'
-    if d.eval_files:
-        validation = _read_files(d, d.eval_files)
-    elif tfds and d.eval_split:
-        validation = tfds_examples(d, d.eval_split)
-    else:
-        validation = None
-    if d.test_files:
-        test = lambda: _read_files(d, d.test_files)  # noqa: E731
-    elif embedded:
-        test = lambda: labelled.pydoc_topics_task('test')  # noqa: E731
-    elif tfds and d.test_split:
-        test = lambda: tfds_examples(d, d.test_split)  # noqa: E731
-    else:
-        test = None
-    return train, validation, test, where
-
-
-def tfds_examples(d, split: str) -> list[dict]:
-    """A prepared TFDS split (GLUE-style: text, optional pair, label features) read without
-    TensorFlow; ClassLabel ids become label strings ('0', '1', ...)."""
-    fields = {'text': d.text_field, 'label': d.label_field}
-    if d.text_pair_field:
-        fields['text_pair'] = d.text_pair_field
-    columns = {k: TfdsText(d.name, split, f, d.data_dir) for k, f in fields.items()}
-    n = len(columns['text'])
-    return [
-        {
-            'text': columns['text'][i],
-            'text_pair': columns['text_pair'][i] if 'text_pair' in columns else '',
-            'label': columns['label'][i],
-        }
-        for i in range(n)
-    ]
-
-
 def make_model(config, num_classes: int) -> TextClassifier:
     return TextClassifier(
         BertConfig.from_config(config.model, dtype=compute_dtype(config)),
@@ -174,7 +104,7 @@ def make_model(config, num_classes: int) -> TextClassifier:
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
-    train, validation, load_test, where = load_splits(config)
+    train, validation, load_test, where = labelled.text_task_splits(config.data)
     regression = config.task_type == 'regression'
     label_map = classify.fit_label_map(workdir, [e['label'] for e in train], regression, runtime)
     train_labels = label_map.encode([e['label'] for e in train], where=where)
@@ -204,6 +134,14 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         train_examples = distill.training_examples(
             config, teacher, label_map, train, train_labels, picked, encode
         )
+        if config.data.get('unlabelled_files'):
+            held_out = validation + (load_test() if load_test else [])
+            train_examples += distill.unlabelled_file_examples(
+                config,
+                encode,
+                np.zeros((), train_labels.dtype),
+                {distill.normalise(e['text']) for e in held_out},
+            )
     logging.info(
         'data: %s, %d train (of %d) / %d validation examples, %s; %s',
         where,
@@ -228,15 +166,21 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             label_map.num_classes,
         )
         d = config.distill
+        hidden = distill.hidden_matching(config, teacher.config)
         loss_fn = distill.loss_fn_for(
-            model, teacher_model, d.temperature, d.alpha, t.freeze_backbone, lambda b: b
+            model, teacher_model, d.temperature, d.alpha, t.freeze_backbone, lambda b: b, hidden
         )
         student_init = init_params
 
         def init_params(rng):
             student_rng, teacher_rng = jax.random.split(rng)
             teacher_params = teacher_model.init(teacher_rng, example)['params']
-            return {**student_init(student_rng), distill.TEACHER: teacher_params}
+            params = {**student_init(student_rng), distill.TEACHER: teacher_params}
+            if hidden is not None and hidden.projection is not None:
+                states = jnp.zeros((1, seq, config.model.hidden_size), jnp.float32)
+                projection = hidden.projection.init(jax.random.fold_in(rng, 2), states)
+                params[distill.PROJECTION] = projection['params']
+            return params
 
         # The teacher's forward pass runs in every step: a third of its training FLOPs.
         teacher_run = ml_collections.ConfigDict(

@@ -299,7 +299,11 @@ class EncoderLayer(nn.Module):
         else:
             x = x + drop(attention(ln_attn(x), mask, deterministic, rows))
             x = x + drop(mlp(ln_mlp(x)))
-        return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+        x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+        # The layer's output, kept only when an apply makes 'intermediates' mutable
+        # (distillation's hidden-state matching, finetune/distill.py); else a no-op.
+        self.sow('intermediates', 'hidden', x)
+        return x
 
 
 class Pooler(nn.Module):
@@ -476,7 +480,7 @@ class Encoder(nn.Module):
         if self.scan_layers:
             scan = nn.scan(
                 _scan_body,
-                variable_axes={'params': 0},
+                variable_axes={'params': 0, 'intermediates': 0},
                 split_rngs={'params': True, 'dropout': True},  # per-layer init and masks
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),  # mask, deterministic, rows
                 length=self.num_layers,

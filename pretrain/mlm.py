@@ -13,8 +13,9 @@ from jax.experimental import multihost_utils
 from core import config as config_lib
 from core import flops as flops_lib
 from core.task import Runtime, Task, compute_dtype
-from data import pipeline, shards, text
+from data import labelled, pipeline, shards, text
 from data.tokenizer import make_tokenizer
+from finetune import distill
 from models.bert import BertConfig, BertForMlm
 from pretrain.losses import mlm_loss_fn
 
@@ -36,6 +37,43 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if not 0.0 < d.mask_prob < 1.0:
         raise config_lib.ConfigError(f'data.mask_prob {d.mask_prob} must be in (0, 1)')
+    if 'distill' in config:
+        check_distillation(config)
+
+
+def follow_start(config: ml_collections.ConfigDict) -> None:
+    """MLM distillation (configs/distill.py:mlm_*): the student reads its teacher's token
+    ids (core/trainer.py follow_start)."""
+    if config.get('teacher'):
+        distill.adopt_vocabulary(config, distill.read_teacher(config.teacher, 'mlm'))
+
+
+def check_distillation(config: ml_collections.ConfigDict) -> None:
+    """The teacher of MLM distillation: given, and with a trained MLM head when its logits
+    are matched."""
+    if not config.get('teacher'):
+        raise config_lib.ConfigError(
+            'MLM distillation needs its teacher: --config.teacher=WORKDIR, a finished MLM run '
+            '(python launch.py pretrain --config configs/bert_mlm.py ...) or an import-hf workdir'
+        )
+    if config.get('init_from'):
+        raise config_lib.ConfigError(
+            'MLM distillation trains its student from scratch here; init_from beside a '
+            'teacher is not supported yet: leave --config.init_from empty'
+        )
+    teacher = distill.read_teacher(config.teacher, 'mlm')
+    if teacher.fresh_head and config.distill.alpha > 0:
+        raise config_lib.ConfigError(
+            f'the teacher {config.teacher} has an untrained MLM head (import-hf initialised it: '
+            'the checkpoint had none), so its masked-token predictions say nothing: distil its '
+            'hidden states alone (--config.distill.alpha=0 --config.distill.hidden_weight=1), '
+            'or continue its MLM first (configs/dapt.py, or bert_mlm.py with init_from)'
+        )
+    if config.distill.alpha == 0 and config.distill.hidden_weight == 0:
+        raise config_lib.ConfigError(
+            'distill.alpha=0 and distill.hidden_weight=0 leave nothing of the teacher to learn: '
+            'give distill.alpha > 0 (its predictions) or distill.hidden_weight > 0 (its states)'
+        )
 
 
 def make_model(config) -> BertForMlm:
@@ -100,7 +138,11 @@ def evaluate(stepper, params, batches, baseline_token: int) -> dict[str, float]:
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> Task:
-    train_docs, eval_docs = text.load_corpus(config.data)
+    if config.data.get('task_text'):  # configs/dapt.py: a labelled task's own text
+        train_docs, eval_docs, where = labelled.task_texts(config)
+        logging.info('data: the training text of %s; its validation text held out', where)
+    else:
+        train_docs, eval_docs = text.load_corpus(config.data)
     tokenizer = make_tokenizer(config, workdir, train_docs)
     spec = pipeline.masking_spec(tokenizer, config.data)
     train_ds = shards.training_stream(
@@ -120,25 +162,75 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     model = make_model(config)
     example = dummy_batch(config)
     m = config.model
+    init_params = lambda rng: model.init(rng, example)['params']  # noqa: E731
+    loss_fn = mlm_loss_fn(model)
+    flops = flops_lib.mlm_train_flops(
+        config.batch_size,
+        config.data.seq_len,
+        config.data.max_predictions,
+        m.hidden_size,
+        m.num_layers,
+        m.mlp_dim,
+        m.vocab_size,
+    )
+    frozen, extras = None, {}
+    if config.get('teacher'):
+        teacher = distill.read_teacher(config.teacher, 'mlm')
+        teacher_model = make_model(
+            ml_collections.ConfigDict(
+                {'model': teacher.config.model, 'precision': config.precision}
+            )
+        )
+        d = config.distill
+        hidden = distill.hidden_matching(config, teacher.config)
+        loss_fn = distill.mlm_loss_fn_for(model, teacher_model, d.temperature, d.alpha, hidden)
+        student_init = init_params
+
+        def init_params(rng):
+            student_rng, teacher_rng = jax.random.split(rng)
+            teacher_params = teacher_model.init(teacher_rng, example)['params']
+            params = {**student_init(student_rng), distill.TEACHER: teacher_params}
+            if hidden is not None and hidden.projection is not None:
+                states = jnp.zeros((1, config.data.seq_len, m.hidden_size), jnp.float32)
+                projection = hidden.projection.init(jax.random.fold_in(rng, 2), states)
+                params[distill.PROJECTION] = projection['params']
+            return params
+
+        t = teacher.config.model
+        # The teacher's forward pass runs in every step: a third of its training FLOPs.
+        flops += (
+            flops_lib.mlm_train_flops(
+                config.batch_size,
+                config.data.seq_len,
+                config.data.max_predictions,
+                t.hidden_size,
+                t.num_layers,
+                t.mlp_dim,
+                t.vocab_size,
+            )
+            / 3.0
+        )
+        frozen = distill.restore_teacher(teacher)
+        extras = {
+            'teacher': teacher.workdir,
+            'teacher_step': teacher.step,
+            'teacher_params': distill.param_count(teacher_model, example),
+            'student_params': distill.param_count(model, example),
+        }
+        logging.info('distilling %s (step %d) into this MLM run', teacher.workdir, teacher.step)
     return Task(
         name='mlm',
         model=model,
-        init_params=lambda rng: model.init(rng, example)['params'],
-        loss_fn=mlm_loss_fn(model),
+        init_params=init_params,
+        loss_fn=loss_fn,
         train_iter=iter(train_ds),
         evaluate=lambda stepper, params: evaluate(stepper, params, evals, baseline_token),
         metric='mlm_accuracy',
-        flops_per_step=flops_lib.mlm_train_flops(
-            config.batch_size,
-            config.data.seq_len,
-            config.data.max_predictions,
-            m.hidden_size,
-            m.num_layers,
-            m.mlp_dim,
-            m.vocab_size,
-        ),
+        flops_per_step=flops,
         tokens_per_example=config.data.seq_len,
         summary_extras=lambda final: {
-            'most_frequent_token_accuracy': final['most_frequent_token_accuracy']
+            'most_frequent_token_accuracy': final['most_frequent_token_accuracy'],
+            **extras,
         },
+        frozen=frozen,
     )

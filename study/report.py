@@ -35,6 +35,9 @@ COLUMNS = (
     'diff_ci_low',
     'diff_ci_high',
     'pairs',
+    'diff_vs_start',
+    'start_ci_low',
+    'start_ci_high',
     'val_mean',
     'reached',
     'steps_to_target',
@@ -65,7 +68,8 @@ def mean_interval(values) -> tuple[float, float | None, float | None]:
 def aggregate(rows: list[dict], metric: str) -> list[dict]:
     """One row per (arm, budget): the test `metric` of the validation-selected checkpoints
     over seeds (mean and 95% interval), the paired difference to the scratch arm over the
-    seeds both ran (mean and 95% interval), the validation figure of those checkpoints,
+    seeds both ran (mean and 95% interval; and, for an arm in START, to the arm whose start
+    it adapts), the validation figure of those checkpoints,
     how many seeds reached the target (validation rows) with their mean steps and
     training seconds to reach it, and the model's size (a distilled run: the student's)
     and median training step time."""
@@ -84,6 +88,13 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
                 [r[f'test_{metric}'] - scratch[r['seed']][f'test_{metric}'] for r in paired]
             )
             pairs = len(paired)
+        start = {r['seed']: r for r in groups.get((START.get(arm, ''), budget), [])}
+        from_start = [r for r in group if r['seed'] in start]
+        vs_start = (None, None, None)
+        if from_start:
+            vs_start = mean_interval(
+                [r[f'test_{metric}'] - start[r['seed']][f'test_{metric}'] for r in from_start]
+            )
         reached = [r for r in group if r['steps_to_target'] is not None]
         table.append(
             {
@@ -99,6 +110,9 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
                 'diff_ci_low': diff_low,
                 'diff_ci_high': diff_high,
                 'pairs': pairs,
+                'diff_vs_start': vs_start[0],
+                'start_ci_low': vs_start[1],
+                'start_ci_high': vs_start[2],
                 'val_mean': _mean_or_none([r.get(f'val_{metric}') for r in group]),
                 'reached': len(reached),
                 'steps_to_target': _mean_or_none([r['steps_to_target'] for r in reached]),
@@ -138,13 +152,17 @@ def _with_interval(mean: float, low: float | None, high: float | None, sign: str
     return f'{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]'
 
 
-FINE_TUNED = ('pretrained', 'imported', 'distilled', 'mae')
+FINE_TUNED = ('pretrained', 'imported', 'distilled', 'domain_adapted', 'mae')
+# An arm that adds a step to another arm's start, and that arm: its paired difference to it
+# (`diff_vs_start`) says what the step adds (domain adaptation of the imported encoder).
+START = {'domain_adapted': 'imported'}
 
 
 def markdown(table: list[dict], metric: str, target: float) -> str:
     """The table: a line per budget; per arm the test metric of the validation-selected
     checkpoints (mean [95% interval] over seeds), the paired difference [95% interval] of
-    each trained arm (pretrained, imported, distilled, mae) to scratch, and the steps and training
+    each trained arm (pretrained, imported, distilled, domain_adapted, mae) to scratch and
+    of domain_adapted to imported, and the steps and training
     seconds to reach `target` on the validation rows (mean over the seeds that did)."""
     arms = list(dict.fromkeys(t['arm'] for t in table))
     by_key = {(t['arm'], t['budget']): t for t in table}
@@ -153,6 +171,8 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
     # The paired gains of the arms that fine-tune a start (probes: only their own column).
     gains = [a for a in arms if a in FINE_TUNED] if 'scratch' in arms else []
     head += [f'{arm} - scratch (paired)' for arm in gains]
+    adapted = [a for a in arms if START.get(a) in arms]
+    head += [f'{arm} - {START[arm]} (paired)' for arm in adapted]
     head += [f'{arm}: steps (s) to {target:g} (validation)' for arm in arms]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for budget in budgets:
@@ -171,6 +191,14 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
             if p and p['diff_vs_scratch'] is not None:
                 line.append(
                     _with_interval(p['diff_vs_scratch'], p['diff_ci_low'], p['diff_ci_high'], '+')
+                )
+            else:
+                line.append('-')
+        for arm in adapted:
+            p = by_key.get((arm, budget))
+            if p and p['diff_vs_start'] is not None:
+                line.append(
+                    _with_interval(p['diff_vs_start'], p['start_ci_low'], p['start_ci_high'], '+')
                 )
             else:
                 line.append('-')

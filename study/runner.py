@@ -4,6 +4,8 @@ WORKDIR/config.json             the study's resolved config
 WORKDIR/pretrain/               the pretraining run (unless `pretrain_workdir` names one)
 WORKDIR/mae_pretrain/           the MAE pretraining of an image study's mae arms (unless
                                 `mae_pretrain_workdir` names one)
+WORKDIR/dapt/seed<k>/           the domain_adapted arm's pretraining of seed k: MLM continued
+                                from `imported` on the task's training text (configs/dapt.py)
 WORKDIR/runs/<arm>/<budget>/seed<k>/   one fine-tuning workdir per run (with a
                                        `learning_rates` grid: .../seed<k>/lr<rate>/)
 WORKDIR/study.json, study.csv   per-run results and the table (study/report.py)
@@ -37,7 +39,7 @@ from absl import logging
 
 from core import config as config_lib
 from core import metrics as metrics_lib
-from core import recipe, trainer
+from core import recipe, selection, trainer
 from core.errors import ConfigError, UserError
 
 ARMS = (
@@ -46,6 +48,7 @@ ARMS = (
     'linear_probe',
     'imported',
     'distilled',
+    'domain_adapted',
     'mae',
     'mae_linear_probe',
 )
@@ -112,6 +115,17 @@ def arms(config) -> list[str]:
             )
         # Each teacher (the imported arm's run of that budget and seed) runs first.
         names = [a for a in names if a != 'distilled'] + ['distilled']
+    if 'domain_adapted' in names:
+        if 'dapt' not in config:
+            raise ConfigError(
+                'the domain_adapted arm is for text studies (configs/study.py:text with '
+                '--config.imported=DIR)'
+            )
+        if not config.imported:
+            raise ConfigError(
+                "the domain_adapted arm continues the imported encoder on the task's text: "
+                'give --config.imported=DIR (a `launch.py import-hf` workdir or an MLM run)'
+            )
     if any(a in MAE_ARMS for a in names) and 'mae_pretrain' not in config:
         raise ConfigError(
             f'study arms={config.arms!r}: the MAE arms ({", ".join(MAE_ARMS)}) are for image '
@@ -184,12 +198,18 @@ def completed(workdir: str) -> bool:
 
 
 def finetune_config(
-    config, run: Run, pretrain_dir: str, mae_dir: str = '', teacher_dir: str = ''
+    config,
+    run: Run,
+    pretrain_dir: str,
+    mae_dir: str = '',
+    teacher_dir: str = '',
+    dapt_dir: str = '',
 ) -> ml_collections.ConfigDict:
     """The stage config of one run: the study's `finetune` block, this run's budget and seed,
     and how the arm starts (pretrain_dir: the study's pretraining; mae_dir: its MAE one;
     teacher_dir: the distilled arm's teacher, the imported arm's run of this budget and
-    seed)."""
+    seed; dapt_dir: the domain_adapted arm's start, this seed's domain-adaptive pretraining,
+    from its checkpoint that held-out MLM accuracy chose)."""
     c = ml_collections.ConfigDict(config.finetune.to_dict())
     c.seed = run.seed
     every_label = isinstance(run.budget, float) and run.budget == 1.0
@@ -199,6 +219,8 @@ def finetune_config(
         source = config.imported
     elif run.arm in MAE_ARMS:
         source = mae_dir
+    elif run.arm == 'domain_adapted':
+        source = dapt_dir
     if source:
         saved = read_json(os.path.join(source, 'config.json'))
         if not saved:
@@ -209,6 +231,9 @@ def finetune_config(
         recipe.adopt_architecture(c, saved, c.get('init_subtree', 'backbone'))
     if run.arm not in ('scratch', 'distilled'):
         c.init_from = source
+    if run.arm == 'domain_adapted':
+        step = selection.best_kept_step(dapt_dir, 'mlm_accuracy')
+        c.init_from = os.path.join(dapt_dir, 'checkpoints', str(step))
     if run.arm in ('linear_probe', 'mae_linear_probe'):
         c.transfer.freeze_backbone = True
         c.learning_rate = config.probe_learning_rate
@@ -305,6 +330,49 @@ def run_pretraining(config, workdir: str, key: str = 'pretrain') -> str:
     return path
 
 
+# The task keys of the study's fine-tuning data that the domain-adaptive pretraining reads
+# the same task by (configs/dapt.py takes text_cls.py's data keys).
+TASK_DATA_KEYS = (
+    'name',
+    'files',
+    'eval_files',
+    'eval_fraction',
+    'train_split',
+    'eval_split',
+    'data_dir',
+    'text_field',
+    'text_pair_field',
+    'label_field',
+    'header',
+)
+
+
+def dapt_config(config, seed: int) -> ml_collections.ConfigDict:
+    """The domain-adaptive pretraining of one seed (the `dapt` block): MLM continued from
+    `imported` on the training text of the study's fine-tuning task, less the validation
+    split that seed's fine-tuning runs carve (the same for every budget), which it holds
+    out."""
+    c = ml_collections.ConfigDict(config.dapt.to_dict())
+    c.seed = seed
+    c.init_from = config.imported
+    c.task_type = config.finetune.get('task_type', 'classification')
+    for key in TASK_DATA_KEYS:
+        c.data[key] = config.finetune.data[key]
+    return c
+
+
+def run_dapt(config, workdir: str, seed: int) -> str:
+    """WORKDIR/dapt/seed<k>: this seed's domain-adaptive pretraining, reused when complete,
+    else run (or resumed) here."""
+    path = os.path.join(workdir, 'dapt', f'seed{seed}')
+    if completed(path):
+        return path
+    logging.info('study: domain-adaptive pretraining in %s', path)
+    trainer.train_and_evaluate(dapt_config(config, seed), path, 'pretrain')
+    jax.clear_caches()
+    return path
+
+
 def run_study(config, workdir: str) -> dict:
     """Runs what is missing of the study in `workdir`, then writes its table and plot."""
     from study import report
@@ -330,7 +398,8 @@ def run_study(config, workdir: str) -> dict:
         else:
             logging.info('study: run %d/%d %s', i + 1, len(runs), run.path)
             teacher = os.path.join(workdir, dataclasses.replace(run, arm='imported').path)
-            c = finetune_config(config, run, pretrain_dir, mae_dir, teacher)
+            dapt = run_dapt(config, workdir, run.seed) if run.arm == 'domain_adapted' else ''
+            c = finetune_config(config, run, pretrain_dir, mae_dir, teacher, dapt)
             trainer.train_and_evaluate(c, path, 'finetune')
             jax.clear_caches()  # each run compiles its own step; keep memory flat
         if is_main:  # process 0 wrote the run's files; the others may not see them yet

@@ -4,6 +4,7 @@ teacher leaves the run exactly as it came in."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,33 @@ def test_the_loss_mixes_soft_and_hard_terms_and_never_trains_the_teacher():
     assert np.any(np.asarray(grads['w']) != 0)
 
 
+def test_matched_layers_spread_evenly_and_meet_at_the_last():
+    assert distill.matched_layers(2, 6) == [(0, 2), (1, 5)]
+    assert distill.matched_layers(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert distill.matched_layers(4, 2) == [(0, 0), (1, 0), (2, 1), (3, 1)]
+
+
+def test_hidden_loss_is_the_token_mean_squared_error_of_matched_layers():
+    rs = np.random.RandomState(0)
+    student = [rs.normal(size=(2, 4, 3)).astype(np.float32) for _ in range(2)]
+    teacher = [rs.normal(size=(2, 4, 5)).astype(np.float32) for _ in range(4)]
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+    w = rs.normal(size=(3, 5)).astype(np.float32)
+    pairs = distill.matched_layers(2, 4)  # (0, 1), (1, 3)
+    got = distill.hidden_loss(
+        [jnp.asarray(h) for h in student],
+        [jnp.asarray(h) for h in teacher],
+        pairs,
+        jnp.asarray(mask),
+        lambda h: h @ w,
+    )
+    want = np.zeros(2)
+    for s, t in pairs:
+        error = np.mean(np.square(student[s] @ w - teacher[t]), axis=-1)
+        want += np.sum(error * mask, axis=1) / mask.sum(1) / len(pairs)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
 # --- runs ---------------------------------------------------------------------------------
 
 
@@ -173,6 +201,74 @@ def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
     )
 
 
+def test_unlabelled_files_join_the_stream_less_validation_and_test_text(teacher, tmp_path):
+    from configs import text_cls
+    from data import labelled
+
+    task = text_cls.get_config('tiny')
+    validation = labelled.task_texts(task)[1]
+    test = labelled.pydoc_topics_task('test')[0]['text']
+    new = ['Unlabelled text about dictionaries and keys.', 'Another paragraph on classes.']
+    files = tmp_path / 'unlabelled.txt'
+    files.write_text('\n\n'.join([new[0], validation[0], '  ' + test, new[1]]) + '\n')
+    workdir = str(tmp_path / 'student')
+    r = launch(
+        *STUDENT,
+        '--workdir',
+        workdir,
+        f'--config.teacher={teacher}',
+        '--config.train_examples=0.1',
+        f'--config.data.unlabelled_files={files}',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        f'distillation: 2 unlabelled examples from {files} (soft targets only); 2 dropped as '
+        'validation or test text'
+    ) in r.stderr
+    for extra, message in (
+        ((f'--config.data.unlabelled_files={tmp_path}/none*.txt',), 'none*.txt'),
+        (
+            (f'--config.data.unlabelled_files={files}', '--config.data.text_pair_field=b'),
+            'holds single texts, and this task reads pairs',
+        ),
+    ):
+        r = launch(
+            *STUDENT, '--workdir', str(tmp_path / 'bad'), f'--config.teacher={teacher}', *extra
+        )
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+        assert 'Traceback' not in r.stderr
+
+
+def test_hidden_state_matching_trains_a_projection_to_the_teachers_width(teacher, tmp_path):
+    """A 16-wide student of a 32-wide teacher, its layers scanned, the teacher's unrolled:
+    the hidden term is logged and the projection saved beside (not in) the student."""
+    workdir = str(tmp_path / 'student')
+    r = launch(
+        *STUDENT,
+        '--workdir',
+        workdir,
+        f'--config.teacher={teacher}',
+        '--config.distill.hidden_weight=1.0',
+        '--config.model.scan_layers=true',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
+    hidden = [x['hidden_loss'] for x in rows if x['split'] == 'train']
+    assert len(hidden) == 4 and all(np.isfinite(hidden)) and min(hidden) > 0
+    saved = checkpoint.saved_params_metadata(workdir, distill.PROJECTION)
+    assert tuple(saved['kernel'].shape) == (16, 32) and tuple(saved['bias'].shape) == (32,)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    kernels = [
+        checkpoint.restore_params(
+            os.path.join(workdir, 'checkpoints', step), target, (distill.PROJECTION,)
+        )[0]['kernel']
+        for step in ('2', '4')
+    ]
+    assert not np.array_equal(*kernels)  # trained by the hidden term
+    summary = read(workdir, 'summary.json')
+    assert summary['completed'] and 'test_accuracy' in summary
+
+
 @pytest.mark.parametrize(
     'extra, message',
     [
@@ -199,6 +295,13 @@ def test_a_teacher_of_another_task_or_vocabulary_is_refused(teacher, tmp_path):
         f'--config.data.vocab_file={other}',
     )
     assert r.returncode != 0 and 'is not the vocabulary of the teacher' in r.stderr
+    assert 'Traceback' not in r.stderr
+    unfinished = tmp_path / 'unfinished'
+    shutil.copytree(teacher, unfinished)
+    summary = json.loads((unfinished / 'summary.json').read_text())
+    (unfinished / 'summary.json').write_text(json.dumps(dict(summary, completed=False)))
+    r = launch(*STUDENT, '--workdir', str(tmp_path / 'student3'), f'--config.teacher={unfinished}')
+    assert r.returncode != 0 and 'has not finished training' in r.stderr
     assert 'Traceback' not in r.stderr
     mlm = tmp_path / 'mlm'
     mlm.mkdir()
@@ -234,3 +337,127 @@ def test_a_student_on_a_data_fsdp_mesh_is_the_one_device_run(teacher, tmp_path):
         np.testing.assert_allclose(
             [x[key] for x in mesh], [x[key] for x in one], rtol=1e-5, atol=1e-6, err_msg=key
         )
+
+
+# --- MLM distillation (configs/distill.py:mlm_*) -----------------------------------------
+
+
+def test_mlm_distillation_loss_mixes_soft_hard_and_hidden_terms_per_masked_token():
+    rs = np.random.RandomState(1)
+    student_logits = rs.normal(size=(2, 3, 7)).astype(np.float32)
+    teacher_logits = rs.normal(size=(2, 3, 7)).astype(np.float32)
+
+    class Fixed:
+        def __init__(self, logits):
+            self.logits = jnp.asarray(logits)
+
+        def apply(self, variables, batch, deterministic=True, rows=None, rngs=None, mutable=False):
+            return self.logits * variables['params']['w']
+
+    batch = {
+        'masked_ids': jnp.array([[1, 2, 0], [3, 4, 0]]),
+        'masked_weights': jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+        'input_mask': jnp.ones((2, 5), jnp.int32),
+    }
+    params = {'w': jnp.float32(1.0), 'teacher': {'w': jnp.float32(1.0)}}
+    loss_fn = distill.mlm_loss_fn_for(Fixed(student_logits), Fixed(teacher_logits), 2.0, 0.3)
+    loss, sums = loss_fn(params, batch, jax.random.key(0), True)
+    weights = np.asarray(batch['masked_weights'])
+    soft = numpy_kd(student_logits, teacher_logits, 2.0) * weights
+    log_p = student_logits - np.log(np.exp(student_logits).sum(-1, keepdims=True))
+    hard = -np.take_along_axis(log_p, np.asarray(batch['masked_ids'])[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(sums['kd_loss']), soft.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums['label_loss']), (hard * weights).sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(loss), 0.3 * soft.sum() + 0.7 * (hard * weights).sum(), rtol=1e-5
+    )
+    assert float(sums['denominator']) == 5  # the masked tokens, padding excluded
+    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0), True)[0])(params)
+    assert float(grads['teacher']['w']) == 0 and float(grads['w']) != 0
+
+
+MLM_TEACHER = [
+    'pretrain', '--config', 'configs/bert_mlm.py:tiny', '--config.data.name=pydoc',
+    '--config.model.hidden_size=32', '--config.model.num_layers=2',
+    '--config.model.num_heads=2', '--config.model.mlp_dim=64',
+    '--config.model.vocab_size=1024', '--config.data.seq_len=32',
+    '--config.data.max_predictions=5', '--config.batch_size=16', '--config.eval_steps=2',
+    '--config.warmup_steps=1', '--config.total_steps=4', '--config.eval_every=2',
+    '--config.checkpoint_every=2',
+]  # fmt: skip
+MLM_STUDENT = [
+    'pretrain', '--config', 'configs/distill.py:mlm_tiny', '--config.data.name=pydoc',
+    '--config.model.hidden_size=16', '--config.model.num_layers=1',
+    '--config.model.num_heads=2', '--config.model.mlp_dim=32', '--config.data.seq_len=32',
+    '--config.data.max_predictions=5', '--config.batch_size=16', '--config.eval_steps=2',
+    '--config.warmup_steps=1', '--config.total_steps=4', '--config.eval_every=2',
+    '--config.checkpoint_every=2', '--config.log_every=1',
+]  # fmt: skip
+
+
+def test_an_mlm_student_learns_from_a_frozen_mlm_teacher(tmp_path):
+    teacher_dir = str(tmp_path / 'teacher')
+    r = launch(*MLM_TEACHER, '--workdir', teacher_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    workdir = str(tmp_path / 'student')
+    r = launch(
+        *MLM_STUDENT,
+        '--workdir',
+        workdir,
+        f'--config.teacher={teacher_dir}',
+        '--config.distill.hidden_weight=1.0',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = read(workdir, 'summary.json')
+    assert summary['completed'] and summary['teacher'] == teacher_dir
+    assert summary['student_params'] < summary['teacher_params']
+    assert 0.0 <= summary['final_mlm_accuracy'] <= 1.0
+    rows = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
+    train = [x for x in rows if x['split'] == 'train']
+    keys = {'kd_loss', 'label_loss', 'hidden_loss', 'teacher_agreement', 'mlm_accuracy'}
+    assert len(train) == 4 and all(keys <= set(x) for x in train)
+    # The student tokenizes with the teacher's vocabulary, at its size.
+    assert read(workdir, 'config.json')['data']['vocab_file'] == os.path.join(
+        teacher_dir, 'vocab.txt'
+    )
+    assert read(workdir, 'config.json')['model']['vocab_size'] == 1024
+    # The teacher leaves the run as it came in: its selected checkpoint, bit for bit.
+    saved = checkpoint.saved_params_metadata(workdir, 'teacher')
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    inside = checkpoint.restore_params(workdir, target, ('teacher',))[0]
+    step = str(summary['teacher_step'])
+    original = checkpoint.restore_params(os.path.join(teacher_dir, 'checkpoints', step), target)[0]
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(original), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # An imported teacher without a trained MLM head: its hidden states only.
+    fresh = tmp_path / 'imported'
+    shutil.copytree(teacher_dir, fresh)
+    (fresh / 'import.json').write_text(json.dumps({'initialised': ['mlm_head', 'output_bias']}))
+    bad = str(tmp_path / 'bad')
+    r = launch(*MLM_STUDENT, '--workdir', bad, f'--config.teacher={fresh}')
+    assert r.returncode != 0 and 'has an untrained MLM head' in r.stderr
+    assert 'Traceback' not in r.stderr and not os.path.exists(os.path.join(bad, 'config.json'))
+    r = launch(
+        *MLM_STUDENT,
+        '--workdir',
+        str(tmp_path / 'hidden_only'),
+        f'--config.teacher={fresh}',
+        '--config.distill.alpha=0',
+        '--config.distill.hidden_weight=1',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for extra, message in (
+        ((), 'MLM distillation needs its teacher: --config.teacher=WORKDIR'),
+        (
+            (f'--config.teacher={teacher_dir}', '--config.distill.alpha=0'),
+            'leave nothing of the teacher to learn',
+        ),
+        (
+            (f'--config.teacher={teacher_dir}', f'--config.init_from={teacher_dir}'),
+            'init_from beside a teacher is not supported yet',
+        ),
+    ):
+        r = launch(*MLM_STUDENT, '--workdir', str(tmp_path / 'bad2'), *extra)
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+        assert 'Traceback' not in r.stderr
