@@ -47,6 +47,10 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     # evenly, the last with the last), through a learned projection when the widths
     # differ. 0: off (logits only).
     c.distill.hidden_weight = 0.0
+    # Compute the teacher's logits of every training example once (WORKDIR/
+    # teacher_logits.npz) instead of running the teacher in every step: a cheaper step, and
+    # no teacher in memory. Logits only (not with hidden_weight).
+    c.distill.cache_teacher = False
     # More unlabelled text of the task (a glob of .txt/.jsonl/.tsv/.csv; data.text_field),
     # soft targets only; any validation or test text in it is dropped.
     c.data.unlabelled_files = ''

@@ -148,6 +148,8 @@ MEANINGS = {
     'distill.temperature': 'T: teacher and student logits are divided by it in the soft term, '
     'which is scaled by T^2',
     'distill.alpha': "The soft term's weight; the labels' is 1 - alpha",
+    'distill.cache_teacher': "Compute the teacher's logits of every training example once "
+    '(WORKDIR/teacher_logits.npz) instead of in every step; not with hidden_weight',
     'distill.hidden_weight': 'Weight of the hidden-state term: MSE between each student '
     "layer's output and its matched teacher layer's, through a learned projection when the "
     'widths differ (0: off)',

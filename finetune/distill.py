@@ -24,6 +24,7 @@ Checkpoints of the run carry the teacher, so a resume needs nothing else; what t
 
 import dataclasses
 import functools
+import hashlib
 import os
 
 import jax
@@ -38,6 +39,7 @@ from core import checkpoint as ckpt_lib
 from core import selection
 from core.config import read_json
 from core.errors import ConfigError, DataError
+from core.files import atomic_write
 from core.losses import weighted_cross_entropy
 from data.formats import match_files
 from data.labels import LabelMap
@@ -151,11 +153,14 @@ def loss_fn_for(
         if freeze_backbone:
             student['backbone'] = jax.lax.stop_gradient(student['backbone'])
         x = inputs(batch)
-        teacher_params = {'params': jax.lax.stop_gradient(params[TEACHER])}
         logits = model.apply(
             {'params': student}, x, not train, rows, rngs={'dropout': rng}, mutable=mutable
         )
-        teacher_logits = teacher.apply(teacher_params, x, mutable=mutable)
+        if CACHED in batch:  # distill.cache_teacher: the logits came with the batch
+            teacher_logits = batch[CACHED]
+        else:
+            teacher_params = {'params': jax.lax.stop_gradient(params[TEACHER])}
+            teacher_logits = teacher.apply(teacher_params, x, mutable=mutable)
         extra = {}
         if hidden is not None:
             (logits, sown), (teacher_logits, teacher_sown) = logits, teacher_logits
@@ -331,6 +336,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             'distillation here is of classifiers: task_type=regression has no soft targets'
         )
+    d = config.distill
+    if d.get('cache_teacher') and d.get('hidden_weight', 0.0) > 0:
+        raise ConfigError(
+            "distill.cache_teacher keeps the teacher's logits only, and hidden-state matching "
+            '(distill.hidden_weight > 0) needs its layers in every step: use one of the two'
+        )
     pattern = config.data.get('unlabelled_files')
     if pattern:
         if config.data.text_pair_field:
@@ -379,6 +390,58 @@ def unlabelled_file_examples(config, encode, no_label, held_out: set[str]) -> li
 def normalise(text: str) -> str:
     """A text as the unlabelled files are compared with the task's: whitespace collapsed."""
     return ' '.join(text.split())
+
+
+CACHED = 'teacher_logits'  # the batch field of cached teacher logits (distill.cache_teacher)
+CACHE_FILE = 'teacher_logits.npz'
+
+
+def cached_teacher_logits(teacher: Teacher, model, examples, batch_size: int, workdir: str):
+    """[examples, classes] float32: the teacher's logits of every training example
+    (distill.cache_teacher), computed once in batches of `batch_size` with the teacher's
+    selected checkpoint (deterministic, no dropout, the run's compute dtype) and kept in
+    WORKDIR/teacher_logits.npz with the teacher's path and step and a digest of the token
+    ids. A resumed run reads the file when all three match, else computes it again. The
+    training stream then carries each example's row, so its batches, shuffling and
+    checkpointed position are the examples' own."""
+    ids = np.stack([e['input_ids'] for e in examples])
+    digest = hashlib.sha256(ids.tobytes()).hexdigest()
+    path = os.path.join(workdir, CACHE_FILE)
+    if os.path.isfile(path):
+        with np.load(path) as saved:
+            same = (
+                str(saved['teacher']) == teacher.workdir
+                and int(saved['step']) == teacher.step
+                and str(saved['digest']) == digest
+            )
+            if same:
+                logging.info('distillation: the teacher logits cached in %s', path)
+                return saved['logits']
+        logging.info('distillation: %s is of another teacher or data; computing it again', path)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), {k: v[:1] for k, v in _stack(examples[:1]).items()})
+    )['params']
+    params, _ = ckpt_lib.restore_params(teacher.checkpoint, nn.meta.unbox(abstract))
+    apply = jax.jit(lambda p, b: model.apply({'params': p}, b).astype(jnp.float32))
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        batch = _stack(examples[start : start + batch_size])
+        rows.append(np.asarray(apply(params, batch)))
+    logits = np.concatenate(rows)
+    if jax.process_index() == 0:
+        with atomic_write(path, 'wb') as f:
+            np.savez(f, logits=logits, teacher=teacher.workdir, step=teacher.step, digest=digest)
+    logging.info(
+        'distillation: the teacher logits of %d training examples cached in %s',
+        len(examples),
+        path,
+    )
+    return logits
+
+
+def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
+    keys = ('input_ids', 'input_mask', 'segment_ids')
+    return {k: np.stack([e[k] for e in examples]) for k in keys}
 
 
 def restore_teacher(teacher: Teacher):

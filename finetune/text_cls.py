@@ -166,7 +166,14 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             label_map.num_classes,
         )
         d = config.distill
+        cached = bool(d.get('cache_teacher'))
         hidden = distill.hidden_matching(config, teacher.config)
+        if cached:  # the teacher's logits of every training example, once, in the workdir
+            logits = distill.cached_teacher_logits(
+                teacher, teacher_model, train_examples, config.batch_size, workdir
+            )
+            for e, row in zip(train_examples, logits, strict=True):
+                e[distill.CACHED] = row
         loss_fn = distill.loss_fn_for(
             model, teacher_model, d.temperature, d.alpha, t.freeze_backbone, lambda b: b, hidden
         )
@@ -174,23 +181,26 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
 
         def init_params(rng):
             student_rng, teacher_rng = jax.random.split(rng)
-            teacher_params = teacher_model.init(teacher_rng, example)['params']
-            params = {**student_init(student_rng), distill.TEACHER: teacher_params}
+            params = student_init(student_rng)
+            if not cached:
+                params[distill.TEACHER] = teacher_model.init(teacher_rng, example)['params']
             if hidden is not None and hidden.projection is not None:
                 states = jnp.zeros((1, seq, config.model.hidden_size), jnp.float32)
                 projection = hidden.projection.init(jax.random.fold_in(rng, 2), states)
                 params[distill.PROJECTION] = projection['params']
             return params
 
-        # The teacher's forward pass runs in every step: a third of its training FLOPs.
-        teacher_run = ml_collections.ConfigDict(
-            {'model': teacher.config.model, 'batch_size': config.batch_size}
-        )
-        flops += classify.encoder_train_flops(teacher_run, seq) / 3.0
-        frozen = distill.restore_teacher(teacher)
-        extras = {  # num_params counts both; these, each
+        if not cached:
+            # The teacher's forward pass runs in every step: a third of its training FLOPs.
+            teacher_run = ml_collections.ConfigDict(
+                {'model': teacher.config.model, 'batch_size': config.batch_size}
+            )
+            flops += classify.encoder_train_flops(teacher_run, seq) / 3.0
+            frozen = distill.restore_teacher(teacher)
+        extras = {  # num_params counts both (the teacher's inside the step); these, each
             'teacher': teacher.workdir,
             'teacher_step': teacher.step,
+            'teacher_cached': cached,
             'teacher_params': distill.param_count(teacher_model, example),
             'student_params': distill.param_count(model, example),
         }

@@ -239,6 +239,36 @@ def test_unlabelled_files_join_the_stream_less_validation_and_test_text(teacher,
         assert 'Traceback' not in r.stderr
 
 
+def test_a_cached_teacher_gives_the_in_step_teachers_targets(teacher, tmp_path):
+    """distill.cache_teacher: the teacher's logits computed once into the workdir and
+    carried by the stream; the student starts and learns as with the teacher in the step
+    (the same first losses, up to float rounding), without the teacher in its params."""
+
+    def run(name, *extra):
+        workdir = tmp_path / name
+        r = launch(*STUDENT, '--workdir', str(workdir), f'--config.teacher={teacher}', *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [json.loads(x) for x in open(workdir / 'metrics.jsonl')]
+        return workdir, [x for x in rows if x['split'] == 'train']
+
+    cached_dir, cached = run('cached', '--config.distill.cache_teacher=true')
+    _, in_step = run('in_step')
+    for a, b in zip(cached[:2], in_step[:2], strict=True):
+        for key in ('loss', 'kd_loss', 'label_loss', 'teacher_agreement'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    summary = read(str(cached_dir), 'summary.json')
+    assert summary['teacher_cached'] and summary['num_params'] == summary['student_params']
+    with np.load(cached_dir / 'teacher_logits.npz') as saved:
+        assert saved['logits'].shape == (569, 13)  # every training example, 13 topics
+        assert int(saved['step']) == summary['teacher_step']
+    r = launch(
+        *STUDENT, '--workdir', str(tmp_path / 'both'), f'--config.teacher={teacher}',
+        '--config.distill.cache_teacher=true', '--config.distill.hidden_weight=1',
+    )  # fmt: skip
+    assert r.returncode != 0 and 'use one of the two' in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
 def test_hidden_state_matching_trains_a_projection_to_the_teachers_width(teacher, tmp_path):
     """A 16-wide student of a 32-wide teacher, its layers scanned, the teacher's unrolled:
     the hidden term is logged and the projection saved beside (not in) the student."""
