@@ -113,6 +113,20 @@ class HiddenMatching:
     pairs: list[tuple[int, int]]
     projection: HiddenProjection | None
 
+    def loss(self, params, sown, teacher_sown, mask: jax.Array) -> jax.Array:
+        """[batch] `hidden_loss` of what the student and the teacher sowed in one apply
+        (their 'intermediates'), the projection read from params['hidden_projection']."""
+        project = None
+        if self.projection is not None:
+            project = functools.partial(self.projection.apply, {'params': params[PROJECTION]})
+        return hidden_loss(
+            layer_outputs(sown['intermediates']),
+            layer_outputs(teacher_sown['intermediates']),
+            self.pairs,
+            mask,
+            project,
+        )
+
 
 PROJECTION = 'hidden_projection'
 
@@ -146,34 +160,24 @@ def loss_fn_for(
     layers (`hidden_loss`). Reports the soft term (`kd_loss`), the hard one over labelled
     rows (`label_loss`), the hidden-state one (`hidden_loss`), and how often the student's
     class is the teacher's (`teacher_agreement`)."""
-    mutable = ['intermediates'] if hidden is not None else False
+    # The layers' outputs, only when hidden-state matching reads them.
+    sow = {'mutable': ['intermediates']} if hidden is not None else {}
 
     def loss_fn(params, batch, rng, train: bool, rows=None):
         student = {k: v for k, v in params.items() if k not in (TEACHER, PROJECTION)}
         if freeze_backbone:
             student['backbone'] = jax.lax.stop_gradient(student['backbone'])
         x = inputs(batch)
-        logits = model.apply(
-            {'params': student}, x, not train, rows, rngs={'dropout': rng}, mutable=mutable
-        )
+        logits = model.apply({'params': student}, x, not train, rows, rngs={'dropout': rng}, **sow)
         if CACHED in batch:  # distill.cache_teacher: the logits came with the batch
             teacher_logits = batch[CACHED]
         else:
             teacher_params = {'params': jax.lax.stop_gradient(params[TEACHER])}
-            teacher_logits = teacher.apply(teacher_params, x, mutable=mutable)
+            teacher_logits = teacher.apply(teacher_params, x, **sow)
         extra = {}
         if hidden is not None:
             (logits, sown), (teacher_logits, teacher_sown) = logits, teacher_logits
-            project = None
-            if hidden.projection is not None:
-                project = functools.partial(hidden.projection.apply, {'params': params[PROJECTION]})
-            matched = hidden_loss(
-                layer_outputs(sown['intermediates']),
-                layer_outputs(teacher_sown['intermediates']),
-                hidden.pairs,
-                x['input_mask'],
-                project,
-            )
+            matched = hidden.loss(params, sown, teacher_sown, x['input_mask'])
             extra['hidden_loss'] = jnp.sum(matched)
         soft = kd_loss(logits, teacher_logits, temperature)
         labels = batch['label'].astype(jnp.int32)
@@ -205,29 +209,21 @@ def mlm_loss_fn_for(model, teacher, temperature: float, alpha: float, hidden=Non
     the loss per masked token is alpha * soft + (1 - alpha) * hard + weight * hidden on
     average. Reports `mlm_accuracy` (the student's), `kd_loss`, `label_loss`,
     `hidden_loss` (per sequence) and `teacher_agreement` (per masked token)."""
-    mutable = ['intermediates'] if hidden is not None else False
+    # The layers' outputs, only when hidden-state matching reads them.
+    sow = {'mutable': ['intermediates']} if hidden is not None else {}
 
     def loss_fn(params, batch, rng, train: bool, rows=None):
         student = {k: v for k, v in params.items() if k not in (TEACHER, PROJECTION)}
         teacher_params = {'params': jax.lax.stop_gradient(params[TEACHER])}
         logits = model.apply(
-            {'params': student}, batch, not train, rows, rngs={'dropout': rng}, mutable=mutable
+            {'params': student}, batch, not train, rows, rngs={'dropout': rng}, **sow
         )
-        teacher_logits = teacher.apply(teacher_params, batch, mutable=mutable)
+        teacher_logits = teacher.apply(teacher_params, batch, **sow)
         weights = batch['masked_weights'].astype(jnp.float32)
         extra, total = {}, 0.0
         if hidden is not None:
             (logits, sown), (teacher_logits, teacher_sown) = logits, teacher_logits
-            project = None
-            if hidden.projection is not None:
-                project = functools.partial(hidden.projection.apply, {'params': params[PROJECTION]})
-            matched = hidden_loss(
-                layer_outputs(sown['intermediates']),
-                layer_outputs(teacher_sown['intermediates']),
-                hidden.pairs,
-                batch['input_mask'],
-                project,
-            )
+            matched = hidden.loss(params, sown, teacher_sown, batch['input_mask'])
             # Per masked token on average: the batch's mean sequence error, times the tokens.
             per_token = jnp.mean(matched) * jnp.sum(weights)
             total = hidden.weight * per_token

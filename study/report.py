@@ -186,22 +186,8 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
             else '-'
             for t in rows
         ]
-        for arm in gains:
-            p = by_key.get((arm, budget))
-            if p and p['diff_vs_scratch'] is not None:
-                line.append(
-                    _with_interval(p['diff_vs_scratch'], p['diff_ci_low'], p['diff_ci_high'], '+')
-                )
-            else:
-                line.append('-')
-        for arm in adapted:
-            p = by_key.get((arm, budget))
-            if p and p['diff_vs_start'] is not None:
-                line.append(
-                    _with_interval(p['diff_vs_start'], p['start_ci_low'], p['start_ci_high'], '+')
-                )
-            else:
-                line.append('-')
+        line += [_paired(by_key.get((arm, budget)), 'diff_vs_scratch', 'diff') for arm in gains]
+        line += [_paired(by_key.get((arm, budget)), 'diff_vs_start', 'start') for arm in adapted]
         for t in rows:
             if not t:
                 line.append('-')
@@ -212,6 +198,14 @@ def markdown(table: list[dict], metric: str, target: float) -> str:
                 line.append(f'{steps:.0f} ({_fmt(secs, 0)} s), {t["reached"]}/{t["seeds"]}')
         lines.append('| ' + ' | '.join(line) + ' |')
     return '\n'.join(lines)
+
+
+def _paired(row: dict | None, key: str, interval: str) -> str:
+    """A row's paired difference `key` with its interval (`<interval>_ci_low/high`), or
+    '-' without one."""
+    if not row or row[key] is None:
+        return '-'
+    return _with_interval(row[key], row[f'{interval}_ci_low'], row[f'{interval}_ci_high'], '+')
 
 
 def write(workdir: str, result: dict) -> None:
