@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from core import flops, optim, train_state  # noqa: E402
 from core import step as step_lib  # noqa: E402
+from models.encoder import ATTENTION_IMPLS  # noqa: E402
 
 # The optimizer of both sides: AdamW (BERT's eps, weight decay on matrices only) after
 # clipping to global norm 1.0, at a constant learning rate.
@@ -64,12 +65,7 @@ def step_arguments(
     parser.add_argument('--precision', default='', help='float32 | bfloat16 (default: f32 CPU)')
     parser.add_argument('--remat', default='none', choices=['none', 'dots', 'full'])
     parser.add_argument('--scan_layers', action='store_true', help="pretrax's layers in nn.scan")
-    parser.add_argument(
-        '--attention_impl',
-        default='auto',
-        choices=['auto', 'xla', 'cudnn'],
-        help="pretrax's attention (model.attention_impl; auto: cuDNN flash on a GPU in bf16)",
-    )
+    add_attention_argument(parser)
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: all)')
     parser.add_argument('--peak_tflops', type=float, default=0.0, help='per device, for MFU')
     parser.add_argument(
@@ -77,6 +73,17 @@ def step_arguments(
     )
     parser.set_defaults(known_sizes=sizes, batches=batches)
     return parser
+
+
+def add_attention_argument(parser: argparse.ArgumentParser):
+    """--attention_impl: pretrax's model.attention_impl (auto: cuDNN flash attention on a GPU
+    in bf16)."""
+    parser.add_argument(
+        '--attention_impl',
+        default='auto',
+        choices=ATTENTION_IMPLS,
+        help="pretrax's attention (model.attention_impl; auto: cuDNN flash on a GPU in bf16)",
+    )
 
 
 def parse_step_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:

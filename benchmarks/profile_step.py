@@ -374,12 +374,7 @@ def main():
     parser.add_argument('--steps', type=int, default=3, help='timed (or profiled) steps')
     parser.add_argument('--warmup', type=int, default=1, help='untimed steps first')
     parser.add_argument('--precision', default='float32', choices=['float32', 'bfloat16'])
-    parser.add_argument(
-        '--attention_impl',
-        default='auto',
-        choices=['auto', 'xla', 'cudnn'],
-        help='model.attention_impl (auto: cuDNN flash attention on a GPU in bf16)',
-    )
+    common.add_attention_argument(parser)
     parser.add_argument(
         '--sections', default=','.join(SECTIONS), help=f'comma-separated: {SECTIONS}'
     )

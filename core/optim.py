@@ -5,7 +5,6 @@ import re
 from collections.abc import Callable
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 
@@ -167,29 +166,26 @@ def transfer_scale_fn(config) -> Callable[[str], float | np.ndarray] | None:
                        faster than the encoder's top layer
       teacher          (config.teacher, distillation) factor 0 under teacher/
     """
-    t = config.get('transfer')
-    teacher = bool(config.get('teacher'))
-    if t is None and not teacher:
-        return None
-    if t is None:  # MLM distillation (configs/distill.py:mlm_*): only the teacher is held
-        t = ml_collections.ConfigDict(
-            dict(freeze_backbone=False, freeze_layers=0, layer_decay=1.0, head_lr_scale=1.0)
-        )
-    num_layers = config.model.num_layers
+    # A config without transfer keys (pretraining) trains every parameter but a teacher's.
+    t = config.get('transfer') or {}
+    freeze_backbone = t.get('freeze_backbone', False)
+    freeze_layers = t.get('freeze_layers', 0)
+    layer_decay = t.get('layer_decay', 1.0)
     head = t.get('head_lr_scale', 1.0)
-    plain = not t.freeze_backbone and t.freeze_layers == 0 and t.layer_decay == 1.0
+    teacher = bool(config.get('teacher'))
+    plain = not freeze_backbone and freeze_layers == 0 and layer_decay == 1.0
     if plain and head == 1.0 and not teacher:
         return None
+    num_layers = config.model.num_layers
 
     def factor(path: str, depth: int) -> float:
         if path.startswith('teacher/'):
             return 0.0  # a distillation teacher (finetune/distill.py): never trained
         if not path.startswith('backbone/'):
             return float(head)
-        frozen = t.freeze_backbone or (t.freeze_layers > 0 and depth <= t.freeze_layers)
-        if frozen:
+        if freeze_backbone or (freeze_layers > 0 and depth <= freeze_layers):
             return 0.0
-        return float(t.layer_decay ** (num_layers + 1 - depth))
+        return float(layer_decay ** (num_layers + 1 - depth))
 
     def scale(path: str) -> float | np.ndarray:
         if path.startswith(_STACKED):  # one factor per layer, along the stacked axis

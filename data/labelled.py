@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 
 import numpy as np
+from absl import logging
 
 from core.errors import ConfigError, DataError
 from data import formats
@@ -284,17 +285,8 @@ def task_texts(config) -> tuple[list[str], list[str], str]:
     if validation is None:
         regression = config.get('task_type', 'classification') == 'regression'
         raw = [e['label'] for e in train]
-        label_map = LabelMap.fit(raw, regression=regression, where=where)
-        labels = label_map.encode(raw, where=where)
-        train_idx, val_idx = validation_split(
-            labels, config.data.eval_fraction, config.seed, per_class=not regression
-        )
-        if len(val_idx) == 0:
-            raise DataError(
-                f'{where}: {len(train)} examples are too few to hold out eval_fraction='
-                f'{config.data.eval_fraction} for validation; give a validation split '
-                '(--config.data.eval_files, or data.eval_split of a TFDS dataset)'
-            )
+        labels = LabelMap.fit(raw, regression=regression, where=where).encode(raw, where=where)
+        train_idx, val_idx = carve_validation(labels, config, not regression, where)
         train, validation = [train[i] for i in train_idx], [train[i] for i in val_idx]
     join = lambda e: (e['text'] + ' ' + e['text_pair']).strip()  # noqa: E731
     return [join(e) for e in train], [join(e) for e in validation], where
@@ -416,3 +408,30 @@ def validation_split(
         held.append(members[rng.permutation(len(members))][:take])
     val = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, np.int64)
     return np.setdiff1d(np.arange(len(labels)), val).astype(np.int64), val
+
+
+def carve_validation(
+    labels: np.ndarray, config, per_class: bool, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices of a task given no validation split: `data.eval_fraction`
+    of each class (all examples when not `per_class`) held out by `seed`, the same for every
+    label budget of that seed (data/labelled.py:validation_split)."""
+    train_idx, val_idx = validation_split(
+        labels, config.data.eval_fraction, config.seed, per_class=per_class
+    )
+    if len(val_idx) == 0:
+        raise DataError(
+            f'{where}: {len(labels)} examples are too few to hold out eval_fraction='
+            f'{config.data.eval_fraction} for validation; give a validation split '
+            '(--config.data.eval_files, or data.eval_split of a TFDS dataset)'
+        )
+    logging.info(
+        'validation: %d of the %d training examples of %s held out (eval_fraction=%g%s, seed %d)',
+        len(val_idx),
+        len(labels),
+        where,
+        config.data.eval_fraction,
+        ' of each class' if per_class else '',
+        config.seed,
+    )
+    return train_idx, val_idx

@@ -1,5 +1,6 @@
 """What text and image classification share: the loss, the evaluator, the start from a
-pretrained encoder, the validation split and the labelled-example subset.
+pretrained encoder and the labelled-example subset (the validation split: data/labelled.py
+carve_validation).
 
 Train batches carry `label` ([batch] int32 classes, or float32 targets for regression);
 eval batches also `valid` and `index` (evaluators.fixed_batches / array_batches).
@@ -17,10 +18,10 @@ from absl import logging
 
 from core import evaluators
 from core import flops as flops_lib
-from core.errors import CheckpointError, DataError, UserError
+from core.errors import CheckpointError, UserError
 from core.task import Runtime, Scorer
 from data import shards
-from data.labelled import select_train_examples, validation_split
+from data.labelled import select_train_examples
 from data.labels import LabelMap
 from data.pipeline import read_options, shuffle_forever
 from finetune import metrics as metrics_lib
@@ -128,33 +129,6 @@ def fit_label_map(workdir: str, train_labels, regression: bool, runtime: Runtime
     elif runtime.process_index == 0:
         label_map.save(path)
     return label_map
-
-
-def carve_validation(
-    labels: np.ndarray, config, per_class: bool, where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(training, validation) indices of a task given no validation split: `data.eval_fraction`
-    of each class (all examples when not `per_class`) held out by `seed`, the same for every
-    label budget of that seed (data/labelled.py:validation_split)."""
-    train_idx, val_idx = validation_split(
-        labels, config.data.eval_fraction, config.seed, per_class=per_class
-    )
-    if len(val_idx) == 0:
-        raise DataError(
-            f'{where}: {len(labels)} examples are too few to hold out eval_fraction='
-            f'{config.data.eval_fraction} for validation; give a validation split '
-            '(--config.data.eval_files, or data.eval_split of a TFDS dataset)'
-        )
-    logging.info(
-        'validation: %d of the %d training examples of %s held out (eval_fraction=%g%s, seed %d)',
-        len(val_idx),
-        len(labels),
-        where,
-        config.data.eval_fraction,
-        ' of each class' if per_class else '',
-        config.seed,
-    )
-    return train_idx, val_idx
 
 
 def scorer(predictor: 'Predictor', labels: np.ndarray, label_map: LabelMap) -> Scorer:

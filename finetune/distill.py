@@ -414,9 +414,7 @@ def cached_teacher_logits(teacher: Teacher, model, examples, batch_size: int, wo
                 logging.info('distillation: the teacher logits cached in %s', path)
                 return saved['logits']
         logging.info('distillation: %s is of another teacher or data; computing it again', path)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), {k: v[:1] for k, v in _stack(examples[:1]).items()})
-    )['params']
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), _stack(examples[:1])))['params']
     params, _ = ckpt_lib.restore_params(teacher.checkpoint, nn.meta.unbox(abstract))
     apply = jax.jit(lambda p, b: model.apply({'params': p}, b).astype(jnp.float32))
     rows = []
@@ -438,6 +436,39 @@ def cached_teacher_logits(teacher: Teacher, model, examples, batch_size: int, wo
 def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
     keys = ('input_ids', 'input_mask', 'segment_ids')
     return {k: np.stack([e[k] for e in examples]) for k in keys}
+
+
+def init_with_teacher(
+    student_init, teacher_model, example, hidden: HiddenMatching | None, states, inside=True
+):
+    """init_params(rng) of a distillation run: the student's params (`student_init` on the
+    first key of rng's split), the teacher's under `teacher/` (`inside`; its values are
+    replaced by its checkpoint's at the start: restore_teacher) and, when hidden-state
+    matching projects, the projection under `hidden_projection/`, initialised on `states`
+    (zeros shaped as one sequence of student hidden states)."""
+
+    def init_params(rng):
+        student_rng, teacher_rng = jax.random.split(rng)
+        params = student_init(student_rng)
+        if inside:
+            params[TEACHER] = teacher_model.init(teacher_rng, example)['params']
+        if hidden is not None and hidden.projection is not None:
+            projection = hidden.projection.init(jax.random.fold_in(rng, 2), states)
+            params[PROJECTION] = projection['params']
+        return params
+
+    return init_params
+
+
+def summary_extras(teacher: Teacher, teacher_model, model, example) -> dict:
+    """What a distillation run's summary.json says of its teacher (num_params counts both
+    when the teacher is inside the step; these, each)."""
+    return {
+        'teacher': teacher.workdir,
+        'teacher_step': teacher.step,
+        'teacher_params': param_count(teacher_model, example),
+        'student_params': param_count(model, example),
+    }
 
 
 def restore_teacher(teacher: Teacher):

@@ -25,7 +25,7 @@ from core import evaluators
 from core import flops as flops_lib
 from core.errors import DataError
 from core.task import InitFrom, Runtime, Scorer, Task, compute_dtype
-from data import digits, image_sources, image_splits, pipeline, shards
+from data import digits, image_sources, image_splits, labelled, pipeline, shards
 from data.labels import LabelMap
 from data.text import Subset
 from finetune import classify
@@ -127,7 +127,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         label_map.save(os.path.join(workdir, 'labels.json'))  # class id -> name
     train_labels = source_labels(train_source)
     if eval_source is None:
-        train_idx, val_idx = classify.carve_validation(
+        train_idx, val_idx = labelled.carve_validation(
             train_labels, config, True, 'the training images'
         )
         eval_source = image_sources.labelled_subset(train_source, val_idx)

@@ -13,7 +13,6 @@ and scored once, after training, on the checkpoint validation selected. Labels a
 from the training examples (WORKDIR/labels.json); an unknown label elsewhere is an error.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -109,7 +108,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     label_map = classify.fit_label_map(workdir, [e['label'] for e in train], regression, runtime)
     train_labels = label_map.encode([e['label'] for e in train], where=where)
     if validation is None:
-        train_idx, val_idx = classify.carve_validation(train_labels, config, not regression, where)
+        train_idx, val_idx = labelled.carve_validation(train_labels, config, not regression, where)
         validation = [train[i] for i in val_idx]
         train, train_labels = [train[i] for i in train_idx], train_labels[train_idx]
     eval_labels = label_map.encode([e['label'] for e in validation], where='the validation split')
@@ -177,18 +176,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         loss_fn = distill.loss_fn_for(
             model, teacher_model, d.temperature, d.alpha, t.freeze_backbone, lambda b: b, hidden
         )
-        student_init = init_params
-
-        def init_params(rng):
-            student_rng, teacher_rng = jax.random.split(rng)
-            params = student_init(student_rng)
-            if not cached:
-                params[distill.TEACHER] = teacher_model.init(teacher_rng, example)['params']
-            if hidden is not None and hidden.projection is not None:
-                states = jnp.zeros((1, seq, config.model.hidden_size), jnp.float32)
-                projection = hidden.projection.init(jax.random.fold_in(rng, 2), states)
-                params[distill.PROJECTION] = projection['params']
-            return params
+        states = jnp.zeros((1, seq, config.model.hidden_size), jnp.float32)
+        init_params = distill.init_with_teacher(
+            init_params, teacher_model, example, hidden, states, inside=not cached
+        )
 
         if not cached:
             # The teacher's forward pass runs in every step: a third of its training FLOPs.
@@ -197,12 +188,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             )
             flops += classify.encoder_train_flops(teacher_run, seq) / 3.0
             frozen = distill.restore_teacher(teacher)
-        extras = {  # num_params counts both (the teacher's inside the step); these, each
-            'teacher': teacher.workdir,
-            'teacher_step': teacher.step,
+        extras = {
+            **distill.summary_extras(teacher, teacher_model, model, example),
             'teacher_cached': cached,
-            'teacher_params': distill.param_count(teacher_model, example),
-            'student_params': distill.param_count(model, example),
         }
         logging.info('distilling %s (step %d) into this run', teacher.workdir, teacher.step)
 

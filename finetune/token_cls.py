@@ -58,7 +58,7 @@ def load_splits(config) -> tuple[list[dict], list[dict], Callable[[], list[dict]
         test = lambda: token_files.read_token_files(d.test_files, d.tokens_field, d.tags_field)  # noqa: E731
     if d.eval_files:
         return train, token_files.read_token_files(d.eval_files, d.tokens_field, d.tags_field), test
-    train_idx, val_idx = classify.carve_validation(np.zeros(len(train)), config, False, d.files)
+    train_idx, val_idx = labelled.carve_validation(np.zeros(len(train)), config, False, d.files)
     return [train[i] for i in train_idx], [train[i] for i in val_idx], test
 
 

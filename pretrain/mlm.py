@@ -184,17 +184,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         d = config.distill
         hidden = distill.hidden_matching(config, teacher.config)
         loss_fn = distill.mlm_loss_fn_for(model, teacher_model, d.temperature, d.alpha, hidden)
-        student_init = init_params
-
-        def init_params(rng):
-            student_rng, teacher_rng = jax.random.split(rng)
-            teacher_params = teacher_model.init(teacher_rng, example)['params']
-            params = {**student_init(student_rng), distill.TEACHER: teacher_params}
-            if hidden is not None and hidden.projection is not None:
-                states = jnp.zeros((1, config.data.seq_len, m.hidden_size), jnp.float32)
-                projection = hidden.projection.init(jax.random.fold_in(rng, 2), states)
-                params[distill.PROJECTION] = projection['params']
-            return params
+        states = jnp.zeros((1, config.data.seq_len, m.hidden_size), jnp.float32)
+        init_params = distill.init_with_teacher(init_params, teacher_model, example, hidden, states)
 
         t = teacher.config.model
         # The teacher's forward pass runs in every step: a third of its training FLOPs.
@@ -211,12 +202,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             / 3.0
         )
         frozen = distill.restore_teacher(teacher)
-        extras = {
-            'teacher': teacher.workdir,
-            'teacher_step': teacher.step,
-            'teacher_params': distill.param_count(teacher_model, example),
-            'student_params': distill.param_count(model, example),
-        }
+        extras = distill.summary_extras(teacher, teacher_model, model, example)
         logging.info('distilling %s (step %d) into this MLM run', teacher.workdir, teacher.step)
     return Task(
         name='mlm',

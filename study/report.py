@@ -79,22 +79,12 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
     table = []
     for (arm, budget), group in groups.items():
         test_mean, low, high = mean_interval([r[f'test_{metric}'] for r in group])
-        diff = diff_low = diff_high = None
-        pairs = 0
-        scratch = {r['seed']: r for r in groups.get(('scratch', budget), [])}
-        paired = [r for r in group if r['seed'] in scratch]
-        if arm != 'scratch' and paired:
-            diff, diff_low, diff_high = mean_interval(
-                [r[f'test_{metric}'] - scratch[r['seed']][f'test_{metric}'] for r in paired]
+        diff, diff_low, diff_high, pairs = (None, None, None, 0)
+        if arm != 'scratch':
+            diff, diff_low, diff_high, pairs = _paired_difference(
+                group, groups.get(('scratch', budget), []), metric
             )
-            pairs = len(paired)
-        start = {r['seed']: r for r in groups.get((START.get(arm, ''), budget), [])}
-        from_start = [r for r in group if r['seed'] in start]
-        vs_start = (None, None, None)
-        if from_start:
-            vs_start = mean_interval(
-                [r[f'test_{metric}'] - start[r['seed']][f'test_{metric}'] for r in from_start]
-            )
+        vs_start = _paired_difference(group, groups.get((START.get(arm, ''), budget), []), metric)
         reached = [r for r in group if r['steps_to_target'] is not None]
         table.append(
             {
@@ -126,6 +116,17 @@ def aggregate(rows: list[dict], metric: str) -> list[dict]:
         )
     table.sort(key=lambda t: t['budget'])  # stable: arms stay in the study's order
     return table
+
+
+def _paired_difference(group: list[dict], baseline: list[dict], metric: str) -> tuple:
+    """(mean, low, high, pairs): the test `metric` of `group`'s runs less `baseline`'s of
+    the same seed, mean and 95% interval over the seeds both ran; Nones and 0 for none."""
+    by_seed = {r['seed']: r for r in baseline}
+    paired = [r for r in group if r['seed'] in by_seed]
+    if not paired:
+        return None, None, None, 0
+    key = f'test_{metric}'
+    return *mean_interval([r[key] - by_seed[r['seed']][key] for r in paired]), len(paired)
 
 
 def _rates(group: list[dict]) -> str:

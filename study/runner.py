@@ -319,13 +319,17 @@ def run_pretraining(config, workdir: str, key: str = 'pretrain') -> str:
             )
         logging.info('study: reusing the pretraining in %s', given)
         return given
-    path = os.path.join(workdir, key)
+    return pretrain_in(os.path.join(workdir, key), ml_collections.ConfigDict(config[key].to_dict()))
+
+
+def pretrain_in(path: str, stage_config: ml_collections.ConfigDict) -> str:
+    """`path` once it holds the completed pretraining `stage_config` describes: reused when
+    complete, else run (or resumed) here."""
     if completed(path):
         logging.info('study: the pretraining in %s is complete; reusing it', path)
         return path
     logging.info('study: pretraining in %s', path)
-    pretrain_config = ml_collections.ConfigDict(config[key].to_dict())
-    trainer.train_and_evaluate(pretrain_config, path, 'pretrain')
+    trainer.train_and_evaluate(stage_config, path, 'pretrain')
     jax.clear_caches()
     return path
 
@@ -364,13 +368,7 @@ def dapt_config(config, seed: int) -> ml_collections.ConfigDict:
 def run_dapt(config, workdir: str, seed: int) -> str:
     """WORKDIR/dapt/seed<k>: this seed's domain-adaptive pretraining, reused when complete,
     else run (or resumed) here."""
-    path = os.path.join(workdir, 'dapt', f'seed{seed}')
-    if completed(path):
-        return path
-    logging.info('study: domain-adaptive pretraining in %s', path)
-    trainer.train_and_evaluate(dapt_config(config, seed), path, 'pretrain')
-    jax.clear_caches()
-    return path
+    return pretrain_in(os.path.join(workdir, 'dapt', f'seed{seed}'), dapt_config(config, seed))
 
 
 def run_study(config, workdir: str) -> dict:

@@ -14,7 +14,6 @@ from core.errors import ConfigError
 from data import labelled
 from data.labels import LabelMap
 from data.tokenizer import make_tokenizer
-from finetune import classify
 from study import report, runner
 from tests.conftest import SMALL_RUN, launch
 
@@ -32,7 +31,7 @@ def test_the_corpus_is_the_training_text_less_the_seeds_validation_split():
     finetune = text_cls.get_config('tiny')
     examples = labelled.pydoc_topics_task('train')
     labels = LabelMap.fit([e['label'] for e in examples]).encode([e['label'] for e in examples])
-    _, val_idx = classify.carve_validation(labels, finetune, True, 'pydoc_topics')
+    _, val_idx = labelled.carve_validation(labels, finetune, True, 'pydoc_topics')
     assert validation == [examples[i]['text'] for i in val_idx] and len(validation) == 62
     config.seed = 1
     assert set(labelled.task_texts(config)[1]) != set(validation)  # carved by seed
