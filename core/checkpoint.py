@@ -348,9 +348,17 @@ class Checkpointer:
             return step, state
         if failed:
             shown = '; '.join(f'step {step}: {problem}' for step, problem in failed)
+            layout = ''
+            if all('tree structures do not match' in problem for _, problem in failed):
+                layout = (
+                    " The saved train state is laid out otherwise than this run's (an "
+                    'optimizer of another kind, or an earlier pretrax that kept optimizer '
+                    'state for frozen parameters); its parameters still serve '
+                    '--config.init_from and launch.py evaluate.'
+                )
             raise CheckpointError(
-                f'no checkpoint in {self.directory} can be read ({shown}). Nothing was moved '
-                'or deleted. To start over, give a new --workdir, or pass '
+                f'no checkpoint in {self.directory} can be read ({shown}).{layout} Nothing was '
+                'moved or deleted. To start over, give a new --workdir, or pass '
                 '--config.overwrite=true (the run is moved to previous/)'
             )
         return None, None

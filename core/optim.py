@@ -107,9 +107,37 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
         # the global norm), and every update is scaled by its layer's factor after.
         trainable = lambda path: (np.asarray(scale(path)) > 0).astype(np.float32)
         parts = [scale_by_path(trainable), *parts, scale_by_path(scale)]
-    if len(parts) == 1:
-        return core, schedule
-    return optax.chain(*parts), schedule
+    tx = core if len(parts) == 1 else optax.chain(*parts)
+    if scale is not None and freezes(config):
+        tx = without_frozen_state(tx, scale)
+    return tx, schedule
+
+
+def freezes(config) -> bool:
+    """Whether `config` freezes whole parameters: a linear probe's encoder, the first
+    `freeze_layers` layers, a distillation teacher."""
+    t = config.get('transfer') or {}
+    return bool(
+        t.get('freeze_backbone', False) or t.get('freeze_layers', 0) > 0 or config.get('teacher')
+    )
+
+
+def without_frozen_state(
+    tx: optax.GradientTransformation, scale: Callable[[str], float | np.ndarray]
+) -> optax.GradientTransformation:
+    """`tx` on the parameters that train; a zero update and no optimizer state for those
+    whose every factor is 0. A frozen teacher or linear-probe encoder then costs neither
+    Adam's two moments (twice its size in memory) nor their update each step, and the
+    gradients of frozen weights are unused, so the compiled step drops them. A scanned
+    stack that freezes some of its layers trains (its frozen layers take `tx`'s zero)."""
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: 'train' if np.any(np.asarray(scale(_path(path))) > 0) else 'frozen',
+            params,
+        )
+
+    return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def _path(keys) -> str:

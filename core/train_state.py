@@ -30,9 +30,20 @@ def _boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
 
     def init(rng):
         params = init_params(rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        opt_state = jax.tree.map(_unbox_masked, tx.init(params), is_leaf=_is_box)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
     return init
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def _unbox_masked(x):
+    """A box around optax's MaskedNode (a frozen parameter's place in the optimizer state,
+    core/optim.py) holds no array: the node alone, so it gets no sharding either."""
+    return x.value if _is_box(x) and isinstance(x.value, optax.MaskedNode) else x
 
 
 def state_shardings(init_params, tx, mesh: Mesh, rng: jax.Array):

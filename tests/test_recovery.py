@@ -270,3 +270,40 @@ def test_kill_before_the_first_checkpoint_then_restart_holds_no_step_twice(tmp_p
     scalars = tensorboard_scalars(tensorboard)
     assert len(scalars) == len(set(scalars)), 'TensorBoard shows a step twice'
     assert ('train/loss', 3) in scalars
+
+
+class _Stream:
+    """A data iterator as the checkpointer sees it: a state to save and set."""
+
+    def __init__(self):
+        self.state = {'version': 1, 'num_shards': 1, 'shards': {'0': {'position': 3}}}
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+
+def test_a_train_state_of_another_layout_is_named_as_such(tmp_path):
+    """A step whose optimizer state is laid out otherwise than the run's (an earlier
+    pretrax kept Adam moments for frozen parameters) cannot be resumed: the error says so
+    and what its parameters still serve, and nothing moves."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    saver = checkpoint.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+    w = jnp.ones(3)
+    earlier = {'params': {'head': w, 'frozen': w}, 'opt_state': {'mu': {'head': w, 'frozen': w}}}
+    saver.save(1, earlier, _Stream(), ml_collections.ConfigDict({'seed': 0}), force=True)
+    saver.close()
+    now = {'params': {'head': w, 'frozen': w}, 'opt_state': {'mu': {'head': w}}}
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), now
+    )
+    reader = checkpoint.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+    with pytest.raises(CheckpointError, match='laid out otherwise than this run') as e:
+        reader.restore_latest(target, _Stream())
+    assert '--config.init_from and launch.py evaluate' in str(e.value)
+    assert os.listdir(tmp_path / 'checkpoints') == ['1']
+    reader.close()

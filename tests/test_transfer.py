@@ -10,7 +10,9 @@ import pytest
 from flax import linen as nn
 
 from configs import image_cls, text_cls
+from core import train_state as state_lib
 from core.optim import _path, layer_depth, make_optimizer, transfer_scale_fn
+from core.sharding import make_mesh
 from finetune.text_cls import make_model
 from models.classifier import ImageClassifier
 from models.encoder import stack_layers
@@ -191,6 +193,55 @@ def test_frozen_layers_stay_bit_identical_under_the_real_optimizer():
             np.testing.assert_array_equal(np.asarray(after[path]), before[path], err_msg=path)
         else:
             assert not np.array_equal(np.asarray(after[path]), before[path]), path
+
+
+def trained_size(tree) -> int:
+    """Elements in the arrays of `tree` (scalars, such as Adam's step count, left out)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if x.ndim)
+
+
+@pytest.mark.parametrize(
+    'transfer, frozen',
+    [
+        ({'freeze_backbone': True}, lambda path: path.startswith('backbone/')),
+        ({'freeze_layers': 1}, is_frozen),
+        ({'teacher': True}, lambda path: path.startswith('teacher/')),
+    ],
+    ids=['linear_probe', 'freeze_layers', 'distillation_teacher'],
+)
+def test_frozen_parameters_hold_no_optimizer_state(transfer, frozen):
+    """Adam keeps two moments per trained parameter and none for a frozen one: a frozen
+    teacher or linear-probe encoder must not double its memory in the optimizer state."""
+    teacher = transfer.pop('teacher', False)
+    config = optimizer_config(**transfer)
+    params = text_params(config)
+    if teacher:
+        config.teacher = '/runs/teacher'  # the path is not read here
+        params = dict(params, teacher={'backbone': params['backbone']})
+    tx, _ = make_optimizer(config)
+    state = jax.eval_shape(tx.init, params)
+    trained = {p: v for p, v in zip(paths(params), jax.tree.leaves(params)) if not frozen(p)}
+    assert 0 < len(trained) < len(paths(params))
+    assert trained_size(state) == 2 * trained_size(list(trained.values()))
+
+    # The state is placed like any other: every leaf on the mesh, boxes read for its axes.
+    model = make_model(config, 3)
+    example = {k: jnp.zeros((1, 8), jnp.int32) for k in ('input_ids', 'segment_ids')}
+    example['input_mask'] = jnp.ones((1, 8), jnp.int32)
+
+    def init_params(rng):
+        boxed = model.init(rng, example)['params']
+        return dict(boxed, teacher={'backbone': boxed['backbone']}) if teacher else boxed
+
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    rng = jax.random.key(0)
+    state, _ = state_lib.create_sharded_state(init_params, tx, mesh, rng)
+    assert trained_size(state.opt_state) == 2 * trained_size(list(trained.values()))
+    # Frozen parameters take a zero update, trained ones Adam's.
+    grads = random_grads(state.params, 7)
+    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
+    for path, u in zip(paths(updates), jax.tree.leaves(updates)):
+        assert np.any(np.asarray(u)) != frozen(path), path
 
 
 def test_frozen_gradients_do_not_count_in_the_clipped_global_norm():
