@@ -87,6 +87,8 @@ RUN_OUTPUTS = (
     'run.json',
     'curves.png',
     'trackers.json',
+    'teacher.json',
+    'teacher_logits.npz',
 )
 
 

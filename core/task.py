@@ -1,13 +1,13 @@
 """What a task hands the shared trainer (`core/trainer.py`).
 
 A task module (`mlm`, `simclr`, `mae`, `clip`, `simcse`; the fine-tuning tasks) has
-`check_config(config)` (its own start-up checks), optionally `follow_start(config)` (keys
-it takes from elsewhere before the config is checked and written: a distillation
-teacher's vocabulary), and `build(config, workdir, runtime) -> Task`: the data, the model,
-the pure loss function and the evaluators (of the validation split; a labelled task's test
-split is built only when the run ends, `Task.test`). The trainer owns everything else
-(mesh, state, restore order, loop, checkpoints, metrics), so every objective runs the same
-way.
+`check_config(config)` (its own start-up checks), optionally `follow_start(config,
+workdir)` (keys it takes from elsewhere before the config is checked and written: a
+distillation teacher's vocabulary), and `build(config, workdir, runtime) -> Task`: the
+data, the model, the pure loss function and the evaluators (of the validation split; a
+labelled task's test split is built only when the run ends, `Task.test`). The trainer owns
+everything else (mesh, state, restore order, loop, checkpoints, metrics), so every
+objective runs the same way.
 """
 
 import dataclasses

@@ -112,15 +112,16 @@ class RunSetup:
     plan: rundir.WorkdirPlan | None = None  # None for a dry run (nothing written)
 
 
-def follow_start(config: ml_collections.ConfigDict, module=None) -> None:
+def follow_start(config: ml_collections.ConfigDict, module=None, workdir=None) -> None:
     """With init_from, the encoder's architecture is the one it was saved with, and a
     fine-tuning run's optimizer and pooling defaults follow that start (core/recipe.py);
     each change is logged. The task `module` may follow a start of its own first (its
-    `follow_start(config)`: text_cls takes a distillation teacher's vocabulary). Done
+    `follow_start(config, workdir)`: text_cls takes a distillation teacher's vocabulary,
+    as the run in `workdir` recorded it when it started). Done
     before config.json is written or compared, so a resumed
     run (and `evaluate` with the run's command) compares equal."""
     if hasattr(module, 'follow_start'):
-        module.follow_start(config)
+        module.follow_start(config, workdir)
     if not config.get('init_from'):
         return
     saved = recipe.saved_run_config(config.init_from)
@@ -163,10 +164,10 @@ def set_up(
     if evaluating:  # the trained model as it was: only data and eval keys may differ
         saved = rundir.run_config(workdir)
         if rundir.evaluate_changes(saved, config):  # not its own config: follow its start
-            follow_start(config, module)
+            follow_start(config, module, workdir)
         rundir.evaluate_config(saved, config)
     else:
-        follow_start(config, module)
+        follow_start(config, module, workdir)
     config_lib.check_common(config)
     module.check_config(config)
     if not evaluating:

@@ -15,16 +15,18 @@ text): only the soft term sees them.
 
 The teacher runs inside the same sharded step: its parameters are the `teacher/` subtree of
 the run's params, restored from the teacher's validation-selected checkpoint when the run
-starts, read with stop_gradient and frozen by the optimizer (a zero update, core/optim.py;
-its optimizer moments are kept, at zero: memory twice the teacher's size, not yet saved),
-applied in the run's compute dtype and without dropout. Its logits are never stored.
-Checkpoints of the run carry the teacher, so a resume needs nothing else; what transfers
+starts, read with stop_gradient and frozen by the optimizer (a zero update and no optimizer
+state, core/optim.py), applied in the run's compute dtype and without dropout. Its logits
+are never stored. Checkpoints of the run carry the teacher, and WORKDIR/teacher.json what
+the run read of the teacher's workdir when it started, so a resume or `evaluate` needs
+nothing of that workdir (it may since have moved, or trained further); what transfers
 (`backbone/`, `head/`) is the student alone.
 """
 
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 
 import jax
@@ -254,6 +256,9 @@ class Teacher:
     label_map: LabelMap | None
     step: int
     fresh_head: bool = False
+    # Where its tokens are read: its vocab.txt, or for a teacher recorded by a started run,
+    # that run's own copy of it (WORKDIR/vocab.txt).
+    tokens_file: str = ''
 
     @property
     def checkpoint(self) -> str:
@@ -262,6 +267,50 @@ class Teacher:
     @property
     def vocab_file(self) -> str:
         return os.path.join(self.workdir, 'vocab.txt')
+
+
+RECORD_FILE = 'teacher.json'
+
+
+def teacher_of(config: ml_collections.ConfigDict, task: str, workdir: str | None = None):
+    """The run's teacher: as WORKDIR/teacher.json recorded it when the run started, for a
+    run that has (its config.json is there, and no overwrite asked); else read from
+    `config.teacher` (read_teacher). A resumed or evaluated student so reads nothing of
+    the teacher's workdir, which may have moved, or trained on and selected another step
+    than the one inside the student's checkpoints."""
+    if workdir and not config.get('overwrite'):
+        record = os.path.join(workdir, RECORD_FILE)
+        if os.path.isfile(record) and os.path.isfile(os.path.join(workdir, 'config.json')):
+            r = read_json(record)
+            labels = r.get('labels')
+            return Teacher(
+                r['workdir'],
+                ml_collections.ConfigDict(r['config']),
+                LabelMap(labels['classes'], regression=labels['regression']) if labels else None,
+                r['step'],
+                r['fresh_head'],
+                tokens_file=os.path.join(workdir, 'vocab.txt'),
+            )
+    return read_teacher(config.teacher, task)
+
+
+def record_teacher(teacher: Teacher, workdir: str) -> None:
+    """WORKDIR/teacher.json (process 0): what `teacher_of` reads back for this run."""
+    if jax.process_index() != 0 or os.path.isfile(os.path.join(workdir, RECORD_FILE)):
+        return
+    labels = teacher.label_map
+    record = {
+        'workdir': teacher.workdir,
+        'step': teacher.step,
+        'fresh_head': teacher.fresh_head,
+        'labels': None
+        if labels is None
+        else {'classes': labels.classes, 'regression': labels.regression},
+        'config': teacher.config.to_dict(),
+    }
+    with atomic_write(os.path.join(workdir, RECORD_FILE)) as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write('\n')
 
 
 def read_teacher(workdir: str, task: str) -> Teacher:
@@ -304,10 +353,11 @@ def read_teacher(workdir: str, task: str) -> Teacher:
 def adopt_vocabulary(config: ml_collections.ConfigDict, teacher: Teacher) -> None:
     """The student reads the teacher's token ids: the teacher's vocab.txt, casing and
     vocab_size, unless the command line gave a vocabulary (then it must be the same)."""
-    if not os.path.isfile(teacher.vocab_file):
+    tokens = teacher.tokens_file or teacher.vocab_file
+    if not os.path.isfile(tokens):
         raise ConfigError(f'--config.teacher={teacher.workdir} has no vocab.txt to tokenize with')
     given = config.data.vocab_file
-    if given and _tokens(given) != _tokens(teacher.vocab_file):
+    if given and _tokens(given) != _tokens(tokens):
         raise ConfigError(
             f'data.vocab_file {given} is not the vocabulary of the teacher '
             f'({teacher.vocab_file}); the student and the teacher read the same token ids: '

@@ -66,10 +66,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def follow_start(config: ml_collections.ConfigDict) -> None:
+def follow_start(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """A distilled student reads its teacher's token ids (core/trainer.py follow_start)."""
     if config.get('teacher'):
-        distill.adopt_vocabulary(config, distill.read_teacher(config.teacher, 'text_cls'))
+        distill.adopt_vocabulary(config, distill.teacher_of(config, 'text_cls', workdir))
 
 
 def encode_pair(wordpiece: WordPiece, text: str, pair: str, seq_len: int) -> dict:
@@ -128,8 +128,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
         return {k: np.stack([e[k] for e in encoded]) for k in encoded[0]}
 
     train_examples = [encode(train[i], train_labels[i]) for i in picked]
-    teacher = distill.read_teacher(config.teacher, 'text_cls') if config.get('teacher') else None
+    teacher = distill.teacher_of(config, 'text_cls', workdir) if config.get('teacher') else None
     if teacher is not None:
+        distill.record_teacher(teacher, workdir)
         train_examples = distill.training_examples(
             config, teacher, label_map, train, train_labels, picked, encode
         )

@@ -41,11 +41,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         check_distillation(config)
 
 
-def follow_start(config: ml_collections.ConfigDict) -> None:
+def follow_start(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """MLM distillation (configs/distill.py:mlm_*): the student reads its teacher's token
-    ids (core/trainer.py follow_start)."""
-    if config.get('teacher'):
-        distill.adopt_vocabulary(config, distill.read_teacher(config.teacher, 'mlm'))
+    ids (core/trainer.py follow_start), and a teacher whose MLM head is untrained is
+    refused for its predictions."""
+    if not config.get('teacher'):
+        return
+    teacher = distill.teacher_of(config, 'mlm', workdir)
+    distill.adopt_vocabulary(config, teacher)
+    if teacher.fresh_head and config.distill.alpha > 0:
+        raise config_lib.ConfigError(
+            f'the teacher {config.teacher} has an untrained MLM head (import-hf initialised it: '
+            'the checkpoint had none), so its masked-token predictions say nothing: distil its '
+            'hidden states alone (--config.distill.alpha=0 --config.distill.hidden_weight=1), '
+            'or continue its MLM first (configs/dapt.py, or bert_mlm.py with init_from)'
+        )
 
 
 def check_distillation(config: ml_collections.ConfigDict) -> None:
@@ -60,14 +70,6 @@ def check_distillation(config: ml_collections.ConfigDict) -> None:
         raise config_lib.ConfigError(
             'MLM distillation trains its student from scratch here; init_from beside a '
             'teacher is not supported yet: leave --config.init_from empty'
-        )
-    teacher = distill.read_teacher(config.teacher, 'mlm')
-    if teacher.fresh_head and config.distill.alpha > 0:
-        raise config_lib.ConfigError(
-            f'the teacher {config.teacher} has an untrained MLM head (import-hf initialised it: '
-            'the checkpoint had none), so its masked-token predictions say nothing: distil its '
-            'hidden states alone (--config.distill.alpha=0 --config.distill.hidden_weight=1), '
-            'or continue its MLM first (configs/dapt.py, or bert_mlm.py with init_from)'
         )
     if config.distill.alpha == 0 and config.distill.hidden_weight == 0:
         raise config_lib.ConfigError(
@@ -175,7 +177,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
     )
     frozen, extras = None, {}
     if config.get('teacher'):
-        teacher = distill.read_teacher(config.teacher, 'mlm')
+        teacher = distill.teacher_of(config, 'mlm', workdir)
+        distill.record_teacher(teacher, workdir)
         teacher_model = make_model(
             ml_collections.ConfigDict(
                 {'model': teacher.config.model, 'precision': config.precision}

@@ -9,6 +9,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from core import checkpoint, flops
@@ -160,6 +161,7 @@ def read(workdir: str, name: str) -> dict:
 
 
 def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
+    teacher = shutil.copytree(teacher, str(tmp_path / 'teacher'))  # it moves away below
     workdir = str(tmp_path / 'student')
     r = launch(
         *STUDENT, '--workdir', workdir, f'--config.teacher={teacher}', '--config.train_examples=0.1'
@@ -199,6 +201,31 @@ def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
     assert any(
         not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(last))
     )
+
+    # The optimizer keeps Adam's moments for the student alone: nothing for the teacher.
+    last_state = os.path.join(workdir, 'checkpoints', '4', 'state')
+    saved = ocp.StandardCheckpointer().restore(last_state)
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree) if np.ndim(x))
+    student_params = {k: v for k, v in saved['params'].items() if k != 'teacher'}
+    assert size(saved['opt_state']) == 2 * size(student_params)
+    # The student's workdir holds what it needs of its teacher: with the teacher's workdir
+    # gone, a run cut off after step 2 resumes from it and ends as the uninterrupted run
+    # did, and `evaluate` scores it.
+    os.rename(teacher, str(tmp_path / 'moved'))
+    shutil.move(os.path.join(workdir, 'checkpoints', '4'), str(tmp_path / 'step4'))
+    r = launch(
+        *STUDENT, '--workdir', workdir, f'--config.teacher={teacher}', '--config.train_examples=0.1'
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'resumed from {workdir}/checkpoints/2' in r.stderr
+    resumed = ocp.StandardCheckpointer().restore(last_state)
+    straight = ocp.StandardCheckpointer().restore(str(tmp_path / 'step4' / 'state'))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert read(workdir, 'summary.json')['teacher_step'] == teacher_step
+    r = launch('evaluate', '--workdir', workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read(workdir, 'evaluation.json')['accuracy'] == summary['test_accuracy']
 
 
 def test_unlabelled_files_join_the_stream_less_validation_and_test_text(teacher, tmp_path):
