@@ -36,13 +36,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Input: as vit_simclr.py (labels feed the k-NN / linear-probe evals only).
-    c.data = common.data(
-        'imagenet2012' if imagenet else 'digits',
-        eval_fraction=0.2,
-        eval_split='validation' if imagenet else '',
-    )
-    c.data.label_field = 'label'
-    c.data.resize = True
+    c.data = vit_simclr.images(imagenet)
 
     # Model: the ViT backbone that transfers (vit_simclr.py's keys) + the decoder below.
     c.model = vit_simclr.backbone(sizes, imagenet)

@@ -35,17 +35,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.task = 'simclr'
     c.seed = 0
 
-    # Input. Labels are not used for training, only by the k-NN / linear-probe evals.
-    # digits: embedded; pretraining reads its 1408-image training split, never the 389 test
-    # images that image_cls scores at the end. data.files: a class-per-folder directory or
-    # an .npz. Held out (the probes score it) when there is no eval split: eval_fraction.
-    c.data = common.data(
-        'imagenet2012' if imagenet else 'digits',
-        eval_fraction=0.2,
-        eval_split='validation' if imagenet else '',
-    )
-    c.data.label_field = 'label'
-    c.data.resize = True  # resize every image to model.image_size (False: sizes must match)
+    c.data = images(imagenet)
 
     # Model: ViT backbone (what transfers) + projection MLP (dropped after pretraining).
     c.model = backbone(sizes, imagenet)
@@ -100,6 +90,22 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
         )
     )
     return c
+
+
+def images(imagenet: bool) -> ml_collections.ConfigDict:
+    """data.* of image pretraining (configs/vit_mae.py's too). Labels are not used for
+    training, only by the k-NN / linear-probe evals. digits: embedded; pretraining reads
+    its 1408-image training split, never the 389 test images that image_cls scores at the
+    end. data.files: a class-per-folder directory or an .npz. Held out (the probes score
+    it) when there is no eval split: eval_fraction."""
+    d = common.data(
+        'imagenet2012' if imagenet else 'digits',
+        eval_fraction=0.2,
+        eval_split='validation' if imagenet else '',
+    )
+    d.label_field = 'label'
+    d.resize = True  # resize every image to model.image_size (False: sizes must match)
+    return d
 
 
 def probes(imagenet: bool) -> ml_collections.ConfigDict:
