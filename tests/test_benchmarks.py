@@ -77,6 +77,43 @@ def test_profile_step_prints_every_section():
     assert '| alternating with the reference |' in out
 
 
+def table_rows(out: str, first_cell: str) -> list[list[str]]:
+    """Every markdown row of `out` whose first cell starts with `first_cell`."""
+    return [
+        [cell.strip() for cell in line.strip().strip('|').split('|')]
+        for line in out.splitlines()
+        if line.startswith(f'| {first_cell}')
+    ]
+
+
+def test_input_pipeline_benchmark_rates_the_stream_against_the_step():
+    out = run_benchmark(
+        'input_pipeline.py', '--which', 'text,images', '--steps', '2', '--warmup', '1',
+        '--step_steps', '1', '--gpu_step_examples_per_s', 'images/tiny/256=1000',
+    )  # fmt: skip
+    rates = {row[0]: row for row in table_rows(out, 'text/') + table_rows(out, 'images/')}
+    for name in ('text/tiny/32', 'text/base/256', 'images/tiny/256'):
+        assert name in rates, out[-3000:]
+    host = next(r for r in table_rows(out, 'images/tiny/256') if r[1] == 'host pipeline')
+    pipeline, step_rate, ratio = float(host[4].replace(',', '')), float(host[8]), host[9]
+    assert pipeline > 0 and step_rate > 0 and ratio == f'{pipeline / step_rate:,.1f}x'
+    given = out[out.index('## Pipeline (this host) vs step rates measured elsewhere') :]
+    row = table_rows(given, 'images/tiny/256')[0]
+    assert row[2] == '1,000' and row[3] == f'{pipeline / 1000:,.2f}x'
+
+
+def test_contrastive_memory_benchmark_shows_the_ring_flat_and_the_gather_growing():
+    """What BENCHMARKS.md reads off this table: the ring sigmoid loss's per-device memory
+    stays flat as devices are added, the all-gathered losses' grows with them."""
+    out = run_benchmark('contrastive_memory.py', '--per_device', '512', '--dim', '16')
+    temp = {row[0]: [float(x) for x in row[1:]] for row in table_rows(out, 's')}
+    ring, gathered = temp['sigmoid (ring)'], temp['softmax (all-gather)']
+    assert len(ring) == 4  # 1, 2, 4 and 8 devices
+    assert ring[3] <= 1.1 * ring[1]
+    assert gathered[3] >= 3.5 * gathered[1]
+    assert temp['sigmoid (all-gather)'][3] > ring[3]
+
+
 def test_corpus_scale_sizes_are_decimal():
     assert corpus_scale.parse_size('2M') == 2_000_000
     assert corpus_scale.parse_size('500k') == 500_000
