@@ -370,7 +370,8 @@ def test_a_teacher_of_another_task_or_vocabulary_is_refused(teacher, tmp_path):
 
 def test_a_student_on_a_data_fsdp_mesh_is_the_one_device_run(teacher, tmp_path):
     """The teacher's params are sharded like the student's (logical axes) and its forward
-    pass runs in the same step: 8 devices (data 2 x fsdp 4) give the one-device run."""
+    pass runs in the same step: 8 devices (data 2 x fsdp 4), and pmap over 2, give the
+    one-device run (the optimizer state holds nothing for the teacher on either)."""
 
     def run(name: str, devices: int, *extra: str) -> list[dict]:
         workdir = str(tmp_path / name)
@@ -389,11 +390,13 @@ def test_a_student_on_a_data_fsdp_mesh_is_the_one_device_run(teacher, tmp_path):
 
     one = run('one', 1)
     mesh = run('mesh', 8, '--config.mesh.data=2', '--config.mesh.fsdp=4')
-    assert [x['step'] for x in mesh] == [x['step'] for x in one] == [1, 2, 3, 4]
-    for key in ('loss', 'kd_loss', 'label_loss', 'teacher_agreement'):
-        np.testing.assert_allclose(
-            [x[key] for x in mesh], [x[key] for x in one], rtol=1e-5, atol=1e-6, err_msg=key
-        )
+    pmap = run('pmap', 2, '--config.parallelism=pmap')
+    for other in (mesh, pmap):
+        assert [x['step'] for x in other] == [x['step'] for x in one] == [1, 2, 3, 4]
+        for key in ('loss', 'kd_loss', 'label_loss', 'teacher_agreement'):
+            np.testing.assert_allclose(
+                [x[key] for x in other], [x[key] for x in one], rtol=1e-5, atol=1e-6, err_msg=key
+            )
 
 
 # --- MLM distillation (configs/distill.py:mlm_*) -----------------------------------------
