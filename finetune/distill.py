@@ -345,8 +345,11 @@ def read_teacher(workdir: str, task: str) -> Teacher:
             'student; finish it first (rerun its command: it resumes), then distil'
         )
     fresh = os.path.isfile(imported) and 'mlm_head' in read_json(imported).get('initialised', [])
-    metric = 'mlm_accuracy' if task == 'mlm' else config.get('eval', {}).get('metric')
-    step = selection.best_kept_step(workdir, metric or 'accuracy')
+    if os.path.isfile(imported):  # one checkpoint and no evals: the weights as imported
+        step = selection.latest_kept_step(workdir)
+    else:
+        metric = 'mlm_accuracy' if task == 'mlm' else config.get('eval', {}).get('metric')
+        step = selection.best_kept_step(workdir, metric or 'accuracy')
     return Teacher(os.path.abspath(workdir), config, label_map, step, bool(fresh))
 
 

