@@ -153,6 +153,12 @@ def _saved_config(path: str) -> dict:
     return saved
 
 
+def starts_anew(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Whether a start in `workdir` is a new run: it holds no config.json, or `overwrite`
+    moves the run there aside; else it resumes (or evaluates) the run it holds."""
+    return bool(config.get('overwrite')) or not os.path.isfile(os.path.join(workdir, 'config.json'))
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirPlan:
     """What this start will do with `workdir`; reads, writes nothing.
 
@@ -190,7 +196,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirPla
             for k in sorted(old)
             if k in new and old[k] != new[k] and k != 'overwrite'
         }
-    fresh = bool(config.overwrite) or not os.path.isfile(path)
+    fresh = starts_anew(config, workdir)
     if not fresh:
         return WorkdirPlan(workdir, False, (), changed, created)
     if config.get('init_from'):

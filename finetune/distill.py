@@ -38,7 +38,7 @@ from absl import logging
 from flax import linen as nn
 
 from core import checkpoint as ckpt_lib
-from core import selection
+from core import rundir, selection
 from core.config import read_json
 from core.errors import ConfigError, DataError
 from core.files import atomic_write
@@ -272,15 +272,17 @@ class Teacher:
 RECORD_FILE = 'teacher.json'
 
 
-def teacher_of(config: ml_collections.ConfigDict, task: str, workdir: str | None = None):
+def teacher_of(
+    config: ml_collections.ConfigDict, task: str, workdir: str | None = None
+) -> 'Teacher':
     """The run's teacher: as WORKDIR/teacher.json recorded it when the run started, for a
-    run that has (its config.json is there, and no overwrite asked); else read from
-    `config.teacher` (read_teacher). A resumed or evaluated student so reads nothing of
-    the teacher's workdir, which may have moved, or trained on and selected another step
-    than the one inside the student's checkpoints."""
-    if workdir and not config.get('overwrite'):
+    run that has (rundir.starts_anew is false); else read from `config.teacher`
+    (read_teacher). A resumed or evaluated student so reads nothing of the teacher's
+    workdir, which may have moved, or trained on and selected another step than the one
+    inside the student's checkpoints."""
+    if workdir and not rundir.starts_anew(config, workdir):
         record = os.path.join(workdir, RECORD_FILE)
-        if os.path.isfile(record) and os.path.isfile(os.path.join(workdir, 'config.json')):
+        if os.path.isfile(record):
             r = read_json(record)
             labels = r.get('labels')
             return Teacher(

@@ -59,8 +59,9 @@ def follow_start(config: ml_collections.ConfigDict, workdir: str | None = None) 
 
 
 def check_distillation(config: ml_collections.ConfigDict) -> None:
-    """The teacher of MLM distillation: given, and with a trained MLM head when its logits
-    are matched."""
+    """The teacher of MLM distillation: given, without init_from, and with something to
+    learn from it (its predictions or its hidden states; whether its MLM head is trained is
+    checked where the teacher is read, `follow_start`)."""
     if not config.get('teacher'):
         raise config_lib.ConfigError(
             'MLM distillation needs its teacher: --config.teacher=WORKDIR, a finished MLM run '

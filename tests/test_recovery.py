@@ -19,6 +19,8 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -289,9 +291,6 @@ def test_a_train_state_of_another_layout_is_named_as_such(tmp_path):
     """A step whose optimizer state is laid out otherwise than the run's (an earlier
     pretrax kept Adam moments for frozen parameters) cannot be resumed: the error says so
     and what its parameters still serve, and nothing moves."""
-    import jax.numpy as jnp
-    import ml_collections
-
     saver = checkpoint.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
     w = jnp.ones(3)
     earlier = {'params': {'head': w, 'frozen': w}, 'opt_state': {'mu': {'head': w, 'frozen': w}}}
