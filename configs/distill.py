@@ -19,7 +19,11 @@ mlm_small, mlm_base, mlm_large are configs/bert_mlm.py's student sizes with a te
 MLM run or an import-hf workdir, whose vocabulary the student takes:
 
   python launch.py pretrain --config configs/distill.py:mlm_tiny --workdir runs/mlm_student \
-      --config.teacher=runs/mlm_teacher [--config.distill.hidden_weight=1]
+      --config.teacher=runs/mlm_teacher [--config.distill.hidden_weight=1] \
+      [--config.init_from=START]
+
+With init_from the student starts from START's params (an MLM run of the teacher's
+vocabulary, or a distilled run's student) and takes its architecture.
 
 A teacher imported without an MLM head (a sentence-transformers MiniLM) has nothing to say
 at the masked positions: distil its hidden states alone (--config.distill.alpha=0

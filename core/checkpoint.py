@@ -406,17 +406,22 @@ def saved_params_metadata(path: str, *subtree: str):
     return saved_params
 
 
-def restore_params(path: str, abstract_params, subtree: tuple[str, ...] = ()):
+def restore_params(
+    path: str, abstract_params, subtree: tuple[str, ...] = (), besides: tuple[str, ...] = ()
+):
     """Restores only the parameters (no optimizer state) from the checkpoint at `path`.
 
     `subtree` selects a part of the saved params (e.g. ('backbone',)) to restore into
-    `abstract_params`. Differing paths or shapes raise a CheckpointError listing them.
-    An encoder saved in the other layer layout (`model.scan_layers`) is restored as saved
-    and converted to the model's.
+    `abstract_params`; top-level saved params named in `besides` are left out of it (a
+    distillation run's teacher). Differing paths or shapes raise a CheckpointError listing
+    them. An encoder saved in the other layer layout (`model.scan_layers`) is restored as
+    saved and converted to the model's.
     """
     directory, step = resolve_checkpoint(path)
     state_dir = os.path.join(directory, str(step), 'state')
     saved_params = saved_params_metadata(path, *subtree)
+    if besides:
+        saved_params = {k: v for k, v in saved_params.items() if k not in besides}
     model_params = abstract_params
     abstract_params = match_layout(abstract_params, saved_params, _stack_abstract, _split_abstract)
     check_same_structure(saved_params, abstract_params, state_dir)

@@ -250,6 +250,13 @@ def init_from_vocab(config: ml_collections.ConfigDict) -> str | None:
             'trained with, --config.data.vocab_file=PATH/vocab.txt'
         )
     if given and os.path.isfile(given) and _tokens(given) != _tokens(vocab):
+        if config.get('teacher'):  # a distillation student reads its teacher's token ids
+            raise ConfigError(
+                f'init_from {config.init_from} was trained with the vocabulary {vocab}, and '
+                f'the teacher {config.teacher} with another ({given}); a student reads its '
+                "teacher's token ids: start it from a run of the teacher's vocabulary (e.g. "
+                f'one trained with --config.data.vocab_file={given}), or from scratch'
+            )
         raise ConfigError(
             f'--config.data.vocab_file={given} differs from {vocab}, the vocabulary of the '
             f'init_from run {config.init_from}, whose token embeddings this run restores; '

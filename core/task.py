@@ -88,17 +88,21 @@ class InitFrom:
     the saved subtree `theirs` into our `ours` for each {ours: theirs} (an encoder into
     `backbone`), the rest as initialised. `adapt(saved_metadata, abstract) -> (target,
     fix)` restores a subtree saved at other shapes and converts it (`fix(params)`): the
-    ViT position table of another image size."""
+    ViT position table of another image size. `besides` names top-level params that are
+    not the start's to give (a distillation run's teacher and hidden-state projection):
+    restoring all params leaves ours as initialised and ignores any the start holds."""
 
     subtrees: dict[str, str] | None = None
     adapt: Callable[[Any, Any], tuple[Any, Callable | None]] | None = None
+    besides: tuple[str, ...] = ()
 
     def restore(self, params, abstract_params, path: str):
         """`params` (a new state's) with the checkpoint at `path` restored into them."""
         if self.subtrees is None:
-            restored, step = ckpt_lib.restore_params(path, abstract_params)
+            own = {k: v for k, v in abstract_params.items() if k not in self.besides}
+            restored, step = ckpt_lib.restore_params(path, own, besides=self.besides)
             logging.info('initialised params from %s (step %d)', path, step)
-            return restored
+            return {**params, **restored} if self.besides else restored
         params = dict(params)
         for ours, theirs in self.subtrees.items():
             target, fix = abstract_params[ours], None

@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 
 from core import config as config_lib
 from core import flops as flops_lib
-from core.task import Runtime, Task, compute_dtype
+from core.task import InitFrom, Runtime, Task, compute_dtype
 from data import labelled, pipeline, shards, text
 from data.tokenizer import make_tokenizer
 from finetune import distill
@@ -59,18 +59,13 @@ def follow_start(config: ml_collections.ConfigDict, workdir: str | None = None) 
 
 
 def check_distillation(config: ml_collections.ConfigDict) -> None:
-    """The teacher of MLM distillation: given, without init_from, and with something to
-    learn from it (its predictions or its hidden states; whether its MLM head is trained is
-    checked where the teacher is read, `follow_start`)."""
+    """The teacher of MLM distillation: given, and with something to learn from it (its
+    predictions or its hidden states; whether its MLM head is trained is checked where the
+    teacher is read, `follow_start`)."""
     if not config.get('teacher'):
         raise config_lib.ConfigError(
             'MLM distillation needs its teacher: --config.teacher=WORKDIR, a finished MLM run '
             '(python launch.py pretrain --config configs/bert_mlm.py ...) or an import-hf workdir'
-        )
-    if config.get('init_from'):
-        raise config_lib.ConfigError(
-            'MLM distillation trains its student from scratch here; init_from beside a '
-            'teacher is not supported yet: leave --config.init_from empty'
         )
     if config.distill.alpha == 0 and config.distill.hidden_weight == 0:
         raise config_lib.ConfigError(
@@ -128,7 +123,12 @@ def evaluate(stepper, params, batches, baseline_token: int) -> dict[str, float]:
     totals = jax.device_get(totals)
     denominator = max(float(totals.pop('denominator')), 1e-8)
     result = {k: float(v) / denominator for k, v in totals.items()}
-    result['mlm_loss'] = result.pop('loss')
+    loss = result.pop('loss')
+    # mlm_loss: the masked tokens' cross-entropy, as in every MLM run; a distilled run's
+    # objective (its soft, hard and hidden-state terms) is its distill_loss.
+    result['mlm_loss'] = result.pop('label_loss', loss)
+    if 'kd_loss' in result:
+        result['distill_loss'] = loss
     # The same baseline on every host's batches, summed over hosts for the global figure.
     hits = sum(
         float(((b['masked_ids'] == baseline_token) * b['masked_weights']).sum()) for b in batches
@@ -223,4 +223,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, runtime: Runtime) -> 
             **extras,
         },
         frozen=frozen,
+        # init_from restores the student's params of an MLM run (or of a distilled one's
+        # student); a teacher and projection are this run's own.
+        init_from=InitFrom(besides=(distill.TEACHER, distill.PROJECTION)),
     )

@@ -4,6 +4,7 @@ teacher leaves the run exactly as it came in."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -226,6 +227,38 @@ def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
     r = launch('evaluate', '--workdir', workdir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert read(workdir, 'evaluation.json')['accuracy'] == summary['test_accuracy']
+
+
+def test_a_student_starts_from_a_pretrained_encoder(teacher, tmp_path):
+    """--config.init_from beside the teacher: the student's encoder is the start's (here the
+    teacher's own run, of its vocabulary, probed: the encoder stays as restored), the head
+    new, the teacher beside it."""
+    workdir = str(tmp_path / 'student')
+    student = [a for a in STUDENT if not a.startswith('--config.model.hidden_size')]
+    r = launch(
+        *student, '--workdir', workdir, f'--config.teacher={teacher}',
+        f'--config.init_from={teacher}', '--config.transfer.freeze_backbone=true',
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    step = re.search(
+        rf'initialised backbone from {teacher} \(params/backbone, step (\d+)\)', r.stderr
+    )
+    assert step, r.stderr[-3000:]
+
+    def params(path, *subtree):
+        saved = checkpoint.saved_params_metadata(path, *subtree)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+        return checkpoint.restore_params(path, target, subtree)[0]
+
+    start = params(os.path.join(teacher, 'checkpoints', step.group(1)), 'backbone')
+    for name in ('backbone', 'teacher'):  # the student's encoder and the teacher's
+        after = params(os.path.join(workdir, 'checkpoints', '4'), name)
+        after = after['backbone'] if name == 'teacher' else after
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(start), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert read(workdir, 'config.json')['model']['hidden_size'] == 32  # the start's width
+    summary = read(workdir, 'summary.json')
+    assert summary['completed'] and summary['student_params'] == summary['teacher_params']
 
 
 def test_unlabelled_files_join_the_stream_less_validation_and_test_text(teacher, tmp_path):
@@ -476,6 +509,11 @@ def test_an_mlm_student_learns_from_a_frozen_mlm_teacher(tmp_path):
     train = [x for x in rows if x['split'] == 'train']
     keys = {'kd_loss', 'label_loss', 'hidden_loss', 'teacher_agreement', 'mlm_accuracy'}
     assert len(train) == 4 and all(keys <= set(x) for x in train)
+    # Held out, mlm_loss is the masked tokens' cross-entropy as in a plain run (the
+    # distillation objective is distill_loss), so the two compare.
+    evals = [x for x in rows if x['split'] == 'eval']
+    assert all('distill_loss' in x and 'label_loss' not in x for x in evals)
+    assert all(x['distill_loss'] != x['mlm_loss'] for x in evals)
     # The student tokenizes with the teacher's vocabulary, at its size.
     assert read(workdir, 'config.json')['data']['vocab_file'] == os.path.join(
         teacher_dir, 'vocab.txt'
@@ -521,11 +559,78 @@ def test_an_mlm_student_learns_from_a_frozen_mlm_teacher(tmp_path):
             (f'--config.teacher={teacher_dir}', '--config.distill.alpha=0'),
             'leave nothing of the teacher to learn',
         ),
-        (
-            (f'--config.teacher={teacher_dir}', f'--config.init_from={teacher_dir}'),
-            'init_from beside a teacher is not supported yet',
-        ),
     ):
         r = launch(*MLM_STUDENT, '--workdir', str(tmp_path / 'bad2'), *extra)
         assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
         assert 'Traceback' not in r.stderr
+
+
+def eval_rows(workdir: str) -> dict[int, dict]:
+    rows = (json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl')))
+    return {x['step']: x for x in rows if x['split'] == 'eval'}
+
+
+def test_an_mlm_student_starts_from_an_mlm_run_and_a_distilled_one_continues_plainly(tmp_path):
+    """init_from beside a teacher: the student's params (encoder, MLM head, output bias) are
+    the start's, the teacher the teacher's; a distilled run is itself a start for plain MLM
+    (its teacher left behind)."""
+    teacher_dir, start = str(tmp_path / 'teacher'), str(tmp_path / 'start')
+    r = launch(*MLM_TEACHER, '--workdir', teacher_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    vocab = os.path.join(teacher_dir, 'vocab.txt')
+    plain = [
+        'configs/bert_mlm.py:tiny' if a == 'configs/distill.py:mlm_tiny' else a for a in MLM_STUDENT
+    ]
+    r = launch(
+        *plain,
+        '--workdir',
+        start,
+        f'--config.data.vocab_file={vocab}',
+        '--config.model.vocab_size=1024',
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    student = str(tmp_path / 'student')
+    r = launch(
+        *MLM_STUDENT, '--workdir', student, f'--config.teacher={teacher_dir}',
+        f'--config.init_from={start}', '--config.distill.hidden_weight=1.0',
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The held-out masked-token figures before the first step are the start's after its last.
+    first, last = eval_rows(student)[0], eval_rows(start)[4]
+    for key in ('mlm_loss', 'mlm_accuracy'):
+        assert first[key] == pytest.approx(last[key], rel=1e-6), key
+    summary = read(student, 'summary.json')
+    assert summary['completed'] and summary['teacher'] == teacher_dir
+    saved = checkpoint.saved_params_metadata(student, 'teacher')
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    inside = checkpoint.restore_params(student, target, ('teacher',))[0]
+    step = str(summary['teacher_step'])
+    original = checkpoint.restore_params(os.path.join(teacher_dir, 'checkpoints', step), target)[0]
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(original), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Plain MLM from the distilled run: the student's params, not its teacher's or projection.
+    after = str(tmp_path / 'after')
+    r = launch(*plain, '--workdir', after, f'--config.init_from={student}')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert eval_rows(after)[0]['mlm_loss'] == pytest.approx(
+        eval_rows(student)[4]['mlm_loss'], rel=1e-6
+    )
+
+    # A start of another vocabulary than the teacher's: refused before anything is written.
+    other = str(tmp_path / 'other')
+    r = launch(*plain, '--workdir', other)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bad = str(tmp_path / 'bad')
+    r = launch(
+        *MLM_STUDENT,
+        '--workdir',
+        bad,
+        f'--config.teacher={teacher_dir}',
+        f'--config.init_from={other}',
+    )
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert (
+        "a student reads its teacher's token ids: start it from a run of the teacher's" in r.stderr
+    )
+    assert not os.path.exists(os.path.join(bad, 'config.json'))
