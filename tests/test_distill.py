@@ -161,6 +161,26 @@ def read(workdir: str, name: str) -> dict:
         return json.load(f)
 
 
+def saved_params(path: str, *subtree: str):
+    """The params (or the `subtree` of them) of the checkpoint at `path`, as saved."""
+    saved = checkpoint.saved_params_metadata(path, *subtree)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    return checkpoint.restore_params(path, target, subtree)[0]
+
+
+def assert_same(a, b) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_teacher_as_it_came(workdir: str, teacher_dir: str) -> None:
+    """The teacher inside the run's last checkpoint is, bit for bit, the teacher's checkpoint
+    the run selected (summary.json's teacher_step)."""
+    step = str(read(workdir, 'summary.json')['teacher_step'])
+    original = saved_params(os.path.join(teacher_dir, 'checkpoints', step))
+    assert_same(saved_params(workdir, 'teacher'), original)
+
+
 def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
     teacher = shutil.copytree(teacher, str(tmp_path / 'teacher'))  # it moves away below
     workdir = str(tmp_path / 'student')
@@ -186,19 +206,11 @@ def test_a_distilled_student_trains_beside_a_frozen_teacher(teacher, tmp_path):
     train = [x for x in train if x['split'] == 'train']
     assert all({'kd_loss', 'label_loss', 'teacher_agreement'} <= set(x) for x in train)
 
-    # The teacher inside the student's checkpoint is bit for bit the teacher's selected one.
-    def params(path, *subtree):
-        saved = checkpoint.saved_params_metadata(path, *subtree)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-        return checkpoint.restore_params(path, target, subtree)[0]
-
-    inside = params(workdir, 'teacher')
-    original = params(os.path.join(teacher, 'checkpoints', str(teacher_step)))
-    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(original), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The teacher inside the student's checkpoint is bit for bit the teacher's selected one,
+    assert_teacher_as_it_came(workdir, teacher)
     # ... while the student moved off its initialisation.
-    first = params(os.path.join(workdir, 'checkpoints', '2'), 'head')
-    last = params(os.path.join(workdir, 'checkpoints', '4'), 'head')
+    first = saved_params(os.path.join(workdir, 'checkpoints', '2'), 'head')
+    last = saved_params(os.path.join(workdir, 'checkpoints', '4'), 'head')
     assert any(
         not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(last))
     )
@@ -245,17 +257,9 @@ def test_a_student_starts_from_a_pretrained_encoder(teacher, tmp_path):
     )
     assert step, r.stderr[-3000:]
 
-    def params(path, *subtree):
-        saved = checkpoint.saved_params_metadata(path, *subtree)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-        return checkpoint.restore_params(path, target, subtree)[0]
-
-    start = params(os.path.join(teacher, 'checkpoints', step.group(1)), 'backbone')
-    for name in ('backbone', 'teacher'):  # the student's encoder and the teacher's
-        after = params(os.path.join(workdir, 'checkpoints', '4'), name)
-        after = after['backbone'] if name == 'teacher' else after
-        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(start), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    start = saved_params(os.path.join(teacher, 'checkpoints', step.group(1)), 'backbone')
+    assert_same(saved_params(workdir, 'backbone'), start)
+    assert_teacher_as_it_came(workdir, teacher)
     assert read(workdir, 'config.json')['model']['hidden_size'] == 32  # the start's width
     summary = read(workdir, 'summary.json')
     assert summary['completed'] and summary['student_params'] == summary['teacher_params']
@@ -347,11 +351,8 @@ def test_hidden_state_matching_trains_a_projection_to_the_teachers_width(teacher
     assert len(hidden) == 4 and all(np.isfinite(hidden)) and min(hidden) > 0
     saved = checkpoint.saved_params_metadata(workdir, distill.PROJECTION)
     assert tuple(saved['kernel'].shape) == (16, 32) and tuple(saved['bias'].shape) == (32,)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     kernels = [
-        checkpoint.restore_params(
-            os.path.join(workdir, 'checkpoints', step), target, (distill.PROJECTION,)
-        )[0]['kernel']
+        saved_params(os.path.join(workdir, 'checkpoints', step), distill.PROJECTION)['kernel']
         for step in ('2', '4')
     ]
     assert not np.array_equal(*kernels)  # trained by the hidden term
@@ -520,13 +521,7 @@ def test_an_mlm_student_learns_from_a_frozen_mlm_teacher(tmp_path):
     )
     assert read(workdir, 'config.json')['model']['vocab_size'] == 1024
     # The teacher leaves the run as it came in: its selected checkpoint, bit for bit.
-    saved = checkpoint.saved_params_metadata(workdir, 'teacher')
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-    inside = checkpoint.restore_params(workdir, target, ('teacher',))[0]
-    step = str(summary['teacher_step'])
-    original = checkpoint.restore_params(os.path.join(teacher_dir, 'checkpoints', step), target)[0]
-    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(original), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_teacher_as_it_came(workdir, teacher_dir)
 
     # A real import-hf teacher without an MLM head (the sentence-transformers MiniLM that
     # ships as a package; its workdir has one checkpoint and no metrics): its hidden
@@ -601,13 +596,7 @@ def test_an_mlm_student_starts_from_an_mlm_run_and_a_distilled_one_continues_pla
         assert first[key] == pytest.approx(last[key], rel=1e-6), key
     summary = read(student, 'summary.json')
     assert summary['completed'] and summary['teacher'] == teacher_dir
-    saved = checkpoint.saved_params_metadata(student, 'teacher')
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-    inside = checkpoint.restore_params(student, target, ('teacher',))[0]
-    step = str(summary['teacher_step'])
-    original = checkpoint.restore_params(os.path.join(teacher_dir, 'checkpoints', step), target)[0]
-    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(original), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_teacher_as_it_came(student, teacher_dir)
 
     # Plain MLM from the distilled run: the student's params, not its teacher's or projection.
     after = str(tmp_path / 'after')
