@@ -52,6 +52,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
         eval_fraction=0.1,
         eval_split='validation' if imagenet else '',
     )
+    c.data.image_field = 'image'  # the TFDS feature / table column of the images
     c.data.label_field = 'label'
     c.data.resize = True  # resize every image to model.image_size (False: sizes must match)
     c.data.test_files = ''

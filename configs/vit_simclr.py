@@ -103,6 +103,7 @@ def images(imagenet: bool) -> ml_collections.ConfigDict:
         eval_fraction=0.2,
         eval_split='validation' if imagenet else '',
     )
+    d.image_field = 'image'  # the TFDS feature / table column of the images
     d.label_field = 'label'
     d.resize = True  # resize every image to model.image_size (False: sizes must match)
     return d

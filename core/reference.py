@@ -89,8 +89,8 @@ MEANINGS = {
     'data.text_field': 'The text column (.tsv/.csv header name or 0-based index) or .jsonl field',
     'data.text_pair_field': "The second text column of sentence-pair tasks ('': single text)",
     'data.label_field': 'The label column / field (or TFDS feature)',
-    'data.image_field': 'The image field of a captions .jsonl / TFDS pair (paths relative '
-    'to the file)',
+    'data.image_field': 'The images: a TFDS feature, a table column of encoded images, or '
+    'the image-path field of a captions .jsonl (paths relative to the file)',
     'data.tokens_field': 'The token-list field of .jsonl sentences',
     'data.tags_field': 'The tag-list field of .jsonl sentences (IOB2 / BIO / IOBES)',
     'data.header': 'tsv/csv: the first row names the columns (false: fields are 0-based indices)',

@@ -53,6 +53,7 @@ def _options(c, image_size: int, channels: int) -> tuple[dict, dict]:
     opts = {'image_size': image_size, 'channels': channels, 'resize': _get(c, 'resize', False)}
     tfds_opts = {
         'data_dir': _get(c, 'data_dir', ''),
+        'image_field': _get(c, 'image_field', 'image'),
         'label_field': _get(c, 'label_field', 'label'),
         **opts,
     }

@@ -250,6 +250,20 @@ def test_tfds_image_splits_and_missing_label(tfds_dir):
     assert unlabelled[1]['label'] == -1
 
 
+def test_tfds_images_are_read_from_data_image_field(tfds_dir):
+    c = data_config(name=TFDS_NAME, data_dir=tfds_dir, eval_split='validation')
+    c.image_field = 'image'
+    train, _ = image_splits.image_splits(c, 8, 1)
+    np.testing.assert_array_equal(
+        train[0]['image'], tfds_image_fixture.examples('train')[0]['image']
+    )
+    c.image_field = 'picture'  # not a feature of this dataset: said, with the key to set
+    with pytest.raises(DataError, match=r"no feature 'picture'.*set --config.data.image_field"):
+        image_splits.image_splits(c, 8, 1)
+    with pytest.raises(DataError, match=r"no feature 'picture'.*set --config.data.image_field"):
+        image_splits.labelled_image_splits(c, 8, 1)
+
+
 def test_tfds_image_size_mismatch_fails_at_load(tfds_dir):
     c = data_config(name=TFDS_NAME, data_dir=tfds_dir, eval_split='validation')
     with pytest.raises(DataError, match='data.resize'):
