@@ -26,7 +26,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from core.errors import CheckpointError
+from core.errors import CheckpointError, StateLayoutError
 from models.encoder import match_layout
 
 # The data iterator: each process writes its own file, process_<i>-of-<n>.json, holding
@@ -348,15 +348,17 @@ class Checkpointer:
             return step, state
         if failed:
             shown = '; '.join(f'step {step}: {problem}' for step, problem in failed)
-            layout = ''
+            error, layout = CheckpointError, ''
             if all('tree structures do not match' in problem for _, problem in failed):
-                layout = (
-                    " The saved train state is laid out otherwise than this run's (an "
-                    'optimizer of another kind, or an earlier pretrax that kept optimizer '
-                    'state for frozen parameters); its parameters still serve '
-                    '--config.init_from and launch.py evaluate.'
+                error, layout = (
+                    StateLayoutError,
+                    (
+                        " The saved train state is laid out otherwise than this run's (an "
+                        'optimizer of another kind); its parameters still serve '
+                        '--config.init_from and launch.py evaluate.'
+                    ),
                 )
-            raise CheckpointError(
+            raise error(
                 f'no checkpoint in {self.directory} can be read ({shown}).{layout} Nothing was '
                 'moved or deleted. To start over, give a new --workdir, or pass '
                 '--config.overwrite=true (the run is moved to previous/)'

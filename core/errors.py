@@ -15,3 +15,8 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that does not exist or does not match the model."""
+
+
+class StateLayoutError(CheckpointError):
+    """No step of a run could be resumed, each for a train state laid out otherwise than
+    the run's (another optimizer, or an earlier pretrax's optimizer state)."""

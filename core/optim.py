@@ -58,11 +58,15 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: decays(_path(path)), params)
 
 
-def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    config, frozen_state: bool = False
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns (transformation, schedule) from `config.optimizer` and the shared keys.
 
     BERT's defaults: AdamW, beta2 0.999, eps 1e-6, weight decay 0.01 not on biases or
-    LayerNorm, gradients clipped to global norm 1.0.
+    LayerNorm, gradients clipped to global norm 1.0. Frozen parameters get no optimizer
+    state (`without_frozen_state`) unless `frozen_state`: the layout of pretrax before
+    2026-11-30, read to resume its runs (`drop_frozen_state`).
     """
     opt = config.optimizer
     schedule = learning_rate_schedule(config)
@@ -108,7 +112,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
         trainable = lambda path: (np.asarray(scale(path)) > 0).astype(np.float32)
         parts = [scale_by_path(trainable), *parts, scale_by_path(scale)]
     tx = core if len(parts) == 1 else optax.chain(*parts)
-    if scale is not None and freezes(config):
+    if scale is not None and freezes(config) and not frozen_state:
         tx = without_frozen_state(tx, scale)
     return tx, schedule
 
@@ -138,6 +142,29 @@ def without_frozen_state(
         )
 
     return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def drop_frozen_state(opt_state, earlier):
+    """`opt_state` (a `without_frozen_state` optimizer's state, or its abstract shape) with
+    every entry taken from `earlier`, the state of the same optimizer laid out with an
+    entry for every parameter (`make_optimizer(config, frozen_state=True)`), less the
+    frozen parameters' (Adam's moments of a frozen parameter: zeros, never read). A
+    structure that does not fit raises ValueError."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+
+    def take(ours, theirs):
+        if masked(ours):
+            return ours
+        if np.shape(ours) != np.shape(theirs):
+            raise ValueError(
+                f'optimizer state of shape {np.shape(theirs)}, {np.shape(ours)} expected'
+            )
+        return theirs
+
+    train = opt_state.inner_states['train']
+    inner = jax.tree.map(take, train.inner_state, earlier, is_leaf=masked)
+    states = {**opt_state.inner_states, 'train': train._replace(inner_state=inner)}
+    return opt_state._replace(inner_states=states)
 
 
 def _path(keys) -> str:

@@ -34,6 +34,7 @@ from core import step as step_lib
 from core import trackers as trackers_lib
 from core import train_state as state_lib
 from core import watchdog as watchdog_lib
+from core.errors import CheckpointError, StateLayoutError
 from core.files import atomic_write
 from core.task import TASKS, Runtime, Scorer, Task
 
@@ -431,7 +432,10 @@ def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
         jax.device_count(),
         jax.process_count(),
     )
-    start_step, state = checkpointer.restore_latest(abstract, task.train_iter)
+    try:
+        start_step, state = checkpointer.restore_latest(abstract, task.train_iter)
+    except StateLayoutError as e:
+        start_step, state = _resume_with_frozen_state(run, config, checkpointer, abstract, e)
     if start_step is not None:
         writer.truncate_after(start_step)
         logging.info('resumed from %s/%d', checkpointer.directory, start_step)
@@ -446,6 +450,30 @@ def restore(run: RunSetup, config, checkpointer, writer) -> tuple[int, Any]:
     if task.frozen is not None:
         state = state.replace(params=task.frozen(state.params, abstract.params))
     return 0, state
+
+
+def _resume_with_frozen_state(run: RunSetup, config, checkpointer, abstract, error):
+    """(step, state) of a run with frozen parameters checkpointed by pretrax before
+    2026-11-30, whose optimizer kept state for them (zeros): its newest step that reads in
+    that layout, the trained parameters' optimizer state carried over into this one's.
+    Any other run, or a step that does not read that way either, raises `error`."""
+    if not optim.freezes(config):
+        raise error
+    tx, _ = optim.make_optimizer(config, frozen_state=True)
+    task = run.task
+    shardings = state_lib.state_shardings(task.init_params, tx, run.mesh, run.init_rng)
+    earlier = state_lib.abstract_state(task.init_params, tx, run.mesh, run.init_rng, shardings)
+    try:
+        step, state = checkpointer.restore_latest(earlier, task.train_iter)
+        opt_state = optim.drop_frozen_state(abstract.opt_state, state.opt_state)
+    except (CheckpointError, ValueError):
+        raise error from None
+    logging.warning(
+        'checkpoint step %d keeps optimizer state for frozen parameters (pretrax before '
+        "2026-11-30): resumed without it, the trained parameters' state as saved",
+        step,
+    )
+    return step, state.replace(opt_state=jax.device_put(opt_state, run.shardings.opt_state))
 
 
 EVALUATE_SPLITS = ('test', 'validation')

@@ -288,9 +288,9 @@ class _Stream:
 
 
 def test_a_train_state_of_another_layout_is_named_as_such(tmp_path):
-    """A step whose optimizer state is laid out otherwise than the run's (an earlier
-    pretrax kept Adam moments for frozen parameters) cannot be resumed: the error says so
-    and what its parameters still serve, and nothing moves."""
+    """A step whose optimizer state is laid out otherwise than the run's (another
+    optimizer's) cannot be resumed: the error says so and what its parameters still serve,
+    and nothing moves."""
     saver = checkpoint.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
     w = jnp.ones(3)
     earlier = {'params': {'head': w, 'frozen': w}, 'opt_state': {'mu': {'head': w, 'frozen': w}}}
@@ -306,3 +306,47 @@ def test_a_train_state_of_another_layout_is_named_as_such(tmp_path):
     assert '--config.init_from and launch.py evaluate' in str(e.value)
     assert os.listdir(tmp_path / 'checkpoints') == ['1']
     reader.close()
+
+
+def test_a_frozen_run_of_an_earlier_pretrax_resumes(tmp_path, monkeypatch, pydoc_vocab):
+    """A linear probe checkpointed by pretrax before 2026-11-30, whose optimizer kept Adam's
+    moments for the frozen encoder, resumes with this code (the head's moments carried
+    over, the encoder's zeros dropped) and ends bit for bit as the run that never
+    stopped."""
+    import orbax.checkpoint as ocp
+
+    from configs import text_cls
+    from core import optim, trainer
+
+    def config():
+        c = text_cls.get_config('tiny')
+        c.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, vocab_size=1024)
+        c.data.update(seq_len=32, vocab_file=pydoc_vocab)
+        c.update(batch_size=8, total_steps=4, warmup_steps=1, eval_every=2, checkpoint_every=2)
+        c.transfer.freeze_backbone = True
+        return c
+
+    def saved(workdir, step):
+        return ocp.StandardCheckpointer().restore(
+            os.path.join(workdir, 'checkpoints', step, 'state')
+        )
+
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree) if np.ndim(x))
+    straight = str(tmp_path / 'straight')
+    trainer.train_and_evaluate(config(), straight, 'finetune')
+    earlier = str(tmp_path / 'earlier')
+    make = optim.make_optimizer
+    with monkeypatch.context() as m:  # the optimizer of before: state for every parameter
+        m.setattr(optim, 'make_optimizer', lambda c, frozen_state=False: make(c, frozen_state=True))
+        trainer.train_and_evaluate(config(), earlier, 'finetune')
+    shutil.rmtree(os.path.join(earlier, 'checkpoints', '4'))  # cut off after step 2
+    state = saved(earlier, '2')
+    assert size(state['opt_state']) == 2 * size(state['params'])  # the earlier layout
+
+    summary = trainer.train_and_evaluate(config(), earlier, 'finetune')
+    assert summary['completed'] and summary['steps'] == 4
+    resumed, uninterrupted = saved(earlier, '4'), saved(straight, '4')
+    head = size(resumed['params']['head'])
+    assert size(resumed['opt_state']) == 2 * head  # now the head's moments alone
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
