@@ -348,16 +348,15 @@ class Checkpointer:
             return step, state
         if failed:
             shown = '; '.join(f'step {step}: {problem}' for step, problem in failed)
-            error, layout = CheckpointError, ''
-            if all('tree structures do not match' in problem for _, problem in failed):
-                error, layout = (
-                    StateLayoutError,
-                    (
-                        " The saved train state is laid out otherwise than this run's (an "
-                        'optimizer of another kind); its parameters still serve '
-                        '--config.init_from and launch.py evaluate.'
-                    ),
-                )
+            other_layout = all('tree structures do not match' in p for _, p in failed)
+            layout = (
+                " The saved train state is laid out otherwise than this run's (an "
+                'optimizer of another kind); its parameters still serve '
+                '--config.init_from and launch.py evaluate.'
+                if other_layout
+                else ''
+            )
+            error = StateLayoutError if other_layout else CheckpointError
             raise error(
                 f'no checkpoint in {self.directory} can be read ({shown}).{layout} Nothing was '
                 'moved or deleted. To start over, give a new --workdir, or pass '

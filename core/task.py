@@ -102,7 +102,7 @@ class InitFrom:
             own = {k: v for k, v in abstract_params.items() if k not in self.besides}
             restored, step = ckpt_lib.restore_params(path, own, besides=self.besides)
             logging.info('initialised params from %s (step %d)', path, step)
-            return {**params, **restored} if self.besides else restored
+            return {**params, **restored}  # ours in `besides` as initialised
         params = dict(params)
         for ours, theirs in self.subtrees.items():
             target, fix = abstract_params[ours], None

@@ -123,12 +123,12 @@ def evaluate(stepper, params, batches, baseline_token: int) -> dict[str, float]:
     totals = jax.device_get(totals)
     denominator = max(float(totals.pop('denominator')), 1e-8)
     result = {k: float(v) / denominator for k, v in totals.items()}
+    # mlm_loss: the masked tokens' cross-entropy, as in every MLM run (a distilled run's
+    # label_loss); a distilled run's objective (soft, hard and hidden terms): distill_loss.
     loss = result.pop('loss')
-    # mlm_loss: the masked tokens' cross-entropy, as in every MLM run; a distilled run's
-    # objective (its soft, hard and hidden-state terms) is its distill_loss.
-    result['mlm_loss'] = result.pop('label_loss', loss)
-    if 'kd_loss' in result:
-        result['distill_loss'] = loss
+    if 'label_loss' in result:
+        result['distill_loss'], loss = loss, result.pop('label_loss')
+    result['mlm_loss'] = loss
     # The same baseline on every host's batches, summed over hosts for the global figure.
     hits = sum(
         float(((b['masked_ids'] == baseline_token) * b['masked_weights']).sum()) for b in batches
